@@ -1,0 +1,389 @@
+"""Settings as frozen dataclasses plus named recipes (standard library only, so flows import it cheaply).
+
+A *recipe* bundles every setting of one pipeline run: the model family, noise, training stages,
+decoding, gates and curation. Recipes are plain functions (`tiny()`, `qwen3_vl_4b()`, ...); variants
+are `dataclasses.replace` of a base, and `get_recipe(name, overrides)` applies dotted overrides such
+as ``{"train.lr": 1e-4}``. Every dataclass checks itself in ``__post_init__`` and raises
+``ValueError`` naming the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|mask|>",
+)
+MASK_TOKEN = "<|mask|>"
+EOS_TOKEN = "<|im_end|>"
+QWEN3_VL_MASK_TOKEN_ID = 151671  # an unused row of the 151936-row Qwen3-VL embedding
+
+NOISE_KINDS = ("mask", "mixed")
+PROMPT_MASKS = ("causal", "block")
+OBJECTIVES = ("ar", "diffusion")
+DECODE_MODES = ("dynamic", "static")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _fail(cls: str, name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"{cls}.{name}={value!r} is invalid: expected {expected}")
+
+
+def _check_choice(cls: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(cls, name, value, f"one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(cls: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            _fail(cls, name, value, "a positive number")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to start from. `base` is a hub id, a local HF directory, or "tiny" (built here)."""
+
+    base: str = "tiny"
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    mask_token: str = MASK_TOKEN
+    mask_token_id: int | None = None  # None: look `mask_token` up in the tokenizer
+    # Tiny-family architecture (ignored when `base` is a pretrained checkpoint).
+    vocab_size: int = 512
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 32
+    intermediate_size: int = 384
+    mrope_section: tuple[int, int, int] = (6, 5, 5)
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    vision_num_heads: int = 2
+    vision_intermediate_size: int = 128
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    deepstack_visual_indexes: tuple[int, ...] = ()
+    pos_embed_std: float = 0.5
+    max_position_embeddings: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "ModelConfig"
+        _check_choice(c, "dtype", self.dtype, DTYPES)
+        # Eager attention adds a boolean mask to the scores, i.e. masks nothing (METHOD.md §1).
+        _check_choice(c, "attn_implementation", self.attn_implementation, ("sdpa", "flex_attention"))
+        _check_positive(
+            c,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            vision_depth=self.vision_depth,
+            vision_hidden_size=self.vision_hidden_size,
+            patch_size=self.patch_size,
+            spatial_merge_size=self.spatial_merge_size,
+            pos_embed_std=self.pos_embed_std,
+        )
+        if self.num_attention_heads % self.num_key_value_heads:
+            _fail(c, "num_key_value_heads", self.num_key_value_heads,
+                  f"a divisor of num_attention_heads={self.num_attention_heads}")
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
+            _fail(c, "mrope_section", self.mrope_section, f"three ints summing to head_dim/2={self.head_dim // 2}")
+        if self.vision_hidden_size % self.vision_num_heads:
+            _fail(c, "vision_num_heads", self.vision_num_heads, "a divisor of vision_hidden_size")
+        if any(not 0 <= i < self.vision_depth for i in self.deepstack_visual_indexes):
+            _fail(c, "deepstack_visual_indexes", self.deepstack_visual_indexes, f"layer indexes < {self.vision_depth}")
+        if self.vocab_size < len(SPECIAL_TOKENS) + 256:
+            _fail(c, "vocab_size", self.vocab_size, f">= {len(SPECIAL_TOKENS) + 256} (bytes + specials)")
+
+
+@dataclass(frozen=True)
+class NoiseConfig:
+    """Corruption of the noisy response copy (METHOD.md §3)."""
+
+    kind: str = "mixed"
+    t_min: float = 0.05
+
+    def __post_init__(self) -> None:
+        _check_choice("NoiseConfig", "kind", self.kind, NOISE_KINDS)
+        if not 0.0 < self.t_min <= 1.0:
+            _fail("NoiseConfig", "t_min", self.t_min, "a number in (0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and layout settings for every training phase."""
+
+    block_sizes: tuple[int, ...] = (4, 8, 16, 32)
+    base_steps: int = 600  # AR base training (tiny recipe only)
+    merge_steps: int = 300
+    distill_steps: int = 100
+    batch_size: int = 32
+    lr: float = 2e-5
+    vision_lr: float = 2e-6
+    distill_lr: float = 6e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0  # cosine floor for merge; distillation uses distill_min_lr_ratio
+    distill_min_lr_ratio: float = 0.5
+    grad_clip: float = 1.0
+    max_tokens: int = 8192
+    prompt_mask: str = "causal"
+    label_shift: bool = False
+    pad_loss_weight: float = 0.0  # weight of <|im_end|> padding positions in the CE (0 or 0.5)
+    ce_weight: float = 1.0
+    kd_weight: float = 0.5
+    kd_top_k: int = 16
+    kd_temperature: float = 1.0
+    checkpoint_every: int = 100
+    num_workers: int = 2
+    use_gpu: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "TrainConfig"
+        if not self.block_sizes or any(b < 1 for b in self.block_sizes):
+            _fail(c, "block_sizes", self.block_sizes, "a non-empty tuple of positive ints")
+        if list(self.block_sizes) != sorted(set(self.block_sizes)):
+            _fail(c, "block_sizes", self.block_sizes, "strictly increasing block sizes (progressive merging)")
+        _check_positive(c, batch_size=self.batch_size, lr=self.lr, max_tokens=self.max_tokens,
+                        kd_top_k=self.kd_top_k, kd_temperature=self.kd_temperature,
+                        num_workers=self.num_workers, checkpoint_every=self.checkpoint_every)
+        for name in ("base_steps", "merge_steps", "distill_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                _fail(c, name, getattr(self, name), "a non-negative int")
+        _check_choice(c, "prompt_mask", self.prompt_mask, PROMPT_MASKS)
+        if self.pad_loss_weight not in (0.0, 0.5):
+            _fail(c, "pad_loss_weight", self.pad_loss_weight, "0.0 (padding ignored) or 0.5 (reference)")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            _fail(c, "betas", self.betas, "two numbers in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.distill_min_lr_ratio <= 1.0:
+            _fail(c, "min_lr_ratio", (self.min_lr_ratio, self.distill_min_lr_ratio), "ratios in [0, 1]")
+        if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
+            _fail(c, "ce_weight/kd_weight", (self.ce_weight, self.kd_weight), "non-negative, not both zero")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Block-diffusion decoding (METHOD.md §6)."""
+
+    block_size: int = 32
+    mode: str = "dynamic"
+    threshold: float = 0.9
+    tokens_per_step: int = 1  # static mode
+    edit_threshold: float = 0.95
+    max_edits_per_position: int = 1
+    max_steps_per_block: int | None = None  # None: block_size
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        c = "DecodeConfig"
+        _check_choice(c, "mode", self.mode, DECODE_MODES)
+        _check_positive(c, block_size=self.block_size, tokens_per_step=self.tokens_per_step,
+                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
+        if not 0.0 <= self.threshold <= 1.0:
+            _fail(c, "threshold", self.threshold, "a probability in [0, 1]")
+        if not 0.0 <= self.edit_threshold <= 1.0:
+            _fail(c, "edit_threshold", self.edit_threshold, "a probability in [0, 1]")
+        if self.max_edits_per_position < 0:
+            _fail(c, "max_edits_per_position", self.max_edits_per_position, "a non-negative int")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            _fail(c, "temperature/top_p", (self.temperature, self.top_p), "temperature >= 0 and top_p in (0, 1]")
+        if self.tokens_per_step > self.block_size:
+            _fail(c, "tokens_per_step", self.tokens_per_step, f"<= block_size={self.block_size}")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Promotion policy: accuracy within `tolerance` of the AR baseline and a minimum decode speed."""
+
+    benchmarks: tuple[str, ...] = ("shapes_mcq", "shapes_yesno", "shapes_count", "shapes_ocr", "shapes_extract")
+    tolerance: dict[str, float] = field(default_factory=dict)  # per benchmark; default_tolerance otherwise
+    default_tolerance: float = 0.03
+    speed_benchmark: str = "shapes_extract"
+    min_tpf: dict[int, float] = field(default_factory=lambda: {4: 1.5, 8: 2.0, 16: 2.5, 32: 3.0})
+    limit: int | None = None  # items per benchmark (None: all)
+
+    def __post_init__(self) -> None:
+        c = "GateConfig"
+        if not self.benchmarks:
+            _fail(c, "benchmarks", self.benchmarks, "at least one benchmark")
+        unknown = set(self.tolerance) - set(self.benchmarks)
+        if unknown:
+            _fail(c, "tolerance", sorted(unknown), f"keys among the gate benchmarks {list(self.benchmarks)}")
+        if self.default_tolerance < 0 or any(v < 0 for v in self.tolerance.values()):
+            _fail(c, "tolerance", self.tolerance, "non-negative tolerances")
+        if self.speed_benchmark not in self.benchmarks:
+            _fail(c, "speed_benchmark", self.speed_benchmark, f"one of {list(self.benchmarks)}")
+
+    def tolerance_for(self, benchmark: str) -> float:
+        return self.tolerance.get(benchmark, self.default_tolerance)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Curation: filters, dedup, decontamination and mixing (DESIGN.md §3)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"llava_ov": 1.0, "finevision": 1.0})
+    target_size: int | None = None  # None: keep everything that passes
+    max_tokens: int = 8192
+    min_rating: int = 3  # FineVision *_min ratings below this are rejected
+    phash_threshold: int = 6  # Hamming distance for near-duplicate images
+    ngram: int = 8  # question n-gram length for text decontamination
+    min_image_side: int = 28
+    max_aspect_ratio: float = 200.0
+    max_image_pixels: int = 4096 * 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        c = "DataConfig"
+        if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) == 0:
+            _fail(c, "weights", self.weights, "non-negative per-source weights, not all zero")
+        if self.target_size is not None and self.target_size <= 0:
+            _fail(c, "target_size", self.target_size, "None or a positive int")
+        if not 0 <= self.phash_threshold < 32:
+            _fail(c, "phash_threshold", self.phash_threshold, "an int in [0, 32)")
+        if not 1 <= self.min_rating <= 5:
+            _fail(c, "min_rating", self.min_rating, "an int in [1, 5]")
+        _check_positive(c, max_tokens=self.max_tokens, ngram=self.ngram, min_image_side=self.min_image_side,
+                        max_aspect_ratio=self.max_aspect_ratio, max_image_pixels=self.max_image_pixels)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ray_address: str | None = None  # None: RAY_ADDRESS or a local Ray
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            _fail("Recipe", "name", self.name, "a non-empty name")
+        missing = set(self.gate.min_tpf) - set(self.train.block_sizes)
+        if missing:
+            _fail("Recipe", "gate.min_tpf", sorted(missing), f"block sizes among train.block_sizes {self.train.block_sizes}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint_payload(self) -> str:
+        """Canonical JSON of the recipe, the input of content fingerprints."""
+        return json.dumps(self.to_dict(), sort_keys=True, default=str)
+
+
+def tiny() -> Recipe:
+    """The embedded default: a tiny Qwen3-VL on the shapes world, 2 CPU cores."""
+    return Recipe(
+        name="tiny",
+        model=ModelConfig(base="tiny"),
+        train=TrainConfig(lr=1e-3, vision_lr=1e-3, distill_lr=3e-4, warmup_steps=20, max_tokens=512,
+                          batch_size=32, merge_steps=200, distill_steps=60, checkpoint_every=50),
+        decode=DecodeConfig(max_new_tokens=96, batch_size=32),
+        gate=GateConfig(limit=None),
+        data=DataConfig(max_tokens=512, min_image_side=32),
+    )
+
+
+def _qwen3_vl(size: str) -> Recipe:
+    return Recipe(
+        name=f"qwen3-vl-{size.lower()}",
+        model=ModelConfig(base=f"Qwen/Qwen3-VL-{size}-Instruct", dtype="bfloat16",
+                          mask_token_id=QWEN3_VL_MASK_TOKEN_ID),
+        train=TrainConfig(batch_size=256, num_workers=8, use_gpu=True, merge_steps=2000, distill_steps=500),
+        gate=GateConfig(
+            benchmarks=("mmmu_val", "mmmu_pro", "mme", "realworldqa", "mmstar", "ai2d", "chartqa", "ocrbench"),
+            speed_benchmark="chartqa",
+            default_tolerance=0.01,
+        ),
+    )
+
+
+def qwen3_vl_2b() -> Recipe:
+    return _qwen3_vl("2B")
+
+
+def qwen3_vl_4b() -> Recipe:
+    return _qwen3_vl("4B")
+
+
+def qwen3_vl_8b() -> Recipe:
+    return _qwen3_vl("8B")
+
+
+RECIPES = {"tiny": tiny, "qwen3-vl-2b": qwen3_vl_2b, "qwen3-vl-4b": qwen3_vl_4b, "qwen3-vl-8b": qwen3_vl_8b}
+
+
+def _coerce(current: Any, value: Any, key: str) -> Any:
+    """Turn a CLI/UI string into the type of the field it replaces."""
+    if not isinstance(value, str) or isinstance(current, str):
+        return value
+    if isinstance(current, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"override {key}={value!r}: expected true/false")
+    if isinstance(current, (int, float)) or current is None:
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            if current is None:
+                return value
+            raise ValueError(f"override {key}={value!r}: expected a number") from None
+    if isinstance(current, (tuple, list, dict)):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"override {key}={value!r}: expected JSON") from None
+        return tuple(parsed) if isinstance(current, tuple) else parsed
+    return value
+
+
+def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
+    """Apply dotted overrides, e.g. ``{"train.lr": 1e-4, "noise.kind": "mask"}``; unknown keys raise."""
+    for key, value in (overrides or {}).items():
+        section, _, name = key.partition(".")
+        if not name:
+            if section not in {f.name for f in dataclasses.fields(Recipe)} or section in ("model", "noise", "train",
+                                                                                         "decode", "gate", "data"):
+                raise ValueError(f"override {key!r}: expected SECTION.FIELD with SECTION one of "
+                                 "model, noise, train, decode, gate, data")
+            recipe = dataclasses.replace(recipe, **{section: _coerce(getattr(recipe, section), value, key)})
+            continue
+        if not hasattr(recipe, section) or not dataclasses.is_dataclass(getattr(recipe, section)):
+            raise ValueError(f"override {key!r}: unknown section {section!r}")
+        sub = getattr(recipe, section)
+        names = [f.name for f in dataclasses.fields(sub)]
+        if name not in names:
+            raise ValueError(f"override {key!r}: {section} has no field {name!r}; valid: {', '.join(names)}")
+        sub = dataclasses.replace(sub, **{name: _coerce(getattr(sub, name), value, key)})
+        recipe = dataclasses.replace(recipe, **{section: sub})
+    return recipe
+
+
+def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return apply_overrides(RECIPES[name](), overrides)

@@ -1,0 +1,103 @@
+"""Config validation: impossible values raise ValueError naming the field; recipes and overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bard_core.config import (
+    RECIPES,
+    DataConfig,
+    DecodeConfig,
+    GateConfig,
+    ModelConfig,
+    NoiseConfig,
+    Recipe,
+    TrainConfig,
+    apply_overrides,
+    get_recipe,
+)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "field"),
+    [
+        (ModelConfig, {"attn_implementation": "eager"}, "attn_implementation"),
+        (ModelConfig, {"dtype": "float64"}, "dtype"),
+        (ModelConfig, {"num_attention_heads": 4, "num_key_value_heads": 3}, "num_key_value_heads"),
+        (ModelConfig, {"head_dim": 32, "mrope_section": (8, 8, 8)}, "mrope_section"),
+        (ModelConfig, {"deepstack_visual_indexes": (5,)}, "deepstack_visual_indexes"),
+        (ModelConfig, {"hidden_size": 0}, "hidden_size"),
+        (NoiseConfig, {"kind": "gaussian"}, "kind"),
+        (NoiseConfig, {"t_min": 0.0}, "t_min"),
+        (TrainConfig, {"block_sizes": (8, 4)}, "block_sizes"),
+        (TrainConfig, {"block_sizes": ()}, "block_sizes"),
+        (TrainConfig, {"prompt_mask": "bidirectional"}, "prompt_mask"),
+        (TrainConfig, {"pad_loss_weight": 0.3}, "pad_loss_weight"),
+        (TrainConfig, {"lr": -1.0}, "lr"),
+        (TrainConfig, {"ce_weight": 0.0, "kd_weight": 0.0}, "ce_weight"),
+        (DecodeConfig, {"threshold": 1.5}, "threshold"),
+        (DecodeConfig, {"mode": "greedy"}, "mode"),
+        (DecodeConfig, {"block_size": 4, "tokens_per_step": 8}, "tokens_per_step"),
+        (GateConfig, {"tolerance": {"nope": 0.1}}, "tolerance"),
+        (GateConfig, {"speed_benchmark": "nope"}, "speed_benchmark"),
+        (DataConfig, {"phash_threshold": 40}, "phash_threshold"),
+        (DataConfig, {"weights": {"a": 0.0}}, "weights"),
+    ],
+)
+def test_impossible_values_raise_with_the_field_name(cls, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        cls(**kwargs)
+
+
+def test_defaults_are_valid_and_frozen():
+    for cls in (ModelConfig, NoiseConfig, TrainConfig, DecodeConfig, GateConfig, DataConfig):
+        obj = cls()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            obj.seed = 1  # type: ignore[misc]
+
+
+def test_recipe_rejects_speed_gates_for_unknown_block_sizes():
+    with pytest.raises(ValueError, match="min_tpf"):
+        Recipe(name="x", train=TrainConfig(block_sizes=(4, 8)))
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_named_recipes_build(name):
+    recipe = get_recipe(name)
+    assert recipe.name == name
+    assert recipe.train.block_sizes == (4, 8, 16, 32)
+    assert recipe.noise.kind == "mixed"
+
+
+def test_real_recipes_point_at_the_hub_and_the_unused_mask_row():
+    recipe = get_recipe("qwen3-vl-4b")
+    assert recipe.model.base == "Qwen/Qwen3-VL-4B-Instruct"
+    assert recipe.model.mask_token_id == 151671
+    assert "chartqa" in recipe.gate.benchmarks
+
+
+def test_unknown_recipe_lists_valid_names():
+    with pytest.raises(ValueError, match="tiny"):
+        get_recipe("gpt-5")
+
+
+def test_overrides_coerce_strings_and_validate():
+    recipe = get_recipe("tiny", {"train.lr": "0.01", "noise.kind": "mask", "train.block_sizes": "[4, 8, 16, 32]",
+                                 "train.label_shift": "true"})
+    assert recipe.train.lr == 0.01 and recipe.noise.kind == "mask" and recipe.train.label_shift is True
+    with pytest.raises(ValueError, match="kind"):
+        apply_overrides(recipe, {"noise.kind": "gaussian"})
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        apply_overrides(recipe, {"train.nope": 1})
+    with pytest.raises(ValueError, match="unknown section"):
+        apply_overrides(recipe, {"bogus.lr": 1})
+    with pytest.raises(ValueError, match="expected a number"):
+        apply_overrides(recipe, {"train.lr": "fast"})
+
+
+def test_fingerprint_payload_changes_with_the_recipe():
+    a, b = get_recipe("tiny"), get_recipe("tiny", {"train.lr": 0.5})
+    assert a.fingerprint_payload() != b.fingerprint_payload()
+    assert a.fingerprint_payload() == get_recipe("tiny").fingerprint_payload()

@@ -1,0 +1,78 @@
+"""Imports point down only (DESIGN.md §1): deploy → flows → tasks → bard_core."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAYERS = ["bard_core", "tasks", "flows", "deploy"]  # low → high
+FORBIDDEN = {
+    "bard_core": {"prefect", "ray", "lm_eval"},
+    "flows": {"torch", "ray", "transformers"},
+}
+STDLIB_ONLY = ["bard_core/config.py", "tasks/refs.py"]
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+def python_files(layer: str) -> list[Path]:
+    return sorted((ROOT / layer).rglob("*.py")) if (ROOT / layer).exists() else []
+
+
+def violations(layer: str) -> list[str]:
+    found = []
+    higher = set(LAYERS[LAYERS.index(layer) + 1:])
+    for path in python_files(layer):
+        for module in imported_modules(path):
+            top = module.split(".")[0]
+            if top in FORBIDDEN.get(layer, set()):
+                found.append(f"{path.relative_to(ROOT)} imports {module} (forbidden in {layer})")
+            if top in higher:
+                found.append(f"{path.relative_to(ROOT)} imports {module} (a higher layer)")
+    return found
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_layer_imports_point_down_only(layer):
+    assert violations(layer) == []
+
+
+def test_every_layer_has_code():
+    for layer in ("bard_core", "flows"):
+        assert python_files(layer), f"{layer} has no modules"
+
+
+@pytest.mark.parametrize("relative", [p for p in STDLIB_ONLY if (ROOT / p).exists()])
+def test_cheap_modules_use_only_the_standard_library(relative):
+    import sys
+
+    tops = {m.split(".")[0] for m in imported_modules(ROOT / relative)}
+    assert tops - set(sys.stdlib_module_names) - {"__future__"} == set()
+
+
+def test_checker_catches_a_violation(tmp_path):
+    bad = tmp_path / "m.py"
+    bad.write_text("import torch\nfrom prefect import flow\nfrom ray.data import Dataset\n")
+    assert {"torch", "prefect", "ray.data"} <= imported_modules(bad)
+
+
+def test_importing_config_does_not_import_torch_or_transformers():
+    import subprocess
+    import sys
+
+    code = ("import sys, bard_core.config; "
+            "print(','.join(m for m in ('torch', 'transformers', 'ray', 'prefect') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""
