@@ -1,0 +1,92 @@
+"""Sample → model inputs: chat template + processor, target = the last assistant turn.
+
+A sample is a row of the unified schema (DESIGN.md §3): ``images`` (encoded bytes or PIL images)
+and ``messages`` (``{role, content: [{type: "image"} | {type: "text", text}]}``). Every turn but the
+last is prompt; the last must be the assistant's and becomes the response, followed by
+``<|im_end|>``. Over-long samples are rejected with a reason, never truncated.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from bard_core.config import EOS_TOKEN
+
+
+class RejectedSample(ValueError):
+    """A sample that cannot be trained on; ``reason`` is a short machine-readable name."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass
+class EncodedSample:
+    prompt_ids: torch.Tensor  # long [P]
+    prompt_mm_types: torch.Tensor  # long [P]: 0 text, 1 image
+    response_ids: torch.Tensor  # long [R_real]: answer tokens + <|im_end|>
+    pixel_values: torch.Tensor | None  # [patches, D]
+    image_grid_thw: torch.Tensor | None  # long [images, 3]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.prompt_ids.numel() + self.response_ids.numel())
+
+
+def _pil(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, dict):
+        image = image["bytes"]
+    return Image.open(io.BytesIO(image)).convert("RGB")
+
+
+def _text(message: dict) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
+
+
+def encode_sample(sample: dict, processor, max_tokens: int) -> EncodedSample:
+    """Tokenise one conversation; raises RejectedSample (reason) when it cannot be used."""
+    messages = sample["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise RejectedSample("no_assistant_target", "the last turn must be the assistant's")
+    answer = _text(messages[-1])
+    if not answer.strip():
+        raise RejectedSample("empty_answer", "the assistant's last turn is empty")
+    images = [_pil(im) for im in (sample.get("images") or [])]
+    n_image_parts = sum(1 for m in messages for p in (m["content"] if isinstance(m["content"], list) else [])
+                        if p.get("type") == "image")
+    if n_image_parts != len(images):
+        raise RejectedSample("image_count_mismatch", f"{n_image_parts} image parts, {len(images)} images")
+
+    prompt_text = processor.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[prompt_text], images=images or None, return_tensors="pt")
+    tokenizer = processor.tokenizer
+    response = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.convert_tokens_to_ids(EOS_TOKEN)]
+    prompt_ids = enc["input_ids"][0]
+    total = prompt_ids.numel() + len(response)
+    if total > max_tokens:
+        raise RejectedSample("over_token_cap", f"{total} tokens > cap {max_tokens}")
+    return EncodedSample(
+        prompt_ids=prompt_ids,
+        prompt_mm_types=enc["mm_token_type_ids"][0].long(),
+        response_ids=torch.tensor(response, dtype=torch.long),
+        pixel_values=enc.get("pixel_values"),
+        image_grid_thw=enc.get("image_grid_thw"),
+    )
+
+
+def conversation(question: str, answer: str, images: list | None = None) -> dict:
+    """A one-turn unified-schema sample (images first, then the question)."""
+    images = images or []
+    user = [{"type": "image"} for _ in images] + [{"type": "text", "text": question}]
+    return {"images": images, "messages": [{"role": "user", "content": user},
+                                           {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}

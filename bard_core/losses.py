@@ -1,0 +1,47 @@
+"""Losses (METHOD.md §4), each returning a small result so logging never recomputes.
+
+- ``diffusion_ce``: ``ℓ_k = CE(logits_k, x0_k) / t_k`` over corrupted noisy positions, summed per
+  sample, divided by the sample's real response length, averaged over samples (fp32).
+- ``distill_kd``: forward KL to the teacher's top-K: ``mean_k Σ_{j∈topK} q_kj · (−log softmax(s_k/T)_j)``
+  with ``q_k`` the teacher's renormalised top-K softmax at temperature T.
+- ``ar_ce``: next-token CE on response tokens, averaged over tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LossResult:
+    loss: torch.Tensor  # scalar, differentiable
+    per_sample: torch.Tensor  # [N] detached
+    num_positions: int
+
+
+def diffusion_ce(logits_KV: torch.Tensor, labels_K: torch.Tensor, weights_K: torch.Tensor,
+                 sample_K: torch.Tensor, real_lens_N: list[int] | torch.Tensor) -> LossResult:
+    real = torch.as_tensor(real_lens_N, dtype=torch.float32, device=logits_KV.device)
+    ce = F.cross_entropy(logits_KV.float(), labels_K, reduction="none") * weights_K
+    per_sample = torch.zeros_like(real).index_add(0, sample_K, ce) / real
+    return LossResult(per_sample.mean(), per_sample.detach(), int(labels_K.numel()))
+
+
+def distill_kd(student_KV: torch.Tensor, teacher_KV: torch.Tensor, top_k: int = 16,
+               temperature: float = 1.0) -> LossResult:
+    teacher_KV = teacher_KV.detach().float()
+    k = min(top_k, teacher_KV.shape[-1])
+    top_logits, top_ids = teacher_KV.topk(k, dim=-1)
+    q = torch.softmax(top_logits / temperature, dim=-1)
+    log_p = torch.log_softmax(student_KV.float() / temperature, dim=-1).gather(-1, top_ids)
+    per_position = -(q * log_p).sum(-1)
+    loss = per_position.mean() if per_position.numel() else student_KV.sum() * 0.0
+    return LossResult(loss, per_position.detach(), int(per_position.numel()))
+
+
+def ar_ce(logits_KV: torch.Tensor, labels_K: torch.Tensor) -> LossResult:
+    ce = F.cross_entropy(logits_KV.float(), labels_K, reduction="none")
+    return LossResult(ce.mean(), ce.detach(), int(labels_K.numel()))

@@ -1,0 +1,299 @@
+"""The block-diffusion objective on a real (tiny) Qwen3-VL: exactness, no peeking, batching, losses."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from bard_core.config import ModelConfig, TrainConfig
+from bard_core.inputs import RejectedSample, conversation, encode_sample
+from bard_core.layout import ar_batch, noise_spec_for, pack, padded_response, rope_positions
+from bard_core.losses import diffusion_ce, distill_kd
+from bard_core.masks import attention_mask
+from bard_core.shapes import world
+from bard_core.train import Teacher, build_optimizer, packed_logits, train_step
+
+
+@pytest.fixture(scope="module")
+def kit():
+    from bard_core.tiny import build_model, build_processor
+
+    cfg = ModelConfig()
+    processor = build_processor(cfg)
+    model = build_model(cfg, processor.tokenizer)
+    spec = noise_spec_for(processor.tokenizer, "mixed", 0.05)
+    return processor, model, spec
+
+
+def sample(processor, seed: int, family: str = "extract", images: int = 1, max_tokens: int = 512):
+    rng = random.Random(seed)
+    scene = world.random_scene(rng)
+    _, question, answer = world.ask(scene, rng, family)
+    pictures = [world.render(scene)] + [world.render(world.random_scene(rng)) for _ in range(images - 1)]
+    return encode_sample(conversation(question, answer, pictures[:images]), processor, max_tokens)
+
+
+def full_logits(model, batch, row: int = 0) -> torch.Tensor:
+    with torch.no_grad():
+        out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                          position_ids=batch.position_ids, pixel_values=batch.pixel_values,
+                          image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids)
+        return model.lm_head(out.last_hidden_state)[row]
+
+
+def separate_block_logits(model, enc, x0, xt, b: int, B: int, prompt_mask: str) -> torch.Tensor:
+    """A separate forward over [prompt ‖ clean blocks < b ‖ noisy block b] under the inference mask."""
+    P = enc.prompt_ids.numel()
+    ids = torch.cat([enc.prompt_ids, x0[: b * B], xt[b * B:(b + 1) * B]])
+    types = torch.cat([enc.prompt_mm_types, torch.zeros((b + 1) * B, dtype=torch.long)])
+    pos = rope_positions(model, ids, types, enc.image_grid_thw)
+    mask = attention_mask(P, (b + 1) * B, B, prompt_mask, with_noisy=False)[None, None]
+    with torch.no_grad():
+        out = model.model(input_ids=ids[None], attention_mask=mask, position_ids=pos[:, None],
+                          pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
+                          mm_token_type_ids=types[None])
+        return model.lm_head(out.last_hidden_state)[0, P + b * B:]
+
+
+@pytest.mark.parametrize("prompt_mask", ["causal", "block"])
+@pytest.mark.parametrize("B", [4, 8, 16])
+def test_noisy_block_logits_equal_a_separate_block_causal_forward(kit, B, prompt_mask):
+    processor, model, spec = kit
+    enc = sample(processor, seed=B)
+    assert enc.pixel_values is not None  # an image in the prompt
+    batch = pack([enc], model, B, spec, prompt_mask=prompt_mask, generator=torch.Generator().manual_seed(B))
+    logits = full_logits(model, batch)
+    P, R = batch.prompt_lens[0], batch.response_lens[0]
+    x0 = padded_response(enc, B, spec.eos_id)
+    xt = batch.input_ids[0, P + R: P + 2 * R]
+    assert (xt != x0).any()
+    for b in range(R // B):
+        alone = separate_block_logits(model, enc, x0, xt, b, B, prompt_mask)
+        packed = logits[P + R + b * B: P + R + (b + 1) * B]
+        torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_noisy_copy_reuses_clean_positions_and_positions_are_3d(kit):
+    processor, model, spec = kit
+    enc = sample(processor, 1)
+    batch = pack([enc], model, 8, spec)
+    P, R = batch.prompt_lens[0], batch.response_lens[0]
+    assert batch.position_ids.shape == (3, 1, batch.input_ids.shape[1])
+    assert torch.equal(batch.position_ids[:, 0, P:P + R], batch.position_ids[:, 0, P + R:P + 2 * R])
+    # image tokens get 2-D positions: the three M-RoPE rows differ inside the image span
+    image = batch.mm_token_type_ids[0] == 1
+    assert not torch.equal(batch.position_ids[1, 0, image], batch.position_ids[2, 0, image])
+
+
+def test_no_peeking(kit):
+    """Noisy block b depends on the prompt, clean blocks < b and itself only."""
+    processor, model, spec = kit
+    B = 8
+    enc = sample(processor, 2)
+    batch = pack([enc], model, B, spec, generator=torch.Generator().manual_seed(0))
+    P, R = batch.prompt_lens[0], batch.response_lens[0]
+    assert R // B >= 3
+    b = 1
+    block = slice(P + R + b * B, P + R + (b + 1) * B)
+    reference = full_logits(model, batch)[block]
+    vocab = torch.arange(20, 60)
+
+    def perturbed(positions) -> torch.Tensor:
+        changed = pack([enc], model, B, spec, generator=torch.Generator().manual_seed(0))
+        changed.input_ids[0, positions] = vocab[torch.randint(0, len(vocab), (len(positions),))]
+        return full_logits(model, changed)[block]
+
+    own_clean = list(range(P + b * B, P + (b + 1) * B))
+    later_clean = list(range(P + (b + 1) * B, P + R))
+    other_noisy = [p for p in range(P + R, P + 2 * R) if not block.start <= p < block.stop]
+    for positions in (own_clean, later_clean, other_noisy):
+        torch.testing.assert_close(perturbed(positions), reference, atol=1e-6, rtol=0)
+    earlier_clean = list(range(P, P + b * B))  # the test can fail: earlier blocks do matter
+    assert (perturbed(earlier_clean) - reference).abs().max() > 1e-3
+
+
+def test_batch_of_three_padded_samples_equals_each_alone(kit):
+    processor, model, spec = kit
+    samples = [sample(processor, 10, "extract"), sample(processor, 11, "colour"),
+               sample(processor, 12, "count", images=2)]
+    g = torch.Generator().manual_seed(5)
+    batch = pack(samples, model, 4, spec, generator=g)
+    lengths = [p + 2 * r for p, r in zip(batch.prompt_lens, batch.response_lens)]
+    assert len(set(lengths)) == 3  # really padded
+    with torch.no_grad():
+        together = packed_logits(model, batch)
+    g = torch.Generator().manual_seed(5)
+    singles = [pack([s], model, 4, spec, generator=g) for s in samples]
+    for n, single in enumerate(singles):
+        with torch.no_grad():
+            alone = packed_logits(model, single)
+        rows = batch.loss_sample == n
+        assert torch.equal(batch.labels[rows], single.labels)
+        torch.testing.assert_close(together[rows], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_and_vanilla_layouts_give_the_same_loss(kit):
+    processor, model, spec = kit
+    samples = [sample(processor, 20), sample(processor, 21, "mcq", images=2)]
+    packed = pack(samples, model, 8, spec, generator=torch.Generator().manual_seed(1))
+    vanilla = pack(samples, model, 8, spec, generator=torch.Generator().manual_seed(1), duplicate_prompt=True)
+    assert vanilla.input_ids.shape[1] > packed.input_ids.shape[1]
+    with torch.no_grad():
+        a = diffusion_ce(packed_logits(model, packed), packed.labels, packed.weights, packed.loss_sample,
+                         packed.real_lens)
+        b = diffusion_ce(packed_logits(model, vanilla), vanilla.labels, vanilla.weights, vanilla.loss_sample,
+                         vanilla.real_lens)
+    assert a.loss.item() == pytest.approx(b.loss.item(), rel=1e-5)
+
+
+def test_loss_positions_are_exactly_the_corrupted_real_tokens(kit):
+    processor, model, spec = kit
+    enc = sample(processor, 30)
+    B = 16
+    batch = pack([enc], model, B, spec, generator=torch.Generator().manual_seed(2))
+    P, R = batch.prompt_lens[0], batch.response_lens[0]
+    x0 = padded_response(enc, B, spec.eos_id)
+    xt = batch.input_ids[0, P + R:]
+    real = enc.response_ids.numel()
+    corrupted = [r for r in range(real) if xt[r] != x0[r]]
+    assert batch.loss_pos.tolist() == [P + R + r for r in corrupted]
+    assert batch.labels.tolist() == [int(x0[r]) for r in corrupted]
+    assert torch.all(batch.weights == 1 / batch.t) and batch.t.min() >= 0.05
+    assert spec.mask_token_id in xt.tolist()
+
+
+def test_padding_positions_get_half_weight_when_asked(kit):
+    processor, model, spec = kit
+    enc = sample(processor, 31, "colour")  # short answer: most of the block is <|im_end|> padding
+    batch = pack([enc], model, 16, spec, pad_loss_weight=0.5, generator=torch.Generator().manual_seed(3))
+    P, R = batch.prompt_lens[0], batch.response_lens[0]
+    beyond = batch.loss_pos - (P + R) >= enc.response_ids.numel()
+    assert beyond.any()
+    torch.testing.assert_close(batch.weights[beyond], 0.5 / batch.t[beyond])
+    torch.testing.assert_close(batch.weights[~beyond], 1.0 / batch.t[~beyond])
+
+
+def test_label_shift_reads_each_prediction_one_position_earlier(kit):
+    processor, model, spec = kit
+    enc = sample(processor, 32)
+    B = 8
+    plain = pack([enc], model, B, spec, generator=torch.Generator().manual_seed(4))
+    shifted = pack([enc], model, B, spec, label_shift=True, generator=torch.Generator().manual_seed(4))
+    P, R = plain.prompt_lens[0], plain.response_lens[0]
+    assert torch.equal(plain.labels, shifted.labels)
+    for where, where_shifted in zip(plain.loss_pos.tolist(), shifted.loss_pos.tolist()):
+        r = where - (P + R)
+        assert where_shifted == (where - 1 if r % B else P + r - 1)
+
+
+def test_substitutes_and_masks_never_touch_the_prompt_or_clean_copy(kit):
+    processor, model, spec = kit
+    enc = sample(processor, 33)
+    batch = pack([enc], model, 8, spec, generator=torch.Generator().manual_seed(0))
+    P, R = batch.prompt_lens[0], batch.response_lens[0]
+    assert torch.equal(batch.input_ids[0, :P], enc.prompt_ids)
+    assert torch.equal(batch.input_ids[0, P:P + R], padded_response(enc, 8, spec.eos_id))
+    noisy = batch.input_ids[0, P + R:P + 2 * R]
+    assert not torch.isin(noisy, torch.tensor(sorted(set(range(8)) - {spec.mask_token_id, spec.eos_id}))).any()
+
+
+def test_ce_goes_to_zero_as_logits_become_one_hot():
+    labels = torch.tensor([3, 1, 4, 1])
+    sample_of = torch.tensor([0, 0, 1, 1])
+    weights = torch.tensor([2.0, 1.0, 4.0, 1.5])
+    previous = float("inf")
+    for scale in (1.0, 5.0, 10.0, 20.0):
+        logits = torch.nn.functional.one_hot(labels, 8).float() * scale
+        value = diffusion_ce(logits, labels, weights, sample_of, [3, 5]).loss.item()
+        assert value < previous
+        previous = value
+    assert previous < 1e-6
+
+
+def test_ce_normalises_per_sample_by_real_length():
+    logits = torch.zeros(3, 4)  # uniform: CE = log 4 per position
+    result = diffusion_ce(logits, torch.tensor([0, 1, 2]), torch.tensor([1.0, 2.0, 1.0]), torch.tensor([0, 0, 1]),
+                          [6, 2])
+    ln4 = torch.log(torch.tensor(4.0)).item()
+    assert result.per_sample.tolist() == pytest.approx([3 * ln4 / 6, ln4 / 2])
+    assert result.loss.item() == pytest.approx((3 * ln4 / 6 + ln4 / 2) / 2)
+
+
+def test_kd_gradient_vanishes_when_student_equals_teacher_with_full_vocab():
+    teacher = torch.randn(5, 11)
+    student = teacher.clone().requires_grad_(True)
+    distill_kd(student, teacher, top_k=11).loss.backward()
+    assert student.grad.abs().max() < 1e-6
+    other = torch.randn(5, 11, requires_grad=True)
+    distill_kd(other, teacher, top_k=11).loss.backward()
+    assert other.grad.abs().max() > 1e-3
+
+
+def test_kd_uses_only_the_teachers_top_k():
+    teacher = torch.tensor([[5.0, 4.0, -10.0, -10.0]])
+    student = torch.zeros(1, 4, requires_grad=True)
+    distill_kd(student, teacher, top_k=2).loss.backward()
+    q = torch.softmax(torch.tensor([5.0, 4.0]), 0)
+    expected = torch.softmax(torch.zeros(4), 0) - torch.tensor([q[0], q[1], 0.0, 0.0])
+    torch.testing.assert_close(student.grad[0], expected)
+
+
+def test_distillation_step_leaves_the_teacher_untouched(kit):
+    from bard_core.tiny import build_model
+
+    processor, model, spec = kit
+    student = build_model(ModelConfig(seed=1), processor.tokenizer)
+    teacher_model = build_model(ModelConfig(seed=2), processor.tokenizer)
+    before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    cfg = TrainConfig(lr=1e-3, vision_lr=1e-3)
+    batch = pack([sample(processor, 40), sample(processor, 41, "ocr")], student, 8, spec,
+                 generator=torch.Generator().manual_seed(0))
+    metrics = train_step(student, batch, build_optimizer(student, cfg), cfg, teacher=Teacher(teacher_model, 4))
+    assert metrics["kd"] > 0 and metrics["loss"] == pytest.approx(metrics["ce"] + 0.5 * metrics["kd"], rel=1e-5)
+    assert all(p.grad is None for p in teacher_model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher_model.state_dict().items())
+    assert not teacher_model.training
+
+
+def test_teacher_sees_the_sequence_under_its_own_block_mask(kit):
+    processor, model, spec = kit
+    batch = pack([sample(processor, 42)], model, 8, spec)
+    P, R = batch.prompt_lens[0], batch.response_lens[0]
+    assert torch.equal(batch.mask_for(4)[0, 0], attention_mask(P, R, 4, total_len=batch.input_ids.shape[1]))
+    with pytest.raises(ValueError, match="multiple"):
+        batch.mask_for(16) if R % 16 else batch.mask_for(3)
+
+
+def test_ar_loss_matches_transformers_own_next_token_loss(kit):
+    from bard_core.losses import ar_ce
+    from bard_core.train import ar_logits
+
+    processor, model, spec = kit
+    samples = [sample(processor, 50, "colour"), sample(processor, 51, "extract")]
+    batch = ar_batch(samples, spec.pad_id)
+    labels = torch.full_like(batch.input_ids, -100)
+    labels[batch.loss_sample, batch.loss_pos + 1] = batch.labels
+    with torch.no_grad():
+        ours = ar_ce(ar_logits(model, batch), batch.labels).loss
+        theirs = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                       mm_token_type_ids=batch.mm_token_type_ids, labels=labels).loss
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-4)
+
+
+def test_over_long_and_empty_samples_are_rejected_with_reasons(kit):
+    processor, _, _ = kit
+    with pytest.raises(RejectedSample) as info:
+        sample(processor, 60, "extract", max_tokens=30)
+    assert info.value.reason == "over_token_cap"
+    with pytest.raises(RejectedSample) as info:
+        encode_sample(conversation("What?", "  ", [world.render(world.random_scene(random.Random(0)))]),
+                      processor, 512)
+    assert info.value.reason == "empty_answer"
+    bad = conversation("What?", "red", [])
+    bad["messages"][0]["content"].insert(0, {"type": "image"})
+    with pytest.raises(RejectedSample) as info:
+        encode_sample(bad, processor, 512)
+    assert info.value.reason == "image_count_mismatch"
