@@ -4,7 +4,7 @@
   sample, divided by the sample's real response length, averaged over samples (fp32).
 - ``distill_kd``: forward KL to the teacher's top-K: ``mean_k Σ_{j∈topK} q_kj · (−log softmax(s_k/T)_j)``
   with ``q_k`` the teacher's renormalised top-K softmax at temperature T.
-- ``ar_ce``: next-token CE on response tokens, averaged over tokens.
+- ``ar_ce``: next-token CE on response tokens, averaged over tokens (or per sample, then over samples).
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ def distill_kd(student_KV: torch.Tensor, teacher_KV: torch.Tensor, top_k: int = 
     return LossResult(loss, per_position.detach(), int(per_position.numel()))
 
 
-def ar_ce(logits_KV: torch.Tensor, labels_K: torch.Tensor) -> LossResult:
+def ar_ce(logits_KV: torch.Tensor, labels_K: torch.Tensor, sample_K: torch.Tensor | None = None) -> LossResult:
+    """Mean over tokens, or with `sample_K` mean over samples of each sample's token mean (so a
+    2-token answer weighs as much as a 60-token listing)."""
     ce = F.cross_entropy(logits_KV.float(), labels_K, reduction="none")
-    return LossResult(ce.mean(), ce.detach(), int(labels_K.numel()))
+    if sample_K is None:
+        return LossResult(ce.mean(), ce.detach(), int(labels_K.numel()))
+    n = int(sample_K.max()) + 1
+    sums = torch.zeros(n, device=ce.device).index_add(0, sample_K, ce)
+    counts = torch.zeros(n, device=ce.device).index_add(0, sample_K, torch.ones_like(ce))
+    per_sample = sums / counts.clamp(min=1)
+    return LossResult(per_sample.mean(), per_sample.detach(), int(labels_K.numel()))

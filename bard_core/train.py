@@ -56,7 +56,7 @@ def ar_logits(model, batch: ARBatch) -> torch.Tensor:
 
 def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None) -> tuple[torch.Tensor, dict]:
     if isinstance(batch, ARBatch):
-        result = ar_ce(ar_logits(model, batch), batch.labels)
+        result = ar_ce(ar_logits(model, batch), batch.labels, batch.loss_sample)
         return result.loss, {"loss": result.loss.item(), "ar_ce": result.loss.item(), "positions": result.num_positions}
     logits = packed_logits(model, batch)
     ce = diffusion_ce(logits, batch.labels, batch.weights, batch.loss_sample, batch.real_lens)

@@ -16,7 +16,7 @@ PIPELINE_STAGES = (
     ("synth", "write the shapes world (sources, planted defects, benchmarks)", True),
     ("tiny-model", "build the tiny Qwen3-VL family (tokenizer, processor, model)", True),
     ("curate", "Ray Data curation of both sources (filter, dedup, decontaminate, mix)", False),
-    ("base", "the pretrained tiny AR base", False),
+    ("base", "the pretrained tiny AR base (bard pretrain-tiny)", True),
     ("stages", "Ray Train block-diffusion stages 4 -> 8 -> 16 -> 32 with distillation", False),
     ("evaluate", "lm-eval benchmarks + decode speed, AR baseline in the same run", False),
     ("gate", "stage gates, promotion registry and reports", False),
@@ -54,36 +54,57 @@ def cmd_synth(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    import dataclasses
-
     from bard_core.config import ModelConfig
     from bard_core.tiny import save_tiny_model
 
-    overrides = {}
-    for item in args.set or []:
+    out = save_tiny_model(args.out, _model_config(ModelConfig(), args.set, "tiny-model"))
+    info = json.loads((out / "bard_model.json").read_text())
+    payload = {"out": str(out.resolve()), **info}
+    _emit(payload, args.json, [f"tiny Qwen3-VL written to {payload['out']} ({info['parameters']:,} parameters)"])
+    return 0
+
+
+def _model_config(base, items: list[str] | None, command: str):
+    """Apply `--set FIELD=VALUE` overrides to a ModelConfig (bad ones are usage errors)."""
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(base)}
+    parsed = {}
+    for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UsageError(f"bard tiny-model: --set expects FIELD=VALUE, got {item!r}")
-        overrides[key] = value
-    base = ModelConfig()
-    fields = {f.name: f for f in dataclasses.fields(base)}
-    parsed = {}
-    for key, value in overrides.items():
+            raise UsageError(f"bard {command}: --set expects FIELD=VALUE, got {item!r}")
         if key not in fields:
-            raise UsageError(f"bard tiny-model: unknown model field {key!r}; valid: {', '.join(fields)}")
+            raise UsageError(f"bard {command}: unknown model field {key!r}; valid: {', '.join(sorted(fields))}")
         current = getattr(base, key)
         try:
             parsed[key] = tuple(json.loads(value)) if isinstance(current, tuple) else type(current)(value)
         except (ValueError, TypeError) as exc:
-            raise UsageError(f"bard tiny-model: {key}={value!r}: {exc}") from None
+            raise UsageError(f"bard {command}: {key}={value!r}: {exc}") from None
     try:
-        cfg = dataclasses.replace(base, **parsed)
+        return dataclasses.replace(base, **parsed)
     except ValueError as exc:
-        raise UsageError(f"bard tiny-model: {exc}") from None
-    out = save_tiny_model(args.out, cfg)
+        raise UsageError(f"bard {command}: {exc}") from None
+
+
+def cmd_pretrain_tiny(args) -> int:
+    from bard_core.config import ModelConfig
+    from bard_core.pretrain import pretrain_tiny
+
+    if args.minutes <= 0:
+        raise UsageError(f"bard pretrain-tiny: --minutes must be positive (got {args.minutes})")
+    cfg = _model_config(ModelConfig(), args.set, "pretrain-tiny")
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    scores = pretrain_tiny(args.out, args.minutes, cfg, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                           eval_every=args.eval_every, eval_per_family=args.eval_per_family, resume=args.resume,
+                           log=log)
+    out = Path(args.out)
     info = json.loads((out / "bard_model.json").read_text())
-    payload = {"out": str(out.resolve()), **info}
-    _emit(payload, args.json, [f"tiny Qwen3-VL written to {payload['out']} ({info['parameters']:,} parameters)"])
+    payload = {"out": str(out.resolve()), "curve": str(out.with_name(out.name + ".curve.json").resolve()),
+               "scores": scores, "steps": info["steps"], "meets_targets": info["meets_targets"]}
+    _emit(payload, args.json, [f"AR base written to {payload['out']} after {info['steps']} steps",
+                               f"  scores: {json.dumps(scores)}", f"  meets targets: {info['meets_targets']}",
+                               f"  learning curve: {payload['curve']}"])
     return 0
 
 
@@ -118,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ModelConfig field")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tiny_model)
+    p = sub.add_parser("pretrain-tiny", help="next-token SFT of the tiny model on the shapes world (the AR base)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
+    p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--eval-every", type=float, default=300.0, help="seconds between evaluations/checkpoints")
+    p.add_argument("--eval-per-family", type=int, default=40)
+    p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ModelConfig field")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_pretrain_tiny)
     return parser
 
 

@@ -1,0 +1,330 @@
+"""Decoding engine: block-diffusion decoding and the AR baseline, batched, on one KV cache (METHOD.md §6).
+
+``generate(model, prompts, cfg, ids)`` decodes a batch of prompts block by block:
+
+1. The prompt is prefilled (causal) into the cache; the first denoising forward of block 0 rides
+   along (``[prompt ‖ B masks]`` in one forward; the masks' K/V are then dropped).
+2. Each denoising forward reads the cache and never keeps what it writes: the cache is truncated
+   back to the committed length afterwards. Per masked position: argmax and its fp32 probability
+   (the mask token's logit is −inf). *dynamic*: accept every masked position above ``threshold``,
+   at least the most confident one; *static*: accept the ``tokens_per_step`` most confident.
+   *Correction*: a visible, not yet committed token whose argmax differs with probability above
+   ``edit_threshold`` is replaced, at most ``max_edits_per_position`` times per position.
+3. A full block is committed — its K/V kept — fused with the next block's first denoising forward
+   (``[block b ‖ B masks]``: one forward instead of two; ``fuse=False`` commits separately).
+4. A row stops after the block holding its first ``<|im_end|>``; finished rows leave the batch
+   (and the cache) while the others continue.
+
+``ar_generate_cached`` is the AR baseline in the same engine: same prefill, cache, batching and
+stop rule, one token per forward. Tokens are counted up to and including the first EOS; NFE
+counts every forward a row took part in (the prefill included, for both engines).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from bard_core.config import DecodeConfig
+from bard_core.inputs import EncodedSample
+from bard_core.layout import rope_positions
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    mask: int
+    eos: int
+    pad: int
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]  # up to and including the first EOS (or max_new_tokens)
+    tokens: int
+    nfe: int
+    seconds: float
+    edits: int = 0
+    steps_per_block: list[int] = field(default_factory=list)
+
+    @property
+    def tpf(self) -> float:
+        return self.tokens / max(1, self.nfe)
+
+
+def _truncate(cache, length: int) -> None:
+    """Drop cached K/V beyond `length` (denoising forwards never keep what they wrote)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+class _Rows:
+    """Left-padded prompt batch: ids, M-RoPE positions, which cache slots are real, next text position."""
+
+    def __init__(self, model, prompts: list[EncodedSample], pad_id: int):
+        lengths = [p.prompt_ids.numel() for p in prompts]
+        L = max(lengths)
+        n = len(prompts)
+        self.ids = torch.full((n, L), pad_id, dtype=torch.long)
+        self.types = torch.zeros(n, L, dtype=torch.long)
+        self.positions = torch.zeros(3, n, L, dtype=torch.long)
+        self.valid = torch.zeros(n, L, dtype=torch.bool)
+        self.next_pos = torch.zeros(n, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            pos = rope_positions(model, p.prompt_ids, p.prompt_mm_types, p.image_grid_thw)
+            s = L - lengths[i]
+            self.ids[i, s:], self.types[i, s:], self.positions[:, i, s:] = p.prompt_ids, p.prompt_mm_types, pos
+            self.valid[i, s:] = True
+            self.next_pos[i] = int(pos.max()) + 1
+        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
+        grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
+        self.pixel_values = torch.cat(pixels) if pixels else None
+        self.image_grid_thw = torch.cat(grids) if grids else None
+
+
+def _prompt_rows_mask(valid: torch.Tensor) -> torch.Tensor:
+    """[N, L, L] causal over real prompt tokens; a left-pad row sees only itself."""
+    L = valid.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    mask = causal[None] & valid[:, None, :] & valid[:, :, None]
+    return mask | (torch.eye(L, dtype=torch.bool)[None] & ~valid[:, :, None])
+
+
+def _forward(model, cache, ids, positions, cache_valid, new_mask, device, pixel_values=None, image_grid_thw=None,
+             mm_types=None):
+    """One forward of `ids` [N, q] on top of `cache`; `new_mask` [N, q, q] is the mask among the new tokens."""
+    n, q = ids.shape
+    past = cache_valid[:, None, :].expand(n, q, cache_valid.shape[1])
+    mask = torch.cat([past, new_mask], dim=2)[:, None]
+    out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                      cache=cache, use_cache=cache is not None, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                      mm_token_type_ids=(mm_types if mm_types is not None else torch.zeros_like(ids)).to(device))
+    return out.last_hidden_state
+
+
+def _text_positions(start: torch.Tensor, q: int) -> torch.Tensor:
+    pos = start[:, None] + torch.arange(q)[None, :]
+    return pos[None].expand(3, -1, -1).clone()
+
+
+def _pick(logits: torch.Tensor, cfg: DecodeConfig, mask_id: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and its fp32 probability per position; the mask token is never proposed."""
+    logits = logits.float()
+    logits[..., mask_id] = float("-inf")
+    if cfg.temperature == 0:
+        probs = torch.softmax(logits, dim=-1)
+        conf, token = probs.max(dim=-1)
+        return token, conf
+    probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if cfg.top_p < 1:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    flat = probs.reshape(-1, probs.shape[-1])
+    token = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+    return token, probs.gather(-1, token[..., None])[..., 0]
+
+
+@dataclass
+class _Context:
+    """Tokens that must precede the current block in the next forward but are not in the cache:
+    the prompt before the first forward, a finished block awaiting its (fused) commit, or — without
+    a cache — everything committed so far. ``mask`` [N, C, C] is their mask among themselves."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    types: torch.Tensor
+    valid: torch.Tensor
+    mask: torch.Tensor
+
+    def select(self, keep: torch.Tensor) -> _Context:
+        return _Context(self.ids[keep], self.positions[:, keep], self.types[keep], self.valid[keep], self.mask[keep])
+
+    def then(self, block: torch.Tensor, positions: torch.Tensor) -> _Context:
+        """This context followed by a committed block (block rows: all valid context + their own block)."""
+        m, c, B = self.ids.shape[0], self.ids.shape[1], block.shape[1]
+        top = torch.cat([self.mask, torch.zeros(m, c, B, dtype=torch.bool)], dim=2)
+        bottom = torch.cat([self.valid[:, None, :].expand(m, B, c), torch.ones(m, B, B, dtype=torch.bool)], dim=2)
+        return _Context(torch.cat([self.ids, block], 1), torch.cat([self.positions, positions], 2),
+                        torch.cat([self.types, torch.zeros_like(block)], 1),
+                        torch.cat([self.valid, torch.ones_like(block, dtype=torch.bool)], 1), torch.cat([top, bottom], 1))
+
+    @staticmethod
+    def block(block: torch.Tensor, positions: torch.Tensor) -> _Context:
+        m, B = block.shape
+        return _Context(block, positions, torch.zeros_like(block), torch.ones(m, B, dtype=torch.bool),
+                        torch.ones(m, B, B, dtype=torch.bool))
+
+
+def _accept(conf, masked, cfg: DecodeConfig, last_step: bool) -> torch.Tensor:
+    """Which masked positions take their proposal this step (dynamic threshold or static count)."""
+    ranked_conf = torch.where(masked, conf, torch.full_like(conf, -1.0))
+    if last_step:  # safety: never leave masks behind
+        return masked.clone()
+    if cfg.mode == "dynamic":
+        accept = masked & (conf > cfg.threshold)
+        rows = torch.arange(conf.shape[0])
+        best = ranked_conf.argmax(dim=1)
+        accept[rows, best] |= masked[rows, best]  # at least the most confident one
+        return accept
+    ranked = ranked_conf.topk(min(cfg.tokens_per_step, conf.shape[1]), dim=1).indices
+    return torch.zeros_like(masked).scatter(1, ranked, True) & masked
+
+
+@torch.no_grad()
+def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenIds, *, use_cache: bool = True,
+             fuse: bool = True, generator: torch.Generator | None = None) -> list[Generation]:
+    """Block-diffusion decoding of a batch of prompts (see module docstring)."""
+    from transformers import DynamicCache
+
+    model.eval()
+    device = next(model.parameters()).device
+    B = cfg.block_size
+    max_steps = cfg.max_steps_per_block or B
+    rows = _Rows(model, prompts, ids.pad)
+    n = len(prompts)
+    out = [Generation([], 0, 0, 0.0) for _ in range(n)]
+    active = torch.arange(n)  # original index of each live row
+    cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
+    kept_valid = torch.zeros(n, 0, dtype=torch.bool)  # which cache slots are real tokens (not left padding)
+    ctx: _Context | None = _Context(rows.ids, rows.positions, rows.types, rows.valid, _prompt_rows_mask(rows.valid))
+    pixels, grids = rows.pixel_values, rows.image_grid_thw  # ride along while the prompt is in `ctx`
+    next_pos = rows.next_pos.clone()
+    start = time.perf_counter()
+
+    for _ in range(-(-cfg.max_new_tokens // B)):
+        m = active.numel()
+        block = torch.full((m, B), ids.mask, dtype=torch.long)
+        visible = torch.zeros(m, B, dtype=torch.bool)
+        edits = torch.zeros(m, B, dtype=torch.long)
+        steps = torch.zeros(m, dtype=torch.long)
+        block_pos = _text_positions(next_pos, B)
+        for step in range(max_steps):
+            decoding = ~visible.all(dim=1)
+            if not decoding.any():
+                break
+            if ctx is not None:  # [context ‖ block] in one forward; only the context's K/V are kept
+                c = ctx.ids.shape[1]
+                new = ctx.then(block, block_pos)
+                h = _forward(model, cache, new.ids, new.positions, kept_valid, new.mask, device, pixels, grids,
+                             new.types)[:, c:]
+                if use_cache:
+                    kept_valid = torch.cat([kept_valid, ctx.valid], dim=1)
+                    ctx, pixels, grids = None, None, None
+            else:  # a pure denoising forward: reads the cache, keeps nothing
+                h = _forward(model, cache, block, block_pos, kept_valid, torch.ones(m, B, B, dtype=torch.bool), device)
+            if use_cache:
+                _truncate(cache, kept_valid.shape[1])
+            token, conf = (t.cpu() for t in _pick(model.lm_head(h), cfg, ids.mask, generator))
+            for i in torch.nonzero(decoding).flatten().tolist():
+                out[int(active[i])].nfe += 1
+                steps[i] += 1
+            masked = ~visible & decoding[:, None]
+            accept = _accept(conf, masked, cfg, last_step=step == max_steps - 1)
+            edit = (visible & decoding[:, None] & (token != block) & (conf > cfg.edit_threshold)
+                    & (edits < cfg.max_edits_per_position))
+            block = torch.where(accept | edit, token, block)
+            edits += edit.long()
+            visible |= accept
+
+        now = time.perf_counter() - start
+        finished = torch.zeros(m, dtype=torch.bool)
+        for i in range(m):
+            g = out[int(active[i])]
+            g.steps_per_block.append(int(steps[i]))
+            g.edits += int(edits[i].sum())
+            g.token_ids += block[i].tolist()
+            if ids.eos in block[i].tolist() or len(g.token_ids) >= cfg.max_new_tokens:
+                finished[i], g.seconds = True, now
+        keep = torch.nonzero(~finished).flatten()
+        if keep.numel() == 0:
+            break
+        if keep.numel() < m:  # finished rows leave the batch and the cache
+            if use_cache:
+                cache.batch_select_indices(keep.to(device))
+            kept_valid, block, block_pos = kept_valid[keep], block[keep], block_pos[:, keep]
+            active, next_pos = active[keep], next_pos[keep]
+            if ctx is not None:
+                ctx = ctx.select(keep)
+                pixels, grids = _select_images(prompts, active)
+        if not use_cache:
+            ctx = ctx.then(block, block_pos)
+        elif fuse:
+            ctx = _Context.block(block, block_pos)  # committed by the next forward
+        else:  # commit now, in a forward of its own
+            committed = _Context.block(block, block_pos)
+            _forward(model, cache, committed.ids, committed.positions, kept_valid, committed.mask, device)
+            kept_valid = torch.cat([kept_valid, committed.valid], dim=1)
+            for i in active.tolist():
+                out[i].nfe += 1
+        next_pos = next_pos + B
+
+    for g in out:
+        g.token_ids, g.tokens = _to_first_eos(g.token_ids, ids.eos, cfg.max_new_tokens)
+        if g.seconds == 0.0:
+            g.seconds = time.perf_counter() - start
+    return out
+
+
+def _select_images(prompts: list[EncodedSample], rows: torch.Tensor):
+    pixels = [prompts[int(i)].pixel_values for i in rows if prompts[int(i)].pixel_values is not None]
+    grids = [prompts[int(i)].image_grid_thw for i in rows if prompts[int(i)].image_grid_thw is not None]
+    return (torch.cat(pixels) if pixels else None), (torch.cat(grids) if grids else None)
+
+
+def _to_first_eos(token_ids: list[int], eos: int, limit: int) -> tuple[list[int], int]:
+    if eos in token_ids:
+        token_ids = token_ids[: token_ids.index(eos) + 1]
+    token_ids = token_ids[:limit]
+    return token_ids, len(token_ids)
+
+
+@torch.no_grad()
+def ar_generate_cached(model, prompts: list[EncodedSample], max_new_tokens: int, ids: TokenIds) -> list[Generation]:
+    """The AR baseline: greedy next-token decoding with a KV cache, one token per forward."""
+    from transformers import DynamicCache
+
+    model.eval()
+    device = next(model.parameters()).device
+    rows = _Rows(model, prompts, ids.pad)
+    n = len(prompts)
+    out = [Generation([], 0, 0, 0.0) for _ in range(n)]
+    cache = DynamicCache(config=model.config.get_text_config())
+    start = time.perf_counter()
+    h = _forward(model, cache, rows.ids, rows.positions, torch.zeros(n, 0, dtype=torch.bool),
+                 _prompt_rows_mask(rows.valid), device, rows.pixel_values, rows.image_grid_thw, rows.types)
+    kept_valid = rows.valid.clone()
+    active, next_pos = torch.arange(n), rows.next_pos.clone()
+    last = h[:, -1]
+    while True:
+        logits = model.lm_head(last).float()
+        logits[:, ids.mask] = float("-inf")
+        token = logits.argmax(dim=-1).cpu()
+        for i, t in enumerate(token.tolist()):
+            g = out[int(active[i])]
+            g.token_ids.append(t)
+            g.nfe += 1
+        done = torch.tensor([t == ids.eos or len(out[int(active[i])].token_ids) >= max_new_tokens
+                             for i, t in enumerate(token.tolist())])
+        now = time.perf_counter() - start
+        for i in torch.nonzero(done).flatten().tolist():
+            out[int(active[i])].seconds = now
+        keep = torch.nonzero(~done).flatten()
+        if keep.numel() == 0:
+            break
+        if keep.numel() < active.numel():
+            cache.batch_select_indices(keep.to(device))
+            kept_valid, token, next_pos, active = kept_valid[keep], token[keep], next_pos[keep], active[keep]
+        m = active.numel()
+        h = _forward(model, cache, token[:, None], _text_positions(next_pos, 1), kept_valid,
+                     torch.ones(m, 1, 1, dtype=torch.bool), device)
+        kept_valid = torch.cat([kept_valid, torch.ones(m, 1, dtype=torch.bool)], dim=1)
+        next_pos = next_pos + 1
+        last = h[:, -1]
+    for g in out:
+        g.token_ids, g.tokens = _to_first_eos(g.token_ids, ids.eos, max_new_tokens)
+    return out

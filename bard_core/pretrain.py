@@ -1,0 +1,158 @@
+"""Pre-training the tiny AR base on the shapes world (next-token SFT), with a per-family learning curve.
+
+The world generator supplies fresh conversations (a pool refreshed as training goes, so the model
+never memorises scenes); every `eval_every` seconds the model answers a fixed held-out set per
+question family greedily and is scored with the benchmarks' own metrics. Checkpoints are HF
+directories written atomically (temp dir, then rename) with ``bard_model.json`` describing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from bard_core.ar import ar_generate
+from bard_core.config import ModelConfig, TrainConfig
+from bard_core.inputs import encode_sample
+from bard_core.layout import ar_batch
+from bard_core.shapes import metrics, world
+from bard_core.shapes.data import conversations
+from bard_core.train import build_optimizer, train_step
+
+FAMILY_SCORES = {  # family -> (metric function, metric name): the benchmark metric of that family
+    "colour": (metrics.process_exact, "exact_match"),
+    "shape": (metrics.process_exact, "exact_match"),
+    "count": (metrics.process_count, "relaxed_accuracy"),
+    "yesno": (metrics.process_yesno, "acc"),
+    "mcq": (metrics.process_mcq, "exact_match"),
+    "ocr": (metrics.process_exact, "exact_match"),
+    "extract": (metrics.process_extract, "field_f1"),
+}
+TARGETS = {"short": 0.95, "extract_f1": 0.90, "extract_em": 0.60}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def eval_set(seed: int, per_family: int) -> list[tuple[str, dict, str]]:
+    """(family, sample, answer) triples, `per_family` of each family, from their own seed."""
+    items = []
+    for family in FAMILY_SCORES:
+        for sample in conversations(per_family, seed=seed * 1000 + len(family), families=[family]):
+            answer = sample["messages"][-1]["content"][0]["text"]
+            items.append((family, sample, answer))
+    return items
+
+
+def score_families(model, processor, items, max_new_tokens: int = 96) -> dict[str, float]:
+    """Greedy AR answers scored per family; extract reports field F1 and exact match."""
+    predictions = ar_generate(model, processor, [s for _, s, _ in items], max_new_tokens=max_new_tokens)
+    totals: dict[str, list[float]] = {}
+    for (family, _, answer), prediction in zip(items, predictions):
+        fn, name = FAMILY_SCORES[family]
+        result = fn({"answer": answer, "image_id": "x"}, [prediction])
+        totals.setdefault(family, []).append(float(result[name]))
+        if family == "extract":
+            totals.setdefault("extract_em", []).append(float(result["exact_match"]))
+    return {k: sum(v) / len(v) for k, v in totals.items()}
+
+
+def meets_targets(scores: dict[str, float]) -> bool:
+    short = [scores[f] for f in FAMILY_SCORES if f != "extract"]
+    return (min(short) >= TARGETS["short"] and scores["extract"] >= TARGETS["extract_f1"]
+            and scores["extract_em"] >= TARGETS["extract_em"])
+
+
+def save_checkpoint(model, processor, out: Path, info: dict) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    (tmp / "bard_model.json").write_text(json.dumps(info, indent=1, sort_keys=True))
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = None, *, seed: int = 0,
+                  batch_size: int = 32, lr: float = 2e-3, warmup_steps: int = 100, eval_every: float = 120.0,
+                  eval_per_family: int = 40, pool_size: int = 4096, resume: bool = False, log=print) -> dict:
+    """Train for `minutes` of wall time; returns the final scores. `resume` continues from `out`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bard_core.tiny import build_model, build_processor
+
+    out = Path(out)
+    curve_path = out.with_name(out.name + ".curve.json")
+    state = {"steps": 0, "seconds": 0.0, "curve": []}
+    if resume and (out / "bard_model.json").exists():
+        processor = AutoProcessor.from_pretrained(out)
+        model = AutoModelForImageTextToText.from_pretrained(out)
+        info = json.loads((out / "bard_model.json").read_text())
+        state["steps"], state["seconds"] = info["steps"], info["train_seconds"]
+        if curve_path.exists():
+            state["curve"] = json.loads(curve_path.read_text())
+        cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["model_config"].items()})
+    else:
+        cfg = cfg or ModelConfig()
+        processor = build_processor(cfg)
+        model = build_model(cfg, processor.tokenizer)
+    torch.manual_seed(seed + state["steps"])
+    train_cfg = TrainConfig(lr=lr, vision_lr=lr, warmup_steps=warmup_steps, batch_size=batch_size)
+    optimizer = build_optimizer(model, train_cfg)
+    peak_lrs = [group["lr"] for group in optimizer.param_groups]
+    pad_id = processor.tokenizer.pad_token_id
+    items = eval_set(seed=10_000 + seed, per_family=eval_per_family)
+    rng = random.Random(seed * 7 + state["steps"])
+
+    def fresh_pool(k: int) -> list:
+        return [encode_sample(s, processor, 512) for s in conversations(pool_size, seed=seed * 100_003 + k)]
+
+    pool = fresh_pool(state["steps"])
+    started, last_eval, losses = time.monotonic(), time.monotonic(), []
+    scores: dict[str, float] = {}
+    while True:
+        elapsed = time.monotonic() - started
+        done = elapsed >= minutes * 60
+        if done or time.monotonic() - last_eval >= eval_every:
+            scores = score_families(model, processor, items)
+            point = {"step": state["steps"], "seconds": round(state["seconds"] + elapsed, 1),
+                     "loss": sum(losses) / len(losses) if losses else None, **scores}
+            state["curve"].append(point)
+            log(json.dumps(point))
+            losses, last_eval = [], time.monotonic()
+            info = {"family": "tiny", "world_version": world.WORLD_VERSION,
+                    "tokenizer_fingerprint": tokenizer_fingerprint(processor.tokenizer),
+                    "mask_token": processor.tokenizer.mask_token,
+                    "mask_token_id": processor.tokenizer.mask_token_id, "objective": "ar",
+                    "steps": state["steps"], "train_seconds": round(state["seconds"] + elapsed, 1),
+                    "scores": scores, "meets_targets": meets_targets(scores),
+                    "parameters": sum(p.numel() for p in model.parameters()),
+                    "model_config": json.loads(json.dumps(cfg.__dict__))}
+            save_checkpoint(model, processor, out, info)
+            curve_path.write_text(json.dumps(state["curve"], indent=1))
+            if done:
+                return scores
+        # warm-up by steps, then cosine over the wall-clock budget (the budget is time, not steps)
+        factor = min(1.0, (state["steps"] + 1) / warmup_steps) if not resume else 1.0
+        factor *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / (minutes * 60))))
+        for group, peak in zip(optimizer.param_groups, peak_lrs):
+            group["lr"] = peak * factor
+        batch = ar_batch(rng.sample(pool, batch_size), pad_id)
+        metrics_ = train_step(model, batch, optimizer, train_cfg)
+        losses.append(metrics_["loss"])
+        state["steps"] += 1
+        if state["steps"] % 500 == 0:  # fresh scenes: the model never sees one pool for long
+            pool = fresh_pool(state["steps"])

@@ -1,0 +1,169 @@
+"""The decoding engine, on a scripted fake model and on the real tiny Qwen3-VL."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bard_core.config import DecodeConfig
+from bard_core.decode import TokenIds, ar_generate_cached, generate
+from tests.fakes import EOS, MASK, PAD, VOCAB, FakeVLM, Script, prompt
+
+IDS = TokenIds(mask=MASK, eos=EOS, pad=PAD)
+
+
+def run(scripts: dict[int, Script], lengths: dict[int, int], cfg: DecodeConfig, **kwargs):
+    model = FakeVLM(scripts, lengths)
+    out = generate(model, [prompt(r, lengths[r]) for r in scripts], cfg, IDS, **kwargs)
+    return model, out
+
+
+def test_all_masks_filled_and_answer_read_back():
+    answer = list(range(30, 43)) + [EOS]
+    model, (g,) = run({10: Script(answer)}, {10: 5}, DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=32))
+    assert g.token_ids == answer and g.tokens == len(answer)
+    assert MASK not in g.token_ids
+
+
+def test_never_unmasks_a_future_block():
+    B = 4
+    model, (g,) = run({10: Script(list(range(30, 45)) + [EOS], confidence=0.5)}, {10: 5},
+                      DecodeConfig(block_size=B, threshold=0.9, max_new_tokens=32))
+    for call in model.calls:
+        masked = call.input_ids[0] == MASK
+        if masked.any():
+            blocks = ((call.positions[0][masked] - 5) // B).unique()
+            assert blocks.numel() == 1  # masks of one block per forward
+            # everything before that block is already decided (no masks in the context)
+            assert not (call.positions[0][~masked] - 5 >= (blocks.item() + 1) * B).any()
+
+
+def test_denoising_forwards_never_grow_the_cache():
+    model, _ = run({10: Script(list(range(30, 45)) + [EOS], confidence=0.5)}, {10: 5},
+                   DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=32))
+    lengths = [c.cache_len for c in model.calls]
+    # the cache only grows by prompt (first call) and by committed blocks, never by a denoising pass
+    assert lengths == sorted(lengths)
+    grown = {b - a for a, b in zip(lengths, lengths[1:]) if b != a}
+    assert grown <= {5, 4}  # the prompt, then one block of 4 at a time
+
+
+def test_static_mode_with_one_token_per_step_fills_one_position_per_forward():
+    answer = list(range(30, 38))
+    cfg = DecodeConfig(block_size=4, mode="static", tokens_per_step=1, max_new_tokens=8)
+    model, (g,) = run({10: Script(answer, confidence=0.999)}, {10: 3}, cfg)
+    assert g.steps_per_block == [4, 4] and g.nfe == 8 and g.tpf == 1.0
+    masks_seen = [int((c.input_ids[0] == MASK).sum()) for c in model.calls]
+    assert masks_seen == [4, 3, 2, 1, 4, 3, 2, 1]
+
+
+def test_dynamic_mode_accepts_every_confident_position_at_once():
+    cfg = DecodeConfig(block_size=8, threshold=0.9, max_new_tokens=16)
+    _, (g,) = run({10: Script(list(range(30, 45)) + [EOS], confidence=0.99)}, {10: 3}, cfg)
+    assert g.steps_per_block == [1, 1] and g.nfe == 2 and g.tpf == 8.0
+
+
+def test_low_confidence_still_makes_progress_one_token_per_step():
+    cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=4)
+    _, (g,) = run({10: Script([30, 31, 32, 33], confidence=0.3)}, {10: 3}, cfg)
+    assert g.steps_per_block == [4] and g.token_ids == [30, 31, 32, 33]
+
+
+def test_stops_at_eos_per_sample_while_others_continue():
+    short = Script([30, EOS])
+    long = Script(list(range(30, 50)) + [EOS])
+    cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=32)
+    model, (a, b) = run({10: short, 11: long}, {10: 3, 11: 6}, cfg)
+    assert a.token_ids == [30, EOS] and a.tokens == 2
+    assert b.token_ids == list(range(30, 50)) + [EOS]
+    assert a.nfe == 1 and b.nfe == 6  # the short row left the batch after its first block
+    assert max(c.input_ids.shape[0] for c in model.calls[1:]) == 1
+
+
+def test_tpf_counts_tokens_only_up_to_the_first_eos():
+    cfg = DecodeConfig(block_size=8, threshold=0.9, max_new_tokens=16)
+    _, (g,) = run({10: Script([30, 31, EOS, 40, 41, 42, 43, 44])}, {10: 3}, cfg)
+    assert g.token_ids == [30, 31, EOS] and g.tokens == 3 and g.nfe == 1 and g.tpf == 3.0
+
+
+def test_correction_replaces_a_planted_wrong_token_and_never_loops():
+    wrong, right = 55, 31
+    answer = [30, right, 32, 33]
+    # position 1: first asked it proposes a wrong token confidently; later it is sure of the right one
+    revisions = {1: [(wrong, 0.95), (right, 0.999)], 2: [(32, 0.5)], 3: [(33, 0.5)]}
+    cfg = DecodeConfig(block_size=4, threshold=0.9, edit_threshold=0.99, max_new_tokens=4)
+    _, (g,) = run({10: Script(answer, revisions=revisions)}, {10: 3}, cfg)
+    assert g.token_ids == answer and g.edits == 1
+    # a model that flips between two tokens forever: edits are bounded, decoding ends
+    flip = {0: [(40, 0.95), (41, 0.999), (40, 0.999), (41, 0.999)] * 10, 1: [(32, 0.2)], 2: [(33, 0.2)], 3: [(34, 0.2)]}
+    cfg = DecodeConfig(block_size=4, threshold=0.9, edit_threshold=0.99, max_edits_per_position=1, max_new_tokens=4)
+    _, (g,) = run({10: Script([0, 0, 0, 0], revisions=flip)}, {10: 3}, cfg)
+    assert g.edits == 1 and g.token_ids[0] == 41
+
+
+def test_the_mask_token_is_never_emitted():
+    cfg = DecodeConfig(block_size=4, threshold=0.5, max_new_tokens=4)
+    _, (g,) = run({10: Script([MASK, MASK, 31, EOS], confidence=0.99)}, {10: 3}, cfg)
+    assert MASK not in g.token_ids
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fused_commit_equals_separate_commit_on_the_fake(fuse):
+    answer = list(range(30, 45)) + [EOS]
+    cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=32)
+    _, (g,) = run({10: Script(answer, confidence=0.6)}, {10: 5}, cfg, fuse=fuse)
+    assert g.token_ids == answer
+
+
+def test_temperature_sampling_follows_the_generator():
+    cfg = DecodeConfig(block_size=4, threshold=0.0, temperature=1.0, top_p=0.9, max_new_tokens=8)
+    outs = []
+    for seed in (0, 0, 1):
+        _, (g,) = run({10: Script(list(range(30, 38)), confidence=0.5)}, {10: 3}, cfg,
+                      generator=torch.Generator().manual_seed(seed))
+        outs.append(g.token_ids)
+    assert outs[0] == outs[1] and all(0 <= t < VOCAB and t != MASK for t in outs[2])
+
+
+# --- the real tiny Qwen3-VL ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def real(tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from bard_core.inputs import encode_sample
+    from bard_core.shapes.data import conversations
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    tok = processor.tokenizer
+    ids = TokenIds(mask=tok.mask_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+    samples = conversations(4, seed=5, families=["extract", "colour", "count", "mcq"])
+    prompts = []
+    for s in samples:
+        enc = encode_sample(s, processor, 512)
+        enc.response_ids = enc.response_ids[:0]
+        prompts.append(enc)
+    return model, processor, ids, samples, prompts
+
+
+def test_cached_equals_uncached_fused_equals_separate_batch_equals_single(real):
+    model, _, ids, _, prompts = real
+    cfg = DecodeConfig(block_size=8, threshold=0.3, max_new_tokens=24)
+    base = generate(model, prompts, cfg, ids)
+    for variant in (generate(model, prompts, cfg, ids, use_cache=False), generate(model, prompts, cfg, ids, fuse=False),
+                    [generate(model, [p], cfg, ids)[0] for p in prompts]):
+        assert [g.token_ids for g in variant] == [g.token_ids for g in base]
+    unfused = generate(model, prompts, cfg, ids, fuse=False)
+    assert all(u.nfe > b.nfe for u, b in zip(unfused, base))  # fusion saves the commit forwards
+
+
+def test_ar_baseline_matches_transformers_generate(real):
+    from bard_core.ar import ar_generate
+
+    model, processor, ids, samples, prompts = real
+    ours = ar_generate_cached(model, prompts, 20, ids)
+    theirs = ar_generate(model, processor, samples, max_new_tokens=20)
+    for g, text in zip(ours, theirs):
+        assert processor.tokenizer.decode(g.token_ids, skip_special_tokens=True) == text
+        assert g.nfe == g.tokens  # one token per forward
