@@ -62,19 +62,22 @@ class ModelConfig:
     # Tiny-family architecture (ignored when `base` is a pretrained checkpoint).
     vocab_size: int = 512
     hidden_size: int = 128
-    num_hidden_layers: int = 2
+    num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 32
     intermediate_size: int = 384
     mrope_section: tuple[int, int, int] = (6, 5, 5)
     vision_depth: int = 2
-    vision_hidden_size: int = 64
-    vision_num_heads: int = 2
-    vision_intermediate_size: int = 128
+    vision_hidden_size: int = 96
+    vision_num_heads: int = 3
+    vision_intermediate_size: int = 192
     patch_size: int = 16
     spatial_merge_size: int = 2
     deepstack_visual_indexes: tuple[int, ...] = ()
+    # Learned vision position table, side² entries. 36 = the 6×6 patch grid of a 96-px shapes image,
+    # so every patch gets its own row; other sizes are interpolated by the model.
+    vision_num_position_embeddings: int = 36
     pos_embed_std: float = 0.5
     max_position_embeddings: int = 4096
     seed: int = 0

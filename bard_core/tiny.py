@@ -78,7 +78,8 @@ def build_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen3V
         "depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden_size, "num_heads": cfg.vision_num_heads,
         "intermediate_size": cfg.vision_intermediate_size, "patch_size": cfg.patch_size,
         "spatial_merge_size": cfg.spatial_merge_size, "temporal_patch_size": 2,
-        "out_hidden_size": cfg.hidden_size, "num_position_embeddings": 256,
+        "out_hidden_size": cfg.hidden_size,
+        "num_position_embeddings": cfg.vision_num_position_embeddings,
         "deepstack_visual_indexes": list(cfg.deepstack_visual_indexes),
     }
     config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),

@@ -1,6 +1,6 @@
 """The shapes world: scenes, their rendering, and the question families asked about them.
 
-A scene is a ``GRID × GRID`` grid of cells named ``A1`` … ``C3`` (row letter, column number). Each
+A scene is a ``GRID × GRID`` grid of cells numbered ``1`` … ``9`` in reading order. Each
 cell is empty, holds a coloured shape centred in the cell, or holds a black digit. A cell is exactly
 ``CELL`` pixels, so with Qwen3-VL's 16-px patches merged 2×2 one visual token covers one cell.
 
@@ -23,14 +23,15 @@ from PIL import Image, ImageDraw, ImageFont
 GRID = 3
 CELL = 32
 IMAGE_SIZE = GRID * CELL
-ROWS = "ABC"[:GRID]
-CELL_NAMES = tuple(f"{r}{c + 1}" for r in ROWS for c in range(GRID))
+# Cells are numbered 1…9 in reading order: a cell name is one token, so a question names its cell in
+# one token the model can attend to (row-letter + column-digit names split into two pre-tokens).
+CELL_NAMES = tuple(str(k + 1) for k in range(GRID * GRID))
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 DIGITS = tuple(str(d) for d in range(10))
 BACKGROUND_LEVEL = 200  # mean grey of the background wash
 BACKGROUND_AMPLITUDE = 55
-WORLD_VERSION = "shapes-v1"  # bump whenever rendering, questions or answer formats change
+WORLD_VERSION = "shapes-v2"  # bump whenever rendering, questions or answer formats change
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,103 @@
+"""Decode-speed comparison: the AR baseline and block-diffusion decoding in the same engine, on a
+benchmark's items, side by side in one run. Accuracy uses the benchmark's own metric."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from bard_core.config import DecodeConfig
+from bard_core.decode import TokenIds, ar_generate_cached, generate
+from bard_core.inputs import EncodedSample, conversation, encode_sample
+from bard_core.shapes import metrics
+
+PRIMARY = {  # benchmark -> (process function, primary metric)
+    "shapes_mcq": (metrics.process_mcq, "exact_match"),
+    "shapes_yesno": (metrics.process_yesno, "acc"),
+    "shapes_count": (metrics.process_count, "relaxed_accuracy"),
+    "shapes_ocr": (metrics.process_exact, "exact_match"),
+    "shapes_extract": (metrics.process_extract, "field_f1"),
+}
+
+
+def load_items(benchmarks_dir: str | Path, name: str, limit: int | None = None) -> list[dict]:
+    """Rows of a shapes benchmark's test parquet (id, image_id, image bytes, question, answer)."""
+    if name not in PRIMARY:
+        raise ValueError(f"unknown benchmark {name!r}; valid: {', '.join(PRIMARY)}")
+    path = Path(benchmarks_dir) / name / "test.parquet"
+    if not path.exists():
+        raise ValueError(f"{path} not found: run `bard synth` first or pass the right --benchmarks-dir")
+    rows = pq.read_table(path).to_pylist()
+    return rows[:limit] if limit else rows
+
+
+def prompts_for(items: list[dict], processor, max_tokens: int = 4096) -> list[EncodedSample]:
+    prompts = []
+    for item in items:
+        enc = encode_sample(conversation(item["question"], "x", [item["image"]["bytes"]]), processor, max_tokens)
+        enc.response_ids = enc.response_ids[:0]
+        prompts.append(enc)
+    return prompts
+
+
+def score(name: str, items: list[dict], predictions: list[str]) -> dict[str, float]:
+    fn, primary = PRIMARY[name]
+    per_item = [fn(item, [p]) for item, p in zip(items, predictions)]
+    out = {}
+    for key in per_item[0]:
+        if key == "acc_plus":
+            out[key] = metrics.agg_acc_plus([r[key] for r in per_item])
+        else:
+            out[key] = sum(r[key] for r in per_item) / len(per_item)
+    out["accuracy"] = out[primary]
+    return out
+
+
+def token_ids(tokenizer) -> TokenIds:
+    return TokenIds(mask=tokenizer.mask_token_id, eos=tokenizer.eos_token_id,
+                    pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+@dataclass
+class Measured:
+    accuracy: dict[str, float]
+    tokens: int
+    nfe: int
+    seconds: float
+    edits: int
+
+    @property
+    def tpf(self) -> float:
+        return self.tokens / max(1, self.nfe)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / max(1e-9, self.seconds)
+
+
+def _decode_text(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def run_ar(model, processor, name: str, items: list[dict], prompts, max_new_tokens: int, batch_size: int) -> Measured:
+    ids = token_ids(processor.tokenizer)
+    gens, start = [], time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        gens += ar_generate_cached(model, prompts[i:i + batch_size], max_new_tokens, ids)
+    seconds = time.perf_counter() - start
+    texts = [_decode_text(processor.tokenizer, g.token_ids) for g in gens]
+    return Measured(score(name, items, texts), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds, 0)
+
+
+def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: DecodeConfig) -> Measured:
+    ids = token_ids(processor.tokenizer)
+    gens, start = [], time.perf_counter()
+    for i in range(0, len(prompts), cfg.batch_size):
+        gens += generate(model, prompts[i:i + cfg.batch_size], cfg, ids)
+    seconds = time.perf_counter() - start
+    texts = [_decode_text(processor.tokenizer, g.token_ids) for g in gens]
+    return Measured(score(name, items, texts), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds,
+                    sum(g.edits for g in gens))

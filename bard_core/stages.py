@@ -1,0 +1,139 @@
+"""Stage training in plain PyTorch (METHOD.md §5): merge at block size B, then distil from the last
+promoted checkpoint. The Ray Train task wraps `train_phase`; `progressive_local` chains the stages
+on one process (benchmarks, and the fallback when no Ray is wanted).
+
+A checkpoint is an HF directory plus ``bard.json``: block size, parent, phase, steps, metrics,
+label shift and prompt mask (what decoding must match).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bard_core.config import NoiseConfig, TrainConfig
+from bard_core.inputs import EncodedSample
+from bard_core.layout import NoiseSpec, noise_spec_for, pack
+from bard_core.train import Teacher, build_optimizer, build_scheduler, train_step
+
+
+def batches(pool: list[EncodedSample], model, block_size: int, spec: NoiseSpec, cfg: TrainConfig,
+            seed: int) -> Iterator:
+    """Endless packed batches drawn from `pool` (shuffled epochs, fresh noise every time)."""
+    rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < cfg.batch_size:
+            order = list(range(len(pool)))
+            rng.shuffle(order)
+        chosen, order = order[: cfg.batch_size], order[cfg.batch_size:]
+        yield pack([pool[i] for i in chosen], model, block_size, spec, prompt_mask=cfg.prompt_mask,
+                   label_shift=cfg.label_shift, pad_loss_weight=cfg.pad_loss_weight, generator=generator)
+
+
+def train_phase(model, batch_iter: Iterator, steps: int, cfg: TrainConfig, *, lr: float, min_ratio: float,
+                warmup: int, teacher: Teacher | None = None, on_step: Callable[[int, dict], None] | None = None,
+                start_step: int = 0, optimizer=None, scheduler=None) -> dict:
+    """Run `steps` optimisation steps; returns the mean metrics of the last 10% of steps."""
+    optimizer = optimizer or build_optimizer(model, cfg, lr)
+    scheduler = scheduler or build_scheduler(optimizer, steps, min(warmup, steps // 2), min_ratio)
+    tail: list[dict] = []
+    for step in range(start_step, steps):
+        metrics = train_step(model, next(batch_iter), optimizer, cfg, teacher=teacher, scheduler=scheduler)
+        tail = (tail + [metrics])[-max(1, steps // 10):]
+        if on_step is not None:
+            on_step(step + 1, metrics)
+    keys = {k for m in tail for k in m}
+    return {k: sum(m.get(k, 0.0) for m in tail) / len(tail) for k in keys}
+
+
+@dataclass
+class StageResult:
+    path: Path
+    block_size: int
+    metrics: dict
+    seconds: float
+
+
+def save_checkpoint(model, processor, out: Path, meta: dict) -> Path:
+    """Write an HF directory atomically (temp dir, then rename) with `bard.json`."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    (tmp / "bard.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load(path: str | Path):
+    """(model, processor, bard.json or {}) of a checkpoint directory."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import bard_core  # noqa: F401  (registers the processor)
+
+    path = Path(path)
+    meta_path = path / "bard.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path), meta
+
+
+def fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str | Path, cfg: TrainConfig,
+                      noise: NoiseConfig, *, log: Callable[[str], None] = print, seed: int = 0) -> list[StageResult]:
+    """B = cfg.block_sizes in order: merge (init = previous stage) then distil from the previous stage.
+
+    Stages whose checkpoint already exists with the same fingerprint are loaded, not retrained.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[StageResult] = []
+    parent, parent_block = Path(base), None
+    for B in cfg.block_sizes:
+        key = fingerprint(str(parent), B, cfg.merge_steps, cfg.distill_steps, cfg.lr, cfg.distill_lr,
+                          cfg.batch_size, noise.kind, noise.t_min, seed, len(pool))
+        target = out_dir / f"B{B}"
+        meta_path = target / "bard.json"
+        if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:
+            meta = json.loads(meta_path.read_text())
+            log(f"stage B={B}: cached at {target}")
+            results.append(StageResult(target, B, meta["metrics"], meta["seconds"]))
+            parent, parent_block = target, B
+            continue
+        started = time.monotonic()
+        model, processor, _ = load(parent)
+        spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min)
+        it = batches(pool, model, B, spec, cfg, seed + B)
+        metrics = {"merge": train_phase(model, it, cfg.merge_steps, cfg, lr=cfg.lr, min_ratio=cfg.min_lr_ratio,
+                                        warmup=cfg.warmup_steps)}
+        if parent_block is not None and cfg.distill_steps:
+            teacher_model, _, _ = load(parent)
+            for p in teacher_model.parameters():
+                p.requires_grad_(False)
+            metrics["distill"] = train_phase(model, it, cfg.distill_steps, cfg, lr=cfg.distill_lr,
+                                             min_ratio=cfg.distill_min_lr_ratio, warmup=cfg.warmup_steps,
+                                             teacher=Teacher(teacher_model, parent_block))
+        seconds = time.monotonic() - started
+        meta = {"block_size": B, "parent": str(parent), "teacher": str(parent) if parent_block else None,
+                "steps": {"merge": cfg.merge_steps, "distill": cfg.distill_steps if parent_block else 0},
+                "metrics": metrics, "seconds": round(seconds, 1), "fingerprint": key, "objective": "diffusion",
+                "label_shift": cfg.label_shift, "prompt_mask": cfg.prompt_mask, "noise": noise.kind}
+        save_checkpoint(model, processor, target, meta)
+        log(f"stage B={B}: {json.dumps(metrics)} in {seconds:.0f}s -> {target}")
+        results.append(StageResult(target, B, metrics, seconds))
+        parent, parent_block = target, B
+    return results

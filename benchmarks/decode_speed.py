@@ -1,0 +1,126 @@
+"""AR vs block-diffusion decoding in the same engine, on the long-answer benchmark (shapes_extract).
+
+Both decoders run the same batches of the same items on the same machine, one after the other, and
+report accuracy (the benchmark's metric), tokens to first EOS, forwards (NFE), tokens per forward
+(TPF), tokens/s and the speed-up over AR. Diffusion rows: every stage checkpoint (B = 4…32) at
+several thresholds τ.
+
+Checkpoints: `--ar-model` (default: the shipped tiny AR base) and `--stages DIR` holding B4 … B32.
+Without `--stages`, the block-diffusion checkpoints are trained here from the AR base with
+bard_core's own loop (progressive merging + stage-wise distillation), cached under
+`runs/decode_bench/` — the output says which checkpoints it measured.
+
+    python benchmarks/decode_speed.py [--limit 60] [--thresholds 0.5,0.7,0.9] [--batch-size 16]
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bard_core import bench, stages  # noqa: E402
+from bard_core.config import DecodeConfig, NoiseConfig, get_recipe  # noqa: E402
+
+
+def stage_checkpoints(args, log) -> dict[int, Path]:
+    if args.stages:
+        found = {int(p.name[1:]): p for p in Path(args.stages).glob("B*") if (p / "config.json").exists()}
+        if not found:
+            raise SystemExit(f"no B<size> checkpoints under {args.stages}")
+        return dict(sorted(found.items()))
+    from bard_core.inputs import encode_sample
+    from bard_core.shapes.data import conversations
+
+    _, processor, _ = stages.load(args.ar_model)
+    pool = [encode_sample(s, processor, 512) for s in conversations(args.train_pool, seed=123)]
+    recipe = get_recipe("tiny")
+    cfg = recipe.train
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, merge_steps=args.merge_steps, distill_steps=args.distill_steps)
+    results = stages.progressive_local(args.ar_model, pool, ROOT / "runs" / "decode_bench", cfg, NoiseConfig(),
+                                       log=log)
+    return {r.block_size: r.path for r in results}
+
+
+def main() -> None:
+    from bard_core.assets import shipped_base
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ar-model", default=None, help="AR checkpoint (default: the shipped tiny base)")
+    parser.add_argument("--stages", default=None, help="directory with B4..B32 block-diffusion checkpoints")
+    parser.add_argument("--benchmarks-dir", default=None, help="synth output's benchmarks/ (default: synthesised)")
+    parser.add_argument("--benchmark", default="shapes_extract")
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--thresholds", default="0.5,0.7,0.9,0.95")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--merge-steps", type=int, default=300)
+    parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--train-pool", type=int, default=4096)
+    args = parser.parse_args()
+    args.ar_model = args.ar_model or str(shipped_base())
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    bench_dir = args.benchmarks_dir
+    if bench_dir is None:
+        from bard_core.shapes.synth import synth
+
+        bench_dir = Path(tempfile.mkdtemp()) / "world"
+        synth(bench_dir, seed=99, size=20, bench_size=max(args.limit, 4))
+        bench_dir = bench_dir / "benchmarks"
+    items = bench.load_items(bench_dir, args.benchmark, args.limit)
+
+    checkpoints = stage_checkpoints(args, log)
+    ar_model, processor, _ = stages.load(args.ar_model)
+    prompts = bench.prompts_for(items, processor)
+    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size)
+    rows = []
+    for B, path in checkpoints.items():
+        model, _, _ = stages.load(path)
+        for tau in thresholds:
+            cfg = DecodeConfig(block_size=B, threshold=tau, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size)
+            d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg)
+            rows.append({"block_size": B, "threshold": tau, "checkpoint": str(path),
+                         "accuracy": d.accuracy["accuracy"], "scores": d.accuracy, "tokens": d.tokens, "nfe": d.nfe,
+                         "tpf": d.tpf, "tok_s": d.tok_s, "edits": d.edits, "speedup": d.tok_s / ar.tok_s})
+
+    print(f"decode speed — {args.benchmark}, {len(items)} items, batch {args.batch_size}, "
+          f"torch threads {torch.get_num_threads()}, AR model {args.ar_model}")
+    print(f"{'decoder':<10} {'B':>3} {'tau':>5} {'accuracy':>8} {'exact':>6} {'tokens':>7} {'NFE':>6} {'TPF':>5} "
+          f"{'tok/s':>7} {'speed-up':>8}")
+    print(f"{'AR':<10} {'-':>3} {'-':>5} {ar.accuracy['accuracy']:>8.3f} {ar.accuracy.get('exact_match', 0):>6.3f} "
+          f"{ar.tokens:>7} {ar.nfe:>6} {ar.tpf:>5.2f} {ar.tok_s:>7.1f} {1.0:>8.2f}")
+    for r in rows:
+        print(f"{'diffusion':<10} {r['block_size']:>3} {r['threshold']:>5.2f} {r['accuracy']:>8.3f} "
+              f"{r['scores'].get('exact_match', 0):>6.3f} {r['tokens']:>7} {r['nfe']:>6} {r['tpf']:>5.2f} "
+              f"{r['tok_s']:>7.1f} {r['speedup']:>8.2f}")
+    within = [r for r in rows if r["accuracy"] >= ar.accuracy["accuracy"] - 0.01]
+    best = max(within, key=lambda r: r["tok_s"]) if within else max(rows, key=lambda r: r["accuracy"])
+    print(f"fastest setting within 1 point of AR: B={best['block_size']} tau={best['threshold']} "
+          f"TPF={best['tpf']:.2f} speed-up={best['speedup']:.2f}x" if within else
+          "no setting within 1 point of AR; reporting the most accurate one")
+    print(json.dumps({
+        "benchmark": args.benchmark, "items": len(items), "within_1_point": bool(within),
+        "block_size": best["block_size"], "threshold": best["threshold"], "ar_accuracy": ar.accuracy["accuracy"],
+        "diffusion_accuracy": best["accuracy"], "tpf": best["tpf"], "ar_tok_s": ar.tok_s,
+        "diffusion_tok_s": best["tok_s"], "speedup": best["speedup"], "ar_checkpoint": args.ar_model,
+        "checkpoints": {str(b): str(p) for b, p in checkpoints.items()}, "rows": rows,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The tiny AR base: `bard pretrain-tiny` works end to end; the shipped base matches this world and
+reaches the targets on a fresh seed of the benchmark suite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_pretrain_command_runs_end_to_end_and_lowers_the_loss(tmp_path):
+    out = tmp_path / "base"
+    cmd = [sys.executable, "-m", "flows.cli", "pretrain-tiny", "--out", str(out), "--minutes", "1",
+           "--eval-every", "20", "--eval-per-family", "4", "--json"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    payload = json.loads(result.stdout)
+    curve = json.loads(Path(payload["curve"]).read_text())
+    losses = [p["loss"] for p in curve if p["loss"] is not None]
+    assert len(losses) >= 2 and losses[-1] < 0.7 * losses[0], losses
+    assert set(payload["scores"]) >= {"colour", "shape", "count", "yesno", "mcq", "ocr", "extract", "extract_em"}
+    info = json.loads((out / "bard_model.json").read_text())
+    assert info["steps"] == payload["steps"] > 0 and info["objective"] == "ar"
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    AutoProcessor.from_pretrained(out), AutoModelForImageTextToText.from_pretrained(out)
+
+
+def test_shipped_base_belongs_to_this_world_and_tokenizer():
+    from bard_core.assets import check_shipped_base, shipped_base
+
+    info = check_shipped_base()
+    assert (shipped_base() / "model.safetensors").stat().st_size < 10 * 2**20
+    assert sum(p.stat().st_size for p in shipped_base().rglob("*") if p.is_file()) < 10 * 2**20
+    assert info["meets_targets"] is True
+
+
+def test_a_base_from_another_world_is_refused(tmp_path):
+    from bard_core.assets import check_shipped_base, shipped_base
+
+    copy = tmp_path / "base"
+    shutil.copytree(shipped_base(), copy)
+    info = json.loads((copy / "bard_model.json").read_text())
+    (copy / "bard_model.json").write_text(json.dumps({**info, "world_version": "shapes-v0"}))
+    with pytest.raises(ValueError, match="world"):
+        check_shipped_base(copy)
+    (copy / "bard_model.json").write_text(json.dumps({**info, "tokenizer_fingerprint": "0" * 16}))
+    with pytest.raises(ValueError, match="tokenizer"):
+        check_shipped_base(copy)
+
+
+@pytest.mark.slow
+def test_shipped_base_reaches_the_targets_on_a_fresh_benchmark_suite(tmp_path):
+    from bard_core import bench, stages
+    from bard_core.assets import shipped_base
+    from bard_core.shapes.synth import synth
+
+    synth(tmp_path / "w", seed=2027, size=20, bench_size=40)
+    model, processor, _ = stages.load(shipped_base())
+    scores = {}
+    for name in bench.PRIMARY:
+        items = bench.load_items(tmp_path / "w" / "benchmarks", name)
+        prompts = bench.prompts_for(items, processor)
+        scores[name] = bench.run_ar(model, processor, name, items, prompts, 96, 32).accuracy
+    for name in ("shapes_mcq", "shapes_yesno", "shapes_count", "shapes_ocr"):
+        assert scores[name]["accuracy"] >= 0.95, (name, scores[name])
+    assert scores["shapes_extract"]["field_f1"] >= 0.90 and scores["shapes_extract"]["exact_match"] >= 0.6, scores
