@@ -250,7 +250,7 @@ class DataConfig:
     max_tokens: int = 8192
     min_rating: int = 3  # FineVision *_min ratings below this are rejected
     phash_threshold: int = 6  # Hamming distance for near-duplicate images
-    ngram: int = 8  # question n-gram length for text decontamination
+    ngram: int = 13  # question n-gram length (words) for text decontamination
     min_image_side: int = 28
     max_aspect_ratio: float = 200.0
     max_image_pixels: int = 4096 * 4096

@@ -15,7 +15,7 @@ from pathlib import Path
 PIPELINE_STAGES = (
     ("synth", "write the shapes world (sources, planted defects, benchmarks)", True),
     ("tiny-model", "build the tiny Qwen3-VL family (tokenizer, processor, model)", True),
-    ("curate", "Ray Data curation of both sources (filter, dedup, decontaminate, mix)", False),
+    ("curate", "Ray Data curation of both sources (filter, dedup, decontaminate, mix)", True),
     ("base", "the pretrained tiny AR base (bard pretrain-tiny)", True),
     ("stages", "Ray Train block-diffusion stages 4 -> 8 -> 16 -> 32 with distillation", False),
     ("evaluate", "lm-eval benchmarks + decode speed, AR baseline in the same run", False),
@@ -203,6 +203,49 @@ def cmd_bench_decode(args) -> int:
     return 0
 
 
+def _pairs(items: list[str] | None, command: str, flag: str) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise UsageError(f"bard {command}: {flag} expects NAME=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def cmd_curate(args) -> int:
+    from bard_core.config import get_recipe
+
+    sources = _pairs(args.source, "curate", "--source")
+    if not sources:
+        raise UsageError("bard curate: give at least one --source llava_ov=URI or finevision=URI")
+    unknown = set(sources) - {"llava_ov", "finevision"}
+    if unknown:
+        raise UsageError(f"bard curate: unknown source {sorted(unknown)[0]!r}; valid: llava_ov, finevision")
+    for name, uri in sources.items():
+        if "://" not in uri and not Path(uri).exists():
+            raise UsageError(f"bard curate: source {name}={uri}: no such file or directory")
+    if args.benchmarks and not Path(args.benchmarks).is_dir():
+        raise UsageError(f"bard curate: --benchmarks {args.benchmarks}: not a directory")
+    overrides = _pairs(args.set, "curate", "--set")
+    try:
+        get_recipe(args.recipe, overrides)
+    except ValueError as exc:
+        raise UsageError(f"bard curate: {exc}") from None
+    from flows.curate import CurateParams, curate_flow
+
+    params = CurateParams(sources=sources, out=str(Path(args.out).resolve()), recipe=args.recipe, overrides=overrides,
+                          benchmarks_dir=str(Path(args.benchmarks).resolve()) if args.benchmarks else None,
+                          processor=args.processor)
+    result = curate_flow(params)
+    counts = result["counts"]
+    lines = [f"curated {result['num_rows']} rows into {result['uri']}",
+             f"  rows in {counts['rows_in']} = kept {counts['kept']} + rejected {counts['rejected']}"]
+    lines += [f"  {reason}: {n}" for reason, n in sorted(counts["rejected_by_reason"].items())]
+    _emit(result, args.json, lines)
+    return 0
+
+
 def cmd_demo(args) -> int:
     missing = [(name, what) for name, what, built in PIPELINE_STAGES if not built]
     lines = ["bard demo runs the whole pipeline on the shapes world. Stages:"]
@@ -234,6 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ModelConfig field")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_tiny_model)
+    p = sub.add_parser("curate", help="Ray Data curation of LLaVA-OV-1.5 / FineVision sources (a Prefect flow)")
+    p.add_argument("--source", action="append", metavar="NAME=URI",
+                   help="llava_ov=URI or finevision=URI (local parquet dir/file, hf://NAME?subsets=..&split=.., stream://DIR)")
+    p.add_argument("--benchmarks", default=None, help="benchmark dir to decontaminate against")
+    p.add_argument("--out", required=True)
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--processor", default=None, help="processor dir for token estimates (default: the recipe's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. data.min_rating=4")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_curate)
+
     p = sub.add_parser("generate", help="answer one prompt (with images) and print decoding stats")
     p.add_argument("--model", required=True, help="checkpoint directory (block size from its bard.json)")
     p.add_argument("--image", action="append", help="image file (repeatable)")

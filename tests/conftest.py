@@ -28,3 +28,25 @@ def world_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("world") / "shapes"
     synth(out, seed=7, size=80, bench_size=8)
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real (temporary) Prefect server for the whole session, with a project-local PREFECT_HOME."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real local Ray (2 CPUs), shut down at the end of the session."""
+    import ray
+
+    from tasks.curate import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -1,0 +1,374 @@
+"""Curation on Ray Data: read both sources, normalise, filter, deduplicate, decontaminate, mix, write.
+
+Work units are parquet row groups (or chunks of a streamed hub dataset), so every row keeps its
+index in its source and image bytes are never shuffled: global decisions (dedup, decontamination,
+mixing) are made on a small projection of keys, then joined back by ``sample_id``. Every input row
+ends either in the curated parquet or in the rejects parquet with a ``reason``; the manifest
+checks ``rows_in = kept + Σ rejected``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import task
+
+from bard_core.config import DataConfig
+from bard_core.curation import dedup
+from bard_core.curation.filters import TokenCounter, check_row
+from bard_core.curation.normalise import (
+    UNIFIED_SCHEMA,
+    empty_row,
+    missing_columns,
+    normalise_rows,
+    text_of,
+    to_table,
+)
+from tasks.refs import CODE_VERSION, DatasetRef
+
+KINDS = ("llava_ov", "finevision")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` / RAY_ADDRESS when given, else start a small local Ray (idempotent)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    else:
+        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=2 * 1024**3, include_dashboard=False,
+                 ignore_reinit_error=True, log_to_driver=False)
+
+
+def parse_stream_uri(uri: str) -> dict:
+    """``hf://NAME?subsets=a,b&split=train`` (the hub) or ``stream://PATH?split=train`` (local parquet
+    read through the same streaming `datasets` path) → its parts."""
+    from urllib.parse import parse_qs, urlparse
+
+    parsed = urlparse(uri)
+    query = parse_qs(parsed.query)
+    name = (parsed.netloc + parsed.path) if parsed.scheme == "hf" else parsed.netloc + parsed.path
+    subsets = [s for s in query.get("subsets", [""])[0].split(",") if s] or [None]
+    return {"scheme": parsed.scheme, "name": name, "subsets": subsets, "split": query.get("split", ["train"])[0]}
+
+
+def source_units(kind: str, uri: str) -> list[dict]:
+    """Work units of a source. Local parquet: one per row group, with the row offset in its subset
+    (a directory holds subsets as sub-directories or files; a file is one subset). Streams
+    (``hf://`` or ``stream://``): one unit per subset, read through `datasets` streaming."""
+    if uri.startswith(("hf://", "stream://")):
+        spec = parse_stream_uri(uri)
+        if spec["scheme"] == "stream":
+            root = Path(spec["name"])
+            subsets = sorted({f.parent.name for f in root.rglob("*.parquet")}) if root.is_dir() else [root.stem]
+            return [{"kind": kind, "subset": s, "stream": spec["scheme"], "name": str(root.resolve()),
+                     "split": spec["split"], "file": "", "row_group": -1, "offset": 0, "rows": -1} for s in subsets]
+        return [{"kind": kind, "subset": s or "default", "stream": "hf", "name": spec["name"], "split": spec["split"],
+                 "file": "", "row_group": -1, "offset": 0, "rows": -1} for s in spec["subsets"]]
+    path = Path(uri)
+    if not path.exists():
+        raise ValueError(f"source {kind}={uri}: no such file or directory (hub ids use hf://NAME)")
+    if path.is_file():
+        groups = {path.stem: [path]}
+    else:
+        groups = {}
+        for f in sorted(path.rglob("*.parquet")):
+            subset = f.parent.name if f.parent != path else f.stem
+            groups.setdefault(subset, []).append(f)
+    units = []
+    for subset, files in sorted(groups.items()):
+        offset = 0
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            for rg in range(meta.num_row_groups):
+                units.append({"kind": kind, "subset": subset, "stream": "", "name": "", "split": "",
+                              "file": str(f.resolve()), "row_group": rg, "offset": offset,
+                              "rows": meta.row_group(rg).num_rows})
+                offset += meta.row_group(rg).num_rows
+    return units
+
+
+def open_stream(unit: dict):
+    """The rows of a streamed subset, as an iterable of dicts (hub or local parquet via `datasets`)."""
+    from datasets import load_dataset
+
+    if unit["stream"] == "hf":
+        subset = None if unit["subset"] == "default" else unit["subset"]
+        return load_dataset(unit["name"], subset, split=unit["split"], streaming=True)
+    root = Path(unit["name"])
+    files = sorted(str(f) for f in (root.rglob("*.parquet") if root.is_dir() else [root])
+                   if not root.is_dir() or f.parent.name == unit["subset"])
+    return load_dataset("parquet", data_files={unit["split"]: files}, split=unit["split"], streaming=True)
+
+
+def _raw(value):
+    """`datasets` decodes images to PIL when streaming; curation wants the original bytes back."""
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        import io
+
+        buffer = io.BytesIO()
+        value.save(buffer, format=value.format or "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+    if isinstance(value, list):
+        return [_raw(v) for v in value]
+    return value
+
+
+def process_stream(unit: dict, cfg: DataConfig, counter, chunk: int = 256):
+    kind, subset = unit["kind"], unit["subset"]
+    stream = open_stream(unit)
+    try:
+        from datasets import Image as ImageFeature
+
+        for column in ("image", "images"):
+            if stream.features and column in stream.features:
+                feature = stream.features[column]
+                stream = stream.cast_column(column, ImageFeature(decode=False) if column == "image"
+                                            else type(feature)(ImageFeature(decode=False)))
+    except (ImportError, TypeError, ValueError):
+        pass
+    rows, offset = [], 0
+    for row in stream:
+        rows.append({k: _raw(v) for k, v in row.items()})
+        if len(rows) == chunk:
+            yield to_table([check_row(r, cfg, counter) for r in normalise_rows(rows, kind, subset, offset)])
+            offset, rows = offset + len(rows), []
+    if rows:
+        yield to_table([check_row(r, cfg, counter) for r in normalise_rows(rows, kind, subset, offset)])
+
+
+def process_unit(unit: dict, cfg: DataConfig, counter) -> pa.Table:
+    """Read one row group (or a whole streamed subset) and return its unified rows (`reason` where rejected)."""
+    if unit.get("stream"):
+        tables = list(process_stream(unit, cfg, counter))
+        return pa.concat_tables(tables) if tables else UNIFIED_SCHEMA.empty_table()
+    kind, subset, offset = unit["kind"], unit["subset"], unit["offset"]
+    parquet = pq.ParquetFile(unit["file"])
+    missing = missing_columns(kind, parquet.schema_arrow.names)
+    source = f"{kind}/{subset}"
+    if missing:  # every row of the file is rejected; keep its id when the file has one
+        names = parquet.schema_arrow.names
+        ids = (parquet.read_row_group(unit["row_group"], columns=["id"]).column("id").to_pylist()
+               if kind == "llava_ov" and "id" in names else [None] * unit["rows"])
+        return to_table([empty_row(source, str(i if i is not None else offset + k), offset + k,
+                                   f"missing_column:{missing[0]}") for k, i in enumerate(ids)])
+    rows = parquet.read_row_group(unit["row_group"]).to_pylist()
+    out = [check_row(r, cfg, counter) for r in normalise_rows(rows, kind, subset, offset)]
+    return to_table(out)
+
+
+class _UnitProcessor:
+    """Ray Data actor: loads the processor once, then turns unit rows into unified rows."""
+
+    def __init__(self, cfg: DataConfig, processor_path: str):
+        self.cfg, self.counter = cfg, TokenCounter(processor_path)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        units = [dict(zip(batch, values)) for values in zip(*batch.values())]
+        return pa.concat_tables([process_unit(u, self.cfg, self.counter) for u in units])
+
+
+def _question(messages: list[dict]) -> str:
+    users = [m for m in messages if m["role"] == "user"]
+    return text_of(users[-1]) if users else ""
+
+
+def decide(keys: list[dict], cfg: DataConfig, contamination: dedup.Contamination) -> dict[str, str]:
+    """Global decisions on the key projection: sample_id → reject reason (dedup, contamination, mix)."""
+    reasons: dict[str, str] = {}
+    live = [k for k in keys if not k["reason"]]
+    # exact duplicates: earliest wins (sources in a fixed order, then row order)
+    live.sort(key=lambda k: (k["source"], k["order"]))
+    seen: set[str] = set()
+    for k in live:
+        if k["exact"] in seen:
+            reasons[k["sample_id"]] = "exact_duplicate"
+        seen.add(k["exact"])
+    live = [k for k in live if k["sample_id"] not in reasons]
+    for k in live:  # decontamination before near-dup: a leak must not become a group's keeper
+        reason = contamination.check(k["phash"], k["question"])
+        if reason:
+            reasons[k["sample_id"]] = reason
+    live = [k for k in live if k["sample_id"] not in reasons]
+    groups = dedup.near_duplicate_groups([k["phash"] for k in live], cfg.phash_threshold)
+    ratings = [k["rating"] for k in live]
+    orders = [(hashlib.sha256(k["source"].encode()).hexdigest(), k["order"]) for k in live]
+    rank = {o: i for i, o in enumerate(sorted(set(orders)))}
+    keep = dedup.keep_best(list(groups), ratings, [rank[o] for o in orders])
+    for k, ok in zip(live, keep):
+        if not ok:
+            reasons[k["sample_id"]] = "near_duplicate"
+    live = [k for k, ok in zip(live, keep) if ok]
+    mixed = dedup.mix_keep([k["sample_id"] for k in live], [k["source"] for k in live], cfg.weights,
+                           cfg.target_size, cfg.seed)
+    for k, ok in zip(live, mixed):
+        if not ok:
+            reasons[k["sample_id"]] = "mix_not_selected"
+    return reasons
+
+
+def benchmark_contamination(benchmarks_dir: str | None, cfg: DataConfig, train_questions: list[str],
+                            names: tuple[str, ...] | None = None) -> dedup.Contamination:
+    """pHashes and questions of every gate benchmark under `benchmarks_dir` (<name>/test.parquet)."""
+    from io import BytesIO
+
+    import imagehash
+    from PIL import Image
+
+    hashes, questions = [], []
+    if benchmarks_dir:
+        for path in sorted(Path(benchmarks_dir).glob("*/test.parquet")):
+            if names and path.parent.name not in names:
+                continue
+            for row in pq.read_table(path, columns=["image", "question"]).to_pylist():
+                hashes.append(int(str(imagehash.phash(Image.open(BytesIO(row["image"]["bytes"])))), 16))
+                questions.append(row["question"])
+    common = dedup.common_ngrams(train_questions, cfg.ngram, min_count=3)
+    return dedup.Contamination(hashes, questions, cfg.phash_threshold, cfg.ngram, common)
+
+
+def _fingerprint(sources: dict[str, str], benchmarks_dir: str | None, cfg: DataConfig, processor_path: str) -> str:
+    h = hashlib.sha256(json.dumps({"cfg": cfg.__dict__, "code": CODE_VERSION, "sources": sources},
+                                  sort_keys=True, default=str).encode())
+    paths = [Path(u.split("://", 1)[-1].split("?")[0]) for u in sources.values()] + ([Path(benchmarks_dir)] if benchmarks_dir else [])
+    paths.append(Path(processor_path) / "tokenizer.json")
+    for root in paths:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for f in files:
+            h.update(str(f.relative_to(root) if f != root else f.name).encode())
+            with open(f, "rb") as fh:
+                h.update(hashlib.file_digest(fh, "sha256").digest())
+    return h.hexdigest()[:20]
+
+
+def run_curation(sources: dict[str, str], out: str | Path, cfg: DataConfig, processor_path: str,
+                 benchmarks_dir: str | None = None, ray_address: str | None = None,
+                 workers: int | None = None) -> DatasetRef:
+    """Curate `sources` ({"llava_ov": URI, "finevision": URI}) into `out`; returns the DatasetRef."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    unknown = set(sources) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown source kind(s) {sorted(unknown)}; valid: {', '.join(KINDS)}")
+    out = Path(out)
+    fingerprint = _fingerprint(sources, benchmarks_dir, cfg, processor_path)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("fingerprint") == fingerprint:
+            return DatasetRef.from_manifest(out, manifest)
+    timings: dict[str, float] = {}
+    t0 = time.monotonic()
+    init_ray(ray_address)
+    units = [u for kind, uri in sources.items() for u in source_units(kind, uri)]
+    rows_in = Counter()
+    for u in units:  # known up front for parquet files; streams are counted as they are read
+        if u["rows"] >= 0:
+            rows_in[f"{u['kind']}/{u['subset']}"] += u["rows"]
+    size = workers or max(1, min(len(units), int(ray.available_resources().get("CPU", 1))))
+    processed = ray.data.from_items(units).map_batches(
+        _UnitProcessor, fn_constructor_args=(cfg, processor_path), batch_size=1, batch_format="numpy",
+        compute=ActorPoolStrategy(size=size)).materialize()
+    timings["normalise_filter_s"] = time.monotonic() - t0
+    streamed = {f"{u['kind']}/{u['subset']}" for u in units if u["rows"] < 0}
+    if streamed:
+        for r in processed.select_columns(["source"]).iter_rows():
+            if r["source"] in streamed:
+                rows_in[r["source"]] += 1
+
+    t1 = time.monotonic()
+    keys = []
+    for batch in processed.select_columns(["sample_id", "source", "order", "images", "messages", "phash",
+                                           "quality", "reason"]).iter_batches(batch_format="pyarrow"):
+        for r in batch.to_pylist():
+            text = " ".join(text_of(m) for m in r["messages"])
+            quality = r["quality"] or {}
+            rated = [v for v in quality.values() if v is not None]
+            keys.append({"sample_id": r["sample_id"], "source": r["source"], "order": r["order"],
+                         "reason": r["reason"], "exact": dedup.exact_key(text, r["images"]),
+                         "phash": [int(h) for h in r["phash"]], "rating": min(rated) if rated else 0,
+                         "question": _question(r["messages"])})
+    contamination = benchmark_contamination(benchmarks_dir, cfg, [k["question"] for k in keys if not k["reason"]])
+    decisions = decide(keys, cfg, contamination)
+    timings["dedup_decontam_mix_s"] = time.monotonic() - t1
+
+    t2 = time.monotonic()
+    decisions_ref = ray.put(decisions)
+
+    def apply(batch: pa.Table) -> pa.Table:
+        table = ray.get(decisions_ref) if isinstance(decisions_ref, ray.ObjectRef) else decisions_ref
+        ids = batch.column("sample_id").to_pylist()
+        reasons = [r if r else table.get(i) for i, r in zip(ids, batch.column("reason").to_pylist())]
+        return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+
+    final = processed.map_batches(apply, batch_format="pyarrow").materialize()
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    kept = final.filter(lambda r: r["reason"] is None)
+    rejected = final.filter(lambda r: r["reason"] is not None)
+    kept.drop_columns(["reason", "order"]).repartition(max(1, kept.count() // 2000 + 1)).write_parquet(
+        str(tmp / "data"), min_rows_per_file=1000)
+    rejected.repartition(1).write_parquet(str(tmp / "rejects"))
+    timings["write_s"] = time.monotonic() - t2
+
+    kept_by_source = Counter(r["source"] for r in kept.select_columns(["source"]).iter_rows())
+    reasons = Counter()
+    per_source_reasons: dict[str, Counter] = {}
+    for r in rejected.select_columns(["source", "reason"]).iter_rows():
+        family = r["reason"].split(":")[0]
+        reasons[family] += 1
+        per_source_reasons.setdefault(r["source"], Counter())[family] += 1
+    n_in, n_kept, n_rej = sum(rows_in.values()), sum(kept_by_source.values()), sum(reasons.values())
+    if n_in != n_kept + n_rej:
+        raise AssertionError(f"rows lost: {n_in} in, {n_kept} kept + {n_rej} rejected")
+    timings["total_s"] = time.monotonic() - t0
+    manifest = {
+        "fingerprint": fingerprint, "code_version": CODE_VERSION, "sources": sources,
+        "benchmarks_dir": benchmarks_dir, "data_config": cfg.__dict__, "rows_in": n_in, "kept": n_kept,
+        "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())),
+        "per_source": {s: {"in": rows_in[s], "kept": kept_by_source.get(s, 0),
+                           "rejected": dict(per_source_reasons.get(s, {}))} for s in sorted(rows_in)},
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return DatasetRef.from_manifest(out, manifest)
+
+
+def default_processor(recipe) -> str:
+    """Where the recipe's processor (tokenizer + image processor) comes from, for token estimates."""
+    if recipe.model.base == "tiny":
+        from bard_core.assets import TINY_BASE
+
+        if (TINY_BASE / "tokenizer.json").exists():
+            return str(TINY_BASE)
+        raise ValueError("the tiny recipe's shipped base is missing; pass --processor DIR (e.g. `bard tiny-model`)")
+    return recipe.model.base
+
+
+@task(name="curate-sources", task_run_name="curate {out}")
+def curate_sources(sources: dict[str, str], out: str, recipe_name: str, overrides: dict | None = None,
+                   benchmarks_dir: str | None = None, processor: str | None = None) -> DatasetRef:
+    """Ray Data curation of the sources into `out` (skipped when the fingerprint is unchanged)."""
+    from bard_core.config import get_recipe
+
+    recipe = get_recipe(recipe_name, overrides)
+    return run_curation(sources, out, recipe.data, processor or default_processor(recipe), benchmarks_dir,
+                        ray_address=recipe.ray_address)

@@ -1,0 +1,175 @@
+"""Curation on a real local Ray inside a real Prefect flow, scored against the world's planted defects."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from bard_core.curation.normalise import sample_id
+
+EXPECTED_REASON = {"exact_duplicate": "exact_duplicate", "near_duplicate": "near_duplicate",
+                   "corrupt_image": "image_undecodable", "empty_answer": "empty_answer",
+                   "overlong_answer": "over_token_cap", "low_rating": "low_rating",
+                   "benchmark_leak": "benchmark_image"}
+
+
+def _planted_ids(world_dir: Path) -> dict[str, str]:
+    planted = json.loads((world_dir / "planted.json").read_text())
+    out = {}
+    for defect, records in planted.items():
+        if isinstance(records, list):
+            for r in records:
+                source_id = r["id"] if r["source"].startswith("llava_ov") else str(r["row"])
+                out[sample_id(r["source"], source_id)] = defect
+    return out
+
+
+@pytest.fixture(scope="module")
+def curated(world_dir, tiny_model_dir, tmp_path_factory, prefect_server, local_ray):
+    from flows.curate import CurateParams, curate_flow
+
+    out = tmp_path_factory.mktemp("curated") / "data"
+    params = CurateParams(sources={"llava_ov": str(world_dir / "sources/llava_ov"),
+                                   "finevision": str(world_dir / "sources/finevision")},
+                          out=str(out), benchmarks_dir=str(world_dir / "benchmarks"), processor=str(tiny_model_dir))
+    return params, curate_flow(params), out
+
+
+def _rejects(out: Path) -> list[dict]:
+    return pq.read_table(glob.glob(str(out / "rejects" / "*.parquet"))).to_pylist()
+
+
+def test_every_planted_defect_is_removed_for_its_reason_and_no_clean_row_is(curated, world_dir):
+    _, result, out = curated
+    expected = _planted_ids(world_dir)
+    got = {r["sample_id"]: r["reason"].split(":")[0] for r in _rejects(out)}
+    assert set(got) == set(expected)  # nothing clean removed, nothing planted kept
+    for sid, defect in expected.items():
+        assert got[sid] == EXPECTED_REASON[defect], (defect, got[sid])
+
+
+def test_counts_identity_and_manifest(curated):
+    _, result, out = curated
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["rows_in"] == manifest["kept"] + sum(manifest["rejected_by_reason"].values())
+    kept = pq.read_table(glob.glob(str(out / "data" / "*.parquet")))
+    assert kept.num_rows == manifest["kept"] == result["num_rows"]
+    for source, c in manifest["per_source"].items():
+        assert c["in"] == c["kept"] + sum(c["rejected"].values()), source
+    assert set(kept.column_names) >= {"sample_id", "source_id", "source", "images", "messages", "quality", "phash",
+                                      "num_tokens"}
+    assert len(set(kept.column("sample_id").to_pylist())) == kept.num_rows
+    assert all(n > 0 for n in kept.column("num_tokens").to_pylist())
+
+
+def test_rerun_gives_the_same_fingerprint_and_output(curated):
+    from flows.curate import curate_flow
+
+    params, first, out = curated
+    digest = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.parquet"))}
+    second = curate_flow(params)
+    assert second["fingerprint"] == first["fingerprint"]
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.parquet"))} == digest
+    fresh = out.with_name("again")
+    third = curate_flow(params.model_copy(update={"out": str(fresh)}))
+    assert third["fingerprint"] == first["fingerprint"] and third["counts"] == first["counts"]
+    key = lambda t: sorted(t.column("sample_id").to_pylist())  # noqa: E731
+    assert key(pq.read_table(glob.glob(str(fresh / "data" / "*.parquet")))) == \
+        key(pq.read_table(glob.glob(str(out / "data" / "*.parquet"))))
+
+
+def test_report_artifacts_are_on_the_server(curated):
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    assert {"curation-report", "curation-rejects"} <= keys
+
+
+_SEED = iter(range(10_000))
+
+
+def _png(size=(96, 96), mode="RGB", fmt="PNG") -> bytes:
+    """A distinct smooth random picture each call (solid colours would all be near duplicates)."""
+    rng = np.random.default_rng(next(_SEED))
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(small, "RGB").resize(size, Image.BILINEAR)
+    buffer = io.BytesIO()
+    (image.convert(mode) if mode != "RGB" else image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def _turns(q, a):
+    return [{"from": "human", "value": "<image>\n" + q if q is not None else None}, {"from": "gpt", "value": a}]
+
+
+def test_hostile_rows_run_to_completion_with_the_right_reasons(tmp_path, tiny_model_dir, local_ray):
+    from bard_core.config import get_recipe
+    from tasks.curate import run_curation
+
+    sixteen = io.BytesIO()
+    Image.fromarray((np.arange(96 * 96, dtype=np.uint16).reshape(96, 96) * 5) ** 2 % 65535).save(sixteen, format="PNG")
+    cases = [  # (image bytes, question, answer, expected reason or None)
+        (_png()[:80], "Q?", "A", "image_undecodable"),
+        (b"\x89PNG garbage", "Q?", "A", "image_undecodable"),
+        (_png(size=(4200, 4200)), "Q?", "A", "image_too_many_pixels"),
+        (_png(size=(12, 12)), "Q?", "A", "image_too_small"),
+        (_png(size=(2000, 32)), "Q?", "A", None),  # long but within the aspect cap (62 < 200)
+        (_png(mode="CMYK", fmt="JPEG"), "Q1?", "A", None),
+        (_png(mode="P"), "Q2?", "A", None),
+        (_png(mode="LA"), "Q3?", "A", None),
+        (sixteen.getvalue(), "Q4?", "A", None),
+        (_png(), "Q5?", "   ", "empty_answer"),
+        (_png(), "Q6?", "word " * 900, "over_token_cap"),
+    ]
+    rows = [{"id": f"h{k}", "image": {"bytes": b, "path": None}, "conversations": _turns(q, a), "data_source": "x"}
+            for k, (b, q, a, _) in enumerate(cases)]
+    rows.append({"id": "nullturns", "image": None, "conversations": [None, {"from": "human", "value": "Hi"}, None],
+                 "data_source": "x"})
+    root = tmp_path / "llava"
+    (root / "good").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), root / "good" / "train.parquet")
+    (root / "wrongtype").mkdir()
+    pq.write_table(pa.table({"id": ["w0", "w1"], "image": [None, None], "conversations": ["oops", "no"],
+                             "data_source": ["x", "x"]}), root / "wrongtype" / "train.parquet")
+    (root / "missing").mkdir()
+    pq.write_table(pa.table({"id": ["m0", "m1", "m2"], "image": [None] * 3}), root / "missing" / "train.parquet")
+
+    cfg = get_recipe("tiny").data
+    ref = run_curation({"llava_ov": str(root)}, tmp_path / "out", cfg, str(tiny_model_dir))
+    got = {r["source_id"]: r["reason"] for r in _rejects(tmp_path / "out")}
+    for k, (_, _, _, reason) in enumerate(cases):
+        if reason:
+            assert got[f"h{k}"] == reason, (k, got.get(f"h{k}"))
+        else:
+            assert f"h{k}" not in got, (k, got[f"h{k}"])
+    assert got["nullturns"] == "empty_answer"
+    assert got["w0"].startswith("bad_schema:conversations") and got["w1"].startswith("bad_schema")
+    assert {got[f"m{k}"] for k in range(3)} == {"missing_column:conversations"}
+    assert ref.counts["rows_in"] == len(cases) + 1 + 2 + 3 == ref.counts["kept"] + ref.counts["rejected"]
+    kept = pq.read_table(glob.glob(str(tmp_path / "out" / "data" / "*.parquet")))
+    for images in kept.column("images").to_pylist():
+        assert all(Image.open(io.BytesIO(b)).mode == "RGB" for b in images)
+
+
+def test_streamed_source_matches_the_parquet_reader(world_dir, tiny_model_dir, tmp_path, local_ray):
+    from bard_core.config import get_recipe
+    from tasks.curate import run_curation
+
+    cfg = get_recipe("tiny").data
+    local = run_curation({"finevision": str(world_dir / "sources/finevision")}, tmp_path / "a", cfg, str(tiny_model_dir))
+    streamed = run_curation({"finevision": f"stream://{world_dir / 'sources/finevision'}"}, tmp_path / "b", cfg,
+                            str(tiny_model_dir))
+    assert streamed.counts == local.counts
+    ids = lambda p: Counter(pq.read_table(glob.glob(str(p / "data" / "*.parquet"))).column("sample_id").to_pylist())  # noqa: E731
+    assert ids(tmp_path / "a") == ids(tmp_path / "b")
