@@ -197,3 +197,18 @@ def test_mixing_is_deterministic_and_follows_weights():
 def test_exact_key_normalises_text_but_not_images():
     assert dedup.exact_key("Hello  World", [b"x"]) == dedup.exact_key("hello world", [b"x"])
     assert dedup.exact_key("hello world", [b"x"]) != dedup.exact_key("hello world", [b"y"])
+
+
+def test_curation_speed_benchmark_prints_a_table_and_a_json_line():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "benchmarks/curation_speed.py", "--images", "20", "--sizes", "1000,5000"],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["images_per_s_per_core"] > 0 and set(result["dedup_seconds"]) == {"1000", "5000"}
+    assert all(r["pairs_found"] >= r["planted"] for r in result["rows"])
