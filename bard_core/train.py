@@ -33,25 +33,44 @@ def to_device(batch, device):
     return type(batch)(**moved)
 
 
+class LogitsAtLossPositions(torch.nn.Module):
+    """The VLM as a module whose forward returns logits [K, V] at a batch's loss positions.
+
+    Wrapping it (not the bare VLM) in DistributedDataParallel keeps DDP's gradient hooks on the
+    path `train_step` takes; the VLM itself stays an unmodified transformers model.
+    """
+
+    def __init__(self, vlm):
+        super().__init__()
+        self.vlm = vlm
+
+    def forward(self, batch, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        inner = self.vlm.model
+        if isinstance(batch, ARBatch):
+            out = inner(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                        pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
+                        mm_token_type_ids=batch.mm_token_type_ids)
+        else:
+            out = inner(input_ids=batch.input_ids,
+                        attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
+                        position_ids=batch.position_ids, pixel_values=batch.pixel_values,
+                        image_grid_thw=batch.image_grid_thw, mm_token_type_ids=batch.mm_token_type_ids)
+        return self.vlm.lm_head(out.last_hidden_state[batch.loss_sample, batch.loss_pos])
+
+
+def _runner(model) -> torch.nn.Module:
+    if isinstance(model, (LogitsAtLossPositions, torch.nn.parallel.DistributedDataParallel)):
+        return model
+    return LogitsAtLossPositions(model)
+
+
 def packed_logits(model, batch: PackedBatch, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [K, V] at the batch's loss positions, under `attention_mask` (default: the batch's own)."""
-    out = model.model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask if attention_mask is None else attention_mask,
-        position_ids=batch.position_ids,
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        mm_token_type_ids=batch.mm_token_type_ids,
-    )
-    hidden = out.last_hidden_state[batch.loss_sample, batch.loss_pos]
-    return model.lm_head(hidden)
+    return _runner(model)(batch, attention_mask)
 
 
 def ar_logits(model, batch: ARBatch) -> torch.Tensor:
-    out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      pixel_values=batch.pixel_values, image_grid_thw=batch.image_grid_thw,
-                      mm_token_type_ids=batch.mm_token_type_ids)
-    return model.lm_head(out.last_hidden_state[batch.loss_sample, batch.loss_pos])
+    return _runner(model)(batch)
 
 
 def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None) -> tuple[torch.Tensor, dict]:
@@ -77,7 +96,7 @@ def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | Non
                scheduler=None) -> dict:
     """One optimisation step; returns float metrics (loss, ce, kd, grad_norm, lr, positions)."""
     model.train()
-    loss, metrics = compute_loss(model, batch, cfg, teacher)
+    loss, metrics = compute_loss(model, batch, cfg, teacher)  # `model`: a VLM, or its (DDP-wrapped) runner
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
@@ -48,8 +49,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     else:
-        ray.init(num_cpus=num_cpus or os.cpu_count(), object_store_memory=2 * 1024**3, include_dashboard=False,
-                 ignore_reinit_error=True, log_to_driver=False)
+        # Twice the cores as logical CPUs: Ray Train workers hold one each, and Ray Data still needs
+        # room for its read tasks next to them (with exactly 2 on 2 cores a 2-worker stage starves).
+        ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 1), object_store_memory=2 * 1024**3,
+                 include_dashboard=False, ignore_reinit_error=True, log_to_driver=os.environ.get("BARD_RAY_LOGS") == "1")
 
 
 def parse_stream_uri(uri: str) -> dict:
@@ -280,7 +283,7 @@ def run_curation(sources: dict[str, str], out: str | Path, cfg: DataConfig, proc
     for u in units:  # known up front for parquet files; streams are counted as they are read
         if u["rows"] >= 0:
             rows_in[f"{u['kind']}/{u['subset']}"] += u["rows"]
-    size = workers or max(1, min(len(units), int(ray.available_resources().get("CPU", 1))))
+    size = workers or max(1, min(len(units), os.cpu_count() or 1))
     processed = ray.data.from_items(units).map_batches(
         _UnitProcessor, fn_constructor_args=(cfg, processor_path), batch_size=1, batch_format="numpy",
         compute=ActorPoolStrategy(size=size)).materialize()
@@ -319,8 +322,9 @@ def run_curation(sources: dict[str, str], out: str | Path, cfg: DataConfig, proc
     final = processed.map_batches(apply, batch_format="pyarrow").materialize()
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    kept = final.filter(lambda r: r["reason"] is None)
-    rejected = final.filter(lambda r: r["reason"] is not None)
+    # Arrow-level filters: row-level ones round-trip through Python objects and would pickle phash
+    kept = final.map_batches(lambda t: t.filter(pc.is_null(t["reason"])), batch_format="pyarrow")
+    rejected = final.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])), batch_format="pyarrow")
     kept.drop_columns(["reason", "order"]).repartition(max(1, kept.count() // 2000 + 1)).write_parquet(
         str(tmp / "data"), min_rows_per_file=1000)
     rejected.repartition(1).write_parquet(str(tmp / "rejects"))

@@ -47,6 +47,6 @@ def local_ray():
 
     from tasks.curate import init_ray
 
-    init_ray(num_cpus=2)
+    init_ray()
     yield
     ray.shutdown()
