@@ -72,11 +72,12 @@ def train_loop_per_worker(config: dict) -> None:
     train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["train"].items()})
     noise = NoiseConfig(**config["noise"])
     resume = ray.train.get_checkpoint()
-    state = {"step": 0, "history": []}
+    state = {"step": 0, "history": [], "resumed_from": []}
     if resume is not None:
         with resume.as_directory() as d:
             model, processor, meta = stages.load(d)
-            state = {"step": meta["step"], "history": meta["history"]}
+            state = {"step": meta["step"], "history": meta["history"],
+                     "resumed_from": meta.get("resumed_from", []) + [meta["step"]]}
             optimizer_state = torch.load(Path(d) / "optimizer.pt", weights_only=False)
     else:
         model, processor, _ = stages.load(config["init"])
@@ -141,7 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
                         meta = {**config["meta"], "step": state["step"], "history": state["history"],
-                                "phase": phase["name"], "final": last}
+                                "phase": phase["name"], "final": last, "resumed_from": state["resumed_from"]}
                         stages.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta)
                         torch.save({"phase": phase["name"], "optimizer": optimizer.state_dict()},
                                    Path(tmp) / "ckpt" / "optimizer.pt")

@@ -1,0 +1,104 @@
+"""Ray Train stages on a real local Ray with 2 CPU workers (gloo DDP)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SHORT = {"train.merge_steps": "40", "train.distill_steps": "8", "train.base_steps": "24",
+         "train.checkpoint_every": "8", "train.batch_size": "16", "train.warmup_steps": "4"}
+
+
+@pytest.fixture(scope="module")
+def data_ref(world_dir, tiny_model_dir, tmp_path_factory, local_ray):
+    from bard_core.config import get_recipe
+    from tasks.curate import run_curation
+
+    out = tmp_path_factory.mktemp("train_data") / "curated"
+    return run_curation({"llava_ov": str(world_dir / "sources/llava_ov"),
+                         "finevision": str(world_dir / "sources/finevision")}, out, get_recipe("tiny").data,
+                        str(tiny_model_dir), str(world_dir / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def stage_b4(data_ref, tiny_model_dir, tmp_path_factory):
+    from tasks.train import checkpoint_ref, run_stage
+
+    out = tmp_path_factory.mktemp("stages") / "B4"
+    return run_stage(data_ref, checkpoint_ref(tiny_model_dir), out, "tiny", SHORT, block_size=4, workers=2)
+
+
+def _meta(ref) -> dict:
+    return json.loads((Path(ref.uri) / "bard.json").read_text())
+
+
+def test_a_short_stage_learns_and_writes_a_loadable_checkpoint(stage_b4, data_ref, tiny_model_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    meta = _meta(stage_b4)
+    assert stage_b4.block_size == 4 and stage_b4.step == 40 == meta["step"] == meta["total_steps"]
+    assert meta["parent"] == str(Path(tiny_model_dir).resolve()) and meta["data_fingerprint"] == data_ref.fingerprint
+    assert meta["objective"] == "diffusion" and [p["name"] for p in meta["phases"]] == ["merge"]
+    losses = [h["loss"] for h in meta["history"]]
+    assert [h["step"] for h in meta["history"]] == list(range(1, 41))
+    assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8, losses
+    AutoProcessor.from_pretrained(stage_b4.uri), AutoModelForImageTextToText.from_pretrained(stage_b4.uri)
+    assert not (Path(stage_b4.uri) / "optimizer.pt").exists()
+
+
+def test_same_inputs_return_the_existing_checkpoint_without_training(stage_b4, data_ref, tiny_model_dir):
+    import time
+
+    from tasks.train import checkpoint_ref, run_stage
+
+    weights = Path(stage_b4.uri) / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    started = time.monotonic()
+    again = run_stage(data_ref, checkpoint_ref(tiny_model_dir), stage_b4.uri, "tiny", SHORT, block_size=4, workers=2)
+    assert again == stage_b4 and weights.stat().st_mtime_ns == before
+    assert time.monotonic() - started < 5  # no Ray Train run
+
+
+def test_distillation_keeps_the_teacher_frozen_and_resumes_after_a_worker_dies(stage_b4, data_ref, tmp_path):
+    from tasks.train import run_stage
+
+    teacher_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                     for p in Path(stage_b4.uri).iterdir() if p.is_file()}
+    ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", SHORT, block_size=8, teacher=stage_b4, workers=2,
+                    fail_at_step=12)
+    meta = _meta(ref)
+    assert ref.step == 48 == meta["step"]  # 40 merge + 8 distill, despite the failure at step 12
+    assert meta["resumed_from"] == [8]  # restarted from the checkpoint at step 8
+    assert [h["step"] for h in meta["history"]] == list(range(1, 49))
+    assert {h["phase"] for h in meta["history"] if h["step"] > 40} == {"distill"}
+    assert all(h["kd"] > 0 for h in meta["history"] if h["phase"] == "distill")
+    assert meta["teacher"] == stage_b4.uri and meta["teacher_block_size"] == 4
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in Path(stage_b4.uri).iterdir() if p.is_file()} == teacher_files
+
+
+def test_the_same_task_trains_the_ar_objective(data_ref, tiny_model_dir, tmp_path):
+    from tasks.train import checkpoint_ref, run_stage
+
+    ref = run_stage(data_ref, checkpoint_ref(tiny_model_dir), tmp_path / "base", "tiny", SHORT, objective="ar",
+                    workers=2)
+    meta = _meta(ref)
+    assert ref.block_size is None and meta["objective"] == "ar" and meta["step"] == 24
+    losses = [h["loss"] for h in meta["history"]]
+    assert sum(losses[-4:]) < sum(losses[:4]), losses
+
+
+def test_bad_stage_arguments_are_refused(data_ref, tiny_model_dir, stage_b4, tmp_path):
+    from tasks.train import checkpoint_ref, run_stage
+
+    with pytest.raises(ValueError, match="block size"):
+        run_stage(data_ref, checkpoint_ref(tiny_model_dir), tmp_path / "x", "tiny", SHORT)
+    with pytest.raises(ValueError, match="divide"):
+        run_stage(data_ref, stage_b4, tmp_path / "y", "tiny", SHORT, block_size=6, teacher=stage_b4)
+    with pytest.raises(ValueError, match="objective"):
+        run_stage(data_ref, stage_b4, tmp_path / "z", "tiny", SHORT, block_size=8, objective="rl")
