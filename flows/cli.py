@@ -17,7 +17,7 @@ PIPELINE_STAGES = (
     ("tiny-model", "build the tiny Qwen3-VL family (tokenizer, processor, model)", True),
     ("curate", "Ray Data curation of both sources (filter, dedup, decontaminate, mix)", True),
     ("base", "the pretrained tiny AR base (bard pretrain-tiny)", True),
-    ("stages", "Ray Train block-diffusion stages 4 -> 8 -> 16 -> 32 with distillation", False),
+    ("stages", "Ray Train block-diffusion stages 4 -> 8 -> 16 -> 32 with distillation (bard train)", True),
     ("evaluate", "lm-eval benchmarks + decode speed, AR baseline in the same run", False),
     ("gate", "stage gates, promotion registry and reports", False),
 )
@@ -246,6 +246,47 @@ def cmd_curate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from bard_core.config import get_recipe
+
+    overrides = _pairs(args.set, "train", "--set")
+    try:
+        recipe = get_recipe(args.recipe, overrides)
+    except ValueError as exc:
+        raise UsageError(f"bard train: {exc}") from None
+    data = Path(args.data)
+    if not (data / "manifest.json").exists():
+        raise UsageError(f"bard train: --data {args.data} is not a curated dataset (no manifest.json); run `bard curate`")
+    _existing_dir(args.init, "train", "--init")
+    if args.teacher:
+        _existing_dir(args.teacher, "train", "--teacher")
+    if args.objective == "diffusion" and not args.block_size:
+        raise UsageError("bard train: --block-size is required for the diffusion objective")
+    if args.dry_run:
+        payload = {"recipe": recipe.name, "objective": args.objective, "block_size": args.block_size,
+                   "workers": recipe.train.num_workers, "use_gpu": recipe.train.use_gpu,
+                   "parallel": "ddp (gloo on CPU, nccl on GPU); FSDP not implemented yet",
+                   "dtype": recipe.model.dtype, "batch_size": recipe.train.batch_size,
+                   "steps": {"merge": recipe.train.merge_steps, "distill": recipe.train.distill_steps if args.teacher else 0,
+                             "ar": recipe.train.base_steps}}
+        _emit(payload, args.json, [f"dry run: {json.dumps(payload)}"])
+        return 0
+    from tasks.refs import DatasetRef
+    from tasks.train import checkpoint_ref, run_stage
+
+    try:
+        teacher = checkpoint_ref(args.teacher) if args.teacher else None
+        ref = run_stage(DatasetRef.from_manifest(data, json.loads((data / "manifest.json").read_text())),
+                        checkpoint_ref(args.init), args.out, args.recipe, overrides, block_size=args.block_size,
+                        teacher=teacher, objective=args.objective, workers=args.workers)
+    except ValueError as exc:
+        raise UsageError(f"bard train: {exc}") from None
+    payload = {"uri": ref.uri, "block_size": ref.block_size, "step": ref.step, "parent": ref.parent,
+               "fingerprint": ref.fingerprint}
+    _emit(payload, args.json, [f"stage written to {ref.uri} (B={ref.block_size}, {ref.step} steps)"])
+    return 0
+
+
 def cmd_demo(args) -> int:
     missing = [(name, what) for name, what, built in PIPELINE_STAGES if not built]
     lines = ["bard demo runs the whole pipeline on the shapes world. Stages:"]
@@ -287,6 +328,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. data.min_rating=4")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_curate)
+
+    p = sub.add_parser("train", help="one training stage on Ray Train (merge -> distill, or the AR objective)")
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--data", required=True, help="curated dataset directory (from `bard curate`)")
+    p.add_argument("--init", required=True, help="checkpoint to start from")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--teacher", default=None, help="checkpoint to distil from (the last promoted stage)")
+    p.add_argument("--objective", choices=["diffusion", "ar"], default="diffusion")
+    p.add_argument("--out", required=True)
+    p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the recipe's)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.merge_steps=100")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved training plan and exit")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="answer one prompt (with images) and print decoding stats")
     p.add_argument("--model", required=True, help="checkpoint directory (block size from its bard.json)")

@@ -82,6 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model, processor, _ = stages.load(config["init"])
         optimizer_state = None
+    model.to(getattr(torch, config["dtype"]))
     teacher = None
     if config["teacher"]:
         teacher_model, _, _ = stages.load(config["teacher"])
@@ -209,6 +210,7 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
         "teacher_block_size": teacher.block_size if teacher else None, "block_size": block_size,
         "objective": objective, "phases": phases, "total_steps": total, "train": dataclasses.asdict(train),
         "noise": dataclasses.asdict(recipe.noise), "mask_token_id": recipe.model.mask_token_id, "meta": meta,
+        "dtype": recipe.model.dtype if train.use_gpu else "float32",
         "threads": max(1, (os.cpu_count() or 2) // workers), "fail_at_step": fail_at_step,
         "fail_marker": str(out.with_name(out.name + ".failed-once")),
     }

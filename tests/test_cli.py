@@ -20,7 +20,7 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("demo", "synth", "tiny-model"):
+    for command in ("demo", "synth", "tiny-model", "pretrain-tiny", "curate", "train", "generate", "bench-decode"):
         assert command in out.stdout
 
 
@@ -39,7 +39,7 @@ def test_demo_says_what_is_not_built_and_fails():
     out = run("demo", "--json")
     assert out.returncode != 0
     result = json.loads(out.stdout)
-    assert result["ok"] is False and "curate" in result["not_built"]
+    assert result["ok"] is False and "evaluate" in result["not_built"] and "curate" not in result["not_built"]
     text = run("demo")
     assert "NOT BUILT" in text.stdout and text.returncode != 0
 
@@ -56,3 +56,52 @@ def test_synth_and_tiny_model_work_offline(tmp_path):
     assert info["parameters"] > 0 and (tmp_path / "m" / "model.safetensors").exists()
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 64
+
+
+def test_new_commands_reject_bad_arguments_in_one_line(tmp_path):
+    cases = [
+        ("curate", "--out", str(tmp_path / "o")),  # no source
+        ("curate", "--source", "weird=/x", "--out", str(tmp_path / "o")),
+        ("curate", "--source", "llava_ov=/does/not/exist", "--out", str(tmp_path / "o")),
+        ("curate", "--source", "llava_ov=/tmp", "--set", "data.nope=1", "--out", str(tmp_path / "o")),
+        ("train", "--data", str(tmp_path), "--init", str(tmp_path), "--out", str(tmp_path / "o")),
+        ("generate", "--model", str(tmp_path), "--prompt", "hi"),
+        ("bench-decode", "--model", str(tmp_path), "--ar-model", str(tmp_path), "--benchmark", "x",
+         "--benchmarks-dir", str(tmp_path)),
+        ("pretrain-tiny", "--out", str(tmp_path / "b"), "--minutes", "0"),
+    ]
+    for args in cases:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+
+
+def test_generate_prints_text_and_decoding_stats(tiny_model_dir, tmp_path):
+    from bard_core.shapes import world
+
+    image = tmp_path / "scene.png"
+    world.render(world.random_scene(__import__("random").Random(0))).save(image)
+    out = run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "What colour is the shape "
+              "in cell 5?", "--block-size", "4", "--max-new-tokens", "8", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["decoder"].startswith("block-diffusion B=4") and 0 < result["tokens"] <= 8
+    assert result["tpf"] == result["tokens"] / result["nfe"]
+    ar = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi", "--ar",
+                        "--max-new-tokens", "5", "--json").stdout)
+    assert ar["decoder"] == "ar" and ar["nfe"] == ar["tokens"]
+
+
+def test_curate_command_runs_the_flow(world_dir, tiny_model_dir, tmp_path):
+    env_home = tmp_path / "prefect"
+    out = subprocess.run([*BARD, "curate", "--source", f"finevision={world_dir / 'sources/finevision'}",
+                          "--benchmarks", str(world_dir / "benchmarks"), "--processor", str(tiny_model_dir),
+                          "--out", str(tmp_path / "cur"), "--json"], capture_output=True, text=True, cwd=ROOT,
+                         timeout=600, env={**os.environ, "PREFECT_HOME": str(env_home), "HF_HUB_OFFLINE": "1",
+                                           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "RAY_AUTH_MODE": "disabled",
+                                           "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    counts = result["counts"]
+    assert counts["rows_in"] == counts["kept"] + counts["rejected"] and counts["rejected"] > 0
+    assert (tmp_path / "cur" / "manifest.json").exists()

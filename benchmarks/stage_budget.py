@@ -1,0 +1,107 @@
+"""The stage chain on a budget: from the shipped tiny AR base, B4 → B8 → B16 → B32 (merge + distill,
+one Ray Train `fit()` per stage), then every shapes benchmark for the AR base and each stage, decoded
+in the same engine. Reports steps, wall time (Ray overhead included), final loss and accuracy per
+stage, and whether every stage stays within `--tolerance` of the AR base.
+
+    python benchmarks/stage_budget.py [--limit 40] [--steps 800:0,300:150,300:150,300:150]
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bard_core import bench, stages  # noqa: E402
+from bard_core.config import DecodeConfig, get_recipe  # noqa: E402
+
+
+def evaluate(path: Path, block_size: int | None, benchmarks_dir: Path, limit: int, threshold: float) -> dict:
+    model, processor, _ = stages.load(path)
+    scores = {}
+    for name in bench.PRIMARY:
+        items = bench.load_items(benchmarks_dir, name, limit)
+        prompts = bench.prompts_for(items, processor)
+        if block_size is None:
+            m = bench.run_ar(model, processor, name, items, prompts, 96, 32)
+        else:
+            m = bench.run_diffusion(model, processor, name, items, prompts,
+                                    DecodeConfig(block_size=block_size, threshold=threshold, max_new_tokens=96,
+                                                 batch_size=32))
+        scores[name] = {"accuracy": m.accuracy["accuracy"], "tpf": m.tpf}
+    return scores
+
+
+def main() -> None:
+    from bard_core.assets import shipped_base
+    from bard_core.shapes.synth import synth
+    from tasks.curate import run_curation
+    from tasks.train import checkpoint_ref, run_stage
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="800:0,300:150,300:150,300:150",
+                        help="merge:distill steps for B4,B8,B16,B32")
+    parser.add_argument("--limit", type=int, default=40, help="items per benchmark")
+    parser.add_argument("--size", type=int, default=1500, help="clean conversations per source for curation")
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--tolerance", type=float, default=0.03)
+    parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
+    args = parser.parse_args()
+    steps = [tuple(int(x) for x in s.split(":")) for s in args.steps.split(",")]
+    work = Path(args.work or tempfile.mkdtemp(prefix="stage_budget_"))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+
+    recipe = get_recipe("tiny")
+    synth(work / "world", seed=11, size=args.size, bench_size=args.limit)
+    data = run_curation({"llava_ov": str(work / "world/sources/llava_ov"),
+                         "finevision": str(work / "world/sources/finevision")}, work / "curated", recipe.data,
+                        str(shipped_base()), str(work / "world/benchmarks"))
+    log(f"curated {data.num_rows} rows")
+    benchmarks_dir = work / "world/benchmarks"
+    base = checkpoint_ref(shipped_base())
+    ar_scores = evaluate(Path(base.uri), None, benchmarks_dir, args.limit, args.threshold)
+    rows, parent, total_train = [], base, 0.0
+    for B, (merge, distill) in zip(recipe.train.block_sizes, steps):
+        overrides = {"train.merge_steps": str(merge), "train.distill_steps": str(distill)}
+        t0 = time.monotonic()
+        ref = run_stage(data, parent, work / f"B{B}", "tiny", overrides, block_size=B,
+                        teacher=parent if parent.block_size else None)
+        seconds = time.monotonic() - t0
+        total_train += seconds
+        meta = json.loads((Path(ref.uri) / "bard.json").read_text())
+        scores = evaluate(Path(ref.uri), B, benchmarks_dir, args.limit, args.threshold)
+        drops = {n: ar_scores[n]["accuracy"] - scores[n]["accuracy"] for n in scores}
+        rows.append({"block_size": B, "merge_steps": merge, "distill_steps": distill if parent.block_size else 0,
+                     "train_seconds": seconds, "final_loss": meta["history"][-1]["loss"], "scores": scores,
+                     "max_drop": max(drops.values()), "within_tolerance": max(drops.values()) <= args.tolerance})
+        log(f"B={B}: {seconds:.0f}s, max drop {max(drops.values()):.3f}")
+        parent = ref
+
+    names = list(bench.PRIMARY)
+    print(f"stage budget — tiny recipe, 2 Ray Train workers, {args.limit} items per benchmark, tau={args.threshold}")
+    print(f"{'stage':<6} {'steps':>9} {'train s':>8} {'loss':>6} " + " ".join(f"{n[7:]:>8}" for n in names)
+          + f" {'max drop':>8} {'TPF ext':>7}")
+    print(f"{'AR':<6} {'-':>9} {'-':>8} {'-':>6} " + " ".join(f"{ar_scores[n]['accuracy']:>8.3f}" for n in names)
+          + f" {'-':>8} {ar_scores['shapes_extract']['tpf']:>7.2f}")
+    for r in rows:
+        print(f"{'B' + str(r['block_size']):<6} {str(r['merge_steps']) + '+' + str(r['distill_steps']):>9} "
+              f"{r['train_seconds']:>8.0f} {r['final_loss']:>6.3f} "
+              + " ".join(f"{r['scores'][n]['accuracy']:>8.3f}" for n in names)
+              + f" {r['max_drop']:>8.3f} {r['scores']['shapes_extract']['tpf']:>7.2f}")
+    print(f"total training wall time {total_train:.0f}s (budget 480s); every stage within "
+          f"{args.tolerance:.2f} of AR: {all(r['within_tolerance'] for r in rows)}")
+    print(json.dumps({"total_train_seconds": total_train, "within_budget": total_train <= 480,
+                      "all_within_tolerance": all(r["within_tolerance"] for r in rows), "tolerance": args.tolerance,
+                      "ar": ar_scores, "stages": rows, "work": str(work)}))
+
+
+if __name__ == "__main__":
+    main()
