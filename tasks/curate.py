@@ -134,16 +134,14 @@ def _raw(value):
 def process_stream(unit: dict, cfg: DataConfig, counter, chunk: int = 256):
     kind, subset = unit["kind"], unit["subset"]
     stream = open_stream(unit)
-    try:
-        from datasets import Image as ImageFeature
+    from datasets import Image as ImageFeature
 
-        for column in ("image", "images"):
-            if stream.features and column in stream.features:
-                feature = stream.features[column]
-                stream = stream.cast_column(column, ImageFeature(decode=False) if column == "image"
-                                            else type(feature)(ImageFeature(decode=False)))
-    except (ImportError, TypeError, ValueError):
-        pass
+    for column in ("image", "images"):  # keep the original encoded bytes instead of decoded PIL images
+        feature = (stream.features or {}).get(column)
+        if isinstance(feature, ImageFeature):
+            stream = stream.cast_column(column, ImageFeature(decode=False))
+        elif feature is not None and isinstance(getattr(feature, "feature", None), ImageFeature):
+            stream = stream.cast_column(column, type(feature)(ImageFeature(decode=False)))
     rows, offset = [], 0
     for row in stream:
         rows.append({k: _raw(v) for k, v in row.items()})
