@@ -12,7 +12,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from bard_core.inputs import encode_sample
 from bard_core.layout import ar_batch
 from bard_core.shapes import metrics, world
 from bard_core.shapes.data import conversations
+from bard_core.stages import save_checkpoint
 from bard_core.train import build_optimizer, train_step
 
 FAMILY_SCORES = {  # family -> (metric function, metric name): the benchmark metric of that family
@@ -70,20 +70,6 @@ def meets_targets(scores: dict[str, float]) -> bool:
     short = [scores[f] for f in FAMILY_SCORES if f != "extract"]
     return (min(short) >= TARGETS["short"] and scores["extract"] >= TARGETS["extract_f1"]
             and scores["extract_em"] >= TARGETS["extract_em"])
-
-
-def save_checkpoint(model, processor, out: Path, info: dict) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    (tmp / "bard_model.json").write_text(json.dumps(info, indent=1, sort_keys=True))
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = None, *, seed: int = 0,
@@ -141,7 +127,7 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
                     "scores": scores, "meets_targets": meets_targets(scores),
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "model_config": json.loads(json.dumps(cfg.__dict__))}
-            save_checkpoint(model, processor, out, info)
+            save_checkpoint(model, processor, out, info, meta_name="bard_model.json")
             curve_path.write_text(json.dumps(state["curve"], indent=1))
             if done:
                 return scores

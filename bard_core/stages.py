@@ -63,14 +63,14 @@ class StageResult:
     seconds: float
 
 
-def save_checkpoint(model, processor, out: Path, meta: dict) -> Path:
-    """Write an HF directory atomically (temp dir, then rename) with `bard.json`."""
+def save_checkpoint(model, processor, out: Path, meta: dict, meta_name: str = "bard.json") -> Path:
+    """Write an HF directory atomically (temp dir, then rename) with its metadata file."""
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
-    (tmp / "bard.json").write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
