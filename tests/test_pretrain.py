@@ -62,15 +62,21 @@ def test_a_base_from_another_world_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_base_holds_its_recorded_scores_on_a_fresh_seed():
-    """Re-scored on items it has never seen: every family within 0.05 of min(target, recorded score)."""
+    """Re-scored on 100 unseen items per family: each family within three standard errors (of the
+    recorded 40-item score and this one) of min(target, recorded), and at least 0.05 below it."""
+    import math
+
     from bard_core import stages
     from bard_core.assets import check_shipped_base, shipped_base
     from bard_core.pretrain import TARGETS, eval_set, score_families
 
     info = check_shipped_base()
     model, processor, _ = stages.load(shipped_base())
-    fresh = score_families(model, processor, eval_set(seed=2027, per_family=40))
+    n = 100
+    fresh = score_families(model, processor, eval_set(seed=2027, per_family=n))
     for family, recorded in info["scores"].items():
         target = {"extract": TARGETS["extract_f1"], "extract_em": TARGETS["extract_em"]}.get(family, TARGETS["short"])
-        assert fresh[family] >= min(target, recorded) - 0.05, (family, fresh[family], recorded)
+        p = min(target, recorded)
+        slack = max(0.05, 3 * math.sqrt(p * (1 - p) * (1 / 40 + 1 / n)))
+        assert fresh[family] >= p - slack, (family, fresh[family], recorded, slack)
     assert fresh["extract"] >= TARGETS["extract_f1"] and fresh["extract_em"] >= TARGETS["extract_em"]
