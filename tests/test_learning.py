@@ -15,9 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_diffusion_steps_lower_the_held_out_loss(tiny_model_dir):
+def test_diffusion_steps_lower_the_held_out_loss():
+    """From the shipped (pretrained) tiny AR base, as the method starts."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from bard_core.assets import shipped_base
     from bard_core.config import TrainConfig
     from bard_core.inputs import encode_sample
     from bard_core.layout import noise_spec_for, pack
@@ -25,8 +27,8 @@ def test_diffusion_steps_lower_the_held_out_loss(tiny_model_dir):
     from bard_core.train import build_optimizer, compute_loss, train_step
 
     torch.manual_seed(0)
-    processor = AutoProcessor.from_pretrained(tiny_model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    processor = AutoProcessor.from_pretrained(shipped_base())
+    model = AutoModelForImageTextToText.from_pretrained(shipped_base())
     pool = [encode_sample(s, processor, 512) for s in conversations(384, seed=1)]
     held_out = [encode_sample(s, processor, 512) for s in conversations(32, seed=2)]
     spec = noise_spec_for(processor.tokenizer, "mixed", 0.05)
