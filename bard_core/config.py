@@ -196,6 +196,7 @@ class DecodeConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     batch_size: int = 16
+    label_shift: bool = False  # must match the checkpoint's training (bard.json "label_shift")
 
     def __post_init__(self) -> None:
         c = "DecodeConfig"

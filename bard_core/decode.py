@@ -12,6 +12,8 @@
    ``edit_threshold`` is replaced, at most ``max_edits_per_position`` times per position.
 3. A full block is committed — its K/V kept — fused with the next block's first denoising forward
    (``[block b ‖ B masks]``: one forward instead of two; ``fuse=False`` commits separately).
+   With ``label_shift`` (checkpoints trained so), token j is read at position j−1 and a block's
+   first token at the last committed position.
 4. A row stops after the block holding its first ``<|im_end|>``; finished rows leave the batch
    (and the cache) while the others continue.
 
@@ -194,6 +196,7 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
     ctx: _Context | None = _Context(rows.ids, rows.positions, rows.types, rows.valid, _prompt_rows_mask(rows.valid))
     pixels, grids = rows.pixel_values, rows.image_grid_thw  # ride along while the prompt is in `ctx`
     next_pos = rows.next_pos.clone()
+    last_ctx = None  # hidden state of the last committed position (label-shift decoding reads it)
     start = time.perf_counter()
 
     for _ in range(-(-cfg.max_new_tokens // B)):
@@ -210,8 +213,9 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
             if ctx is not None:  # [context ‖ block] in one forward; only the context's K/V are kept
                 c = ctx.ids.shape[1]
                 new = ctx.then(block, block_pos)
-                h = _forward(model, cache, new.ids, new.positions, kept_valid, new.mask, device, pixels, grids,
-                             new.types)[:, c:]
+                full = _forward(model, cache, new.ids, new.positions, kept_valid, new.mask, device, pixels, grids,
+                                new.types)
+                h, last_ctx = full[:, c:], full[:, c - 1]
                 if use_cache:
                     kept_valid = torch.cat([kept_valid, ctx.valid], dim=1)
                     ctx, pixels, grids = None, None, None
@@ -219,6 +223,8 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
                 h = _forward(model, cache, block, block_pos, kept_valid, torch.ones(m, B, B, dtype=torch.bool), device)
             if use_cache:
                 _truncate(cache, kept_valid.shape[1])
+            if cfg.label_shift:  # token j is read at j-1; token 0 at the last committed (or prompt) position
+                h = torch.cat([last_ctx[:, None], h[:, :-1]], dim=1)
             token, conf = (t.cpu() for t in _pick(model.lm_head(h), cfg, ids.mask, generator))
             for i in torch.nonzero(decoding).flatten().tolist():
                 out[int(active[i])].nfe += 1
@@ -257,7 +263,8 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
             ctx = _Context.block(block, block_pos)  # committed by the next forward
         else:  # commit now, in a forward of its own
             committed = _Context.block(block, block_pos)
-            _forward(model, cache, committed.ids, committed.positions, kept_valid, committed.mask, device)
+            last_ctx = _forward(model, cache, committed.ids, committed.positions, kept_valid, committed.mask,
+                                device)[:, -1]
             kept_valid = torch.cat([kept_valid, committed.valid], dim=1)
             for i in active.tolist():
                 out[i].nfe += 1

@@ -89,10 +89,10 @@ def main() -> None:
     ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size)
     rows = []
     for B, path in checkpoints.items():
-        model, _, _ = stages.load(path)
+        model, _, meta = stages.load(path)
         for tau in thresholds:
             cfg = DecodeConfig(block_size=B, threshold=tau, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size)
+                               batch_size=args.batch_size, label_shift=bool(meta.get("label_shift", False)))
             d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg)
             rows.append({"block_size": B, "threshold": tau, "checkpoint": str(path),
                          "accuracy": d.accuracy["accuracy"], "scores": d.accuracy, "tokens": d.tokens, "nfe": d.nfe,

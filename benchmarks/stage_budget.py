@@ -25,7 +25,7 @@ from bard_core.config import DecodeConfig, get_recipe  # noqa: E402
 
 
 def evaluate(path: Path, block_size: int | None, benchmarks_dir: Path, limit: int, threshold: float) -> dict:
-    model, processor, _ = stages.load(path)
+    model, processor, meta = stages.load(path)
     scores = {}
     for name in bench.PRIMARY:
         items = bench.load_items(benchmarks_dir, name, limit)
@@ -35,7 +35,7 @@ def evaluate(path: Path, block_size: int | None, benchmarks_dir: Path, limit: in
         else:
             m = bench.run_diffusion(model, processor, name, items, prompts,
                                     DecodeConfig(block_size=block_size, threshold=threshold, max_new_tokens=96,
-                                                 batch_size=32))
+                                                 batch_size=32, label_shift=bool(meta.get("label_shift", False))))
         scores[name] = {"accuracy": m.accuracy["accuracy"], "tpf": m.tpf}
     return scores
 

@@ -147,7 +147,8 @@ def cmd_generate(args) -> int:
     try:
         cfg = DecodeConfig(block_size=block_size or 1, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
                            mode=args.mode, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
-                           top_p=args.top_p, edit_threshold=args.edit_threshold)
+                           top_p=args.top_p, edit_threshold=args.edit_threshold,
+                           label_shift=bool(meta.get("label_shift", False)))
     except ValueError as exc:
         raise UsageError(f"bard generate: {exc}") from None
     enc = encode_sample(conversation(args.prompt, "x", images), processor, 1 << 20)
@@ -189,7 +190,7 @@ def cmd_bench_decode(args) -> int:
              "nfe": ar.nfe, "tpf": ar.tpf, "tok_s": ar.tok_s, "speedup": 1.0}]
     for tau in thresholds:
         cfg = DecodeConfig(block_size=block_size, threshold=tau, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, label_shift=bool(meta.get("label_shift", False)))
         d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg)
         rows.append({"decoder": "diffusion", "block_size": block_size, "threshold": tau, "accuracy": d.accuracy,
                      "tokens": d.tokens, "nfe": d.nfe, "tpf": d.tpf, "tok_s": d.tok_s, "speedup": d.tok_s / ar.tok_s})
