@@ -71,6 +71,11 @@ def test_named_recipes_build(name):
     assert recipe.noise.kind == "mixed"
 
 
+def test_tiny_recipe_shifts_labels_and_real_recipes_follow_the_reference():
+    assert get_recipe("tiny").train.label_shift is True
+    assert get_recipe("qwen3-vl-4b").train.label_shift is False
+
+
 def test_real_recipes_point_at_the_hub_and_the_unused_mask_row():
     recipe = get_recipe("qwen3-vl-4b")
     assert recipe.model.base == "Qwen/Qwen3-VL-4B-Instruct"
