@@ -30,6 +30,7 @@ QWEN3_VL_MASK_TOKEN_ID = 151671  # an unused row of the 151936-row Qwen3-VL embe
 
 NOISE_KINDS = ("mask", "mixed")
 PROMPT_MASKS = ("causal", "block")
+PARALLEL = ("ddp", "fsdp")  # data parallel with replicas, or fully sharded (params, grads, optimizer state)
 OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -156,6 +157,9 @@ class TrainConfig:
     checkpoint_every: int = 100
     num_workers: int = 2
     use_gpu: bool = False
+    # ddp: every worker holds the whole model; fsdp: FSDP2 `fully_shard` per decoder/vision block, fp32
+    # master weights, compute in the model dtype (bf16 on GPU), full-state checkpoints gathered on rank 0.
+    parallel: str = "ddp"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -171,6 +175,7 @@ class TrainConfig:
             if getattr(self, name) < 0:
                 _fail(c, name, getattr(self, name), "a non-negative int")
         _check_choice(c, "prompt_mask", self.prompt_mask, PROMPT_MASKS)
+        _check_choice(c, "parallel", self.parallel, PARALLEL)
         if self.pad_loss_weight not in (0.0, 0.5):
             _fail(c, "pad_loss_weight", self.pad_loss_weight, "0.0 (padding ignored) or 0.5 (reference)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -313,11 +318,16 @@ def tiny() -> Recipe:
 
 
 def _qwen3_vl(size: str) -> Recipe:
+    # 2B: a bf16 replica plus AdamW state (~16 GB) fits each GPU, so DDP; 4B/8B shard with FSDP (an 8B
+    # student with fp32 master weights and AdamW state is ~128 GB before activations, and distillation
+    # adds the teacher).
+    parallel = "ddp" if size == "2B" else "fsdp"
     return Recipe(
         name=f"qwen3-vl-{size.lower()}",
         model=ModelConfig(base=f"Qwen/Qwen3-VL-{size}-Instruct", dtype="bfloat16",
                           mask_token_id=QWEN3_VL_MASK_TOKEN_ID),
-        train=TrainConfig(batch_size=256, num_workers=8, use_gpu=True, merge_steps=2000, distill_steps=500),
+        train=TrainConfig(batch_size=256, num_workers=8, use_gpu=True, merge_steps=2000, distill_steps=500,
+                          parallel=parallel),
         gate=GateConfig(
             benchmarks=("mmmu_val", "mmmu_pro", "mme", "realworldqa", "mmstar", "ai2d", "chartqa", "ocrbench"),
             speed_benchmark="chartqa",

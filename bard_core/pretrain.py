@@ -74,20 +74,31 @@ def meets_targets(scores: dict[str, float]) -> bool:
 
 def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = None, *, seed: int = 0,
                   batch_size: int = 32, lr: float = 2e-3, warmup_steps: int = 100, eval_every: float = 120.0,
-                  eval_per_family: int = 40, pool_size: int = 4096, resume: bool = False, log=print) -> dict:
-    """Train for `minutes` of wall time; returns the final scores. `resume` continues from `out`."""
+                  eval_per_family: int = 40, pool_size: int = 4096, resume: bool = False,
+                  family_weights: dict[str, float] | None = None, log=print) -> dict:
+    """Train for `minutes` of wall time; returns the final scores. `resume` continues from `out`.
+
+    `family_weights` re-weights the question families of the training stream (default
+    ``world.FAMILY_WEIGHTS``), e.g. to spend a resumed run on the families still below target. Every
+    invocation is appended to ``training_runs`` in ``bard_model.json`` (steps, lr, weights, minutes).
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from bard_core.tiny import build_model, build_processor
 
     out = Path(out)
     curve_path = out.with_name(out.name + ".curve.json")
-    state = {"steps": 0, "seconds": 0.0, "curve": []}
+    state = {"steps": 0, "seconds": 0.0, "curve": [], "runs": []}
+    weights = dict(world.FAMILY_WEIGHTS if family_weights is None else family_weights)
+    world.ask(world.random_scene(random.Random(0)), random.Random(0), None, weights)  # validates weights
     if resume and (out / "bard_model.json").exists():
         processor = AutoProcessor.from_pretrained(out)
         model = AutoModelForImageTextToText.from_pretrained(out)
         info = json.loads((out / "bard_model.json").read_text())
         state["steps"], state["seconds"] = info["steps"], info["train_seconds"]
+        state["runs"] = info.get("training_runs") or [
+            {"from_step": 0, "to_step": info["steps"], "lr": None, "family_weights": None,
+             "note": "run before training_runs were recorded"}]
         if curve_path.exists():
             state["curve"] = json.loads(curve_path.read_text())
         cfg = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in info["model_config"].items()})
@@ -104,8 +115,12 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
     rng = random.Random(seed * 7 + state["steps"])
 
     def fresh_pool(k: int) -> list:
-        return [encode_sample(s, processor, 512) for s in conversations(pool_size, seed=seed * 100_003 + k)]
+        return [encode_sample(s, processor, 512) for s in conversations(pool_size, seed=seed * 100_003 + k,
+                                                                 weights=weights)]
 
+    this_run = {"from_step": state["steps"], "to_step": state["steps"], "lr": lr, "batch_size": batch_size,
+                "family_weights": weights, "minutes": minutes, "resumed": bool(resume and state["runs"])}
+    state["runs"].append(this_run)
     pool = fresh_pool(state["steps"])
     started, last_eval, losses = time.monotonic(), time.monotonic(), []
     scores: dict[str, float] = {}
@@ -119,20 +134,23 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
             state["curve"].append(point)
             log(json.dumps(point))
             losses, last_eval = [], time.monotonic()
+            this_run["to_step"] = state["steps"]
             info = {"family": "tiny", "world_version": world.WORLD_VERSION,
                     "tokenizer_fingerprint": tokenizer_fingerprint(processor.tokenizer),
                     "mask_token": processor.tokenizer.mask_token,
                     "mask_token_id": processor.tokenizer.mask_token_id, "objective": "ar",
                     "steps": state["steps"], "train_seconds": round(state["seconds"] + elapsed, 1),
                     "scores": scores, "meets_targets": meets_targets(scores),
+                    "training_runs": state["runs"],
                     "parameters": sum(p.numel() for p in model.parameters()),
                     "model_config": json.loads(json.dumps(cfg.__dict__))}
             save_checkpoint(model, processor, out, info, meta_name="bard_model.json")
             curve_path.write_text(json.dumps(state["curve"], indent=1))
             if done:
                 return scores
-        # warm-up by steps, then cosine over the wall-clock budget (the budget is time, not steps)
-        factor = min(1.0, (state["steps"] + 1) / warmup_steps) if not resume else 1.0
+        # warm-up by steps (also on resume: the optimizer state is new), then cosine over the wall-clock
+        # budget (the budget is time, not steps)
+        factor = min(1.0, (state["steps"] - this_run["from_step"] + 1) / warmup_steps)
         factor *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / (minutes * 60))))
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * factor

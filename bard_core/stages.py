@@ -63,12 +63,16 @@ class StageResult:
     seconds: float
 
 
-def save_checkpoint(model, processor, out: Path, meta: dict, meta_name: str = "bard.json") -> Path:
-    """Write an HF directory atomically (temp dir, then rename) with its metadata file."""
+def save_checkpoint(model, processor, out: Path, meta: dict, meta_name: str = "bard.json",
+                    state_dict: dict | None = None) -> Path:
+    """Write an HF directory atomically (temp dir, then rename) with its metadata file.
+
+    `state_dict` replaces the model's own tensors (a sharded model passes its gathered full state).
+    """
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     processor.save_pretrained(tmp)
     (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     if out.exists():

@@ -87,6 +87,29 @@ def _model_config(base, items: list[str] | None, command: str):
         raise UsageError(f"bard {command}: {exc}") from None
 
 
+def _family_weights(pairs: list[str] | None) -> dict[str, float] | None:
+    """``--weight FAMILY=W`` pairs on top of the world's default weights (W = 0 drops a family)."""
+    if not pairs:
+        return None
+    from bard_core.shapes import world
+
+    weights = dict(world.FAMILY_WEIGHTS)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or name not in world.FAMILIES:
+            raise UsageError(f"bard pretrain-tiny: --weight wants FAMILY=W with FAMILY one of "
+                             f"{', '.join(world.FAMILIES)} (got {pair!r})")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise UsageError(f"bard pretrain-tiny: --weight {name}: {value!r} is not a number") from None
+        if weights[name] < 0:
+            raise UsageError(f"bard pretrain-tiny: --weight {name}: must be >= 0 (got {value})")
+    if not any(w > 0 for w in weights.values()):
+        raise UsageError("bard pretrain-tiny: --weight leaves every family at weight 0")
+    return weights
+
+
 def cmd_pretrain_tiny(args) -> int:
     from bard_core.config import ModelConfig
     from bard_core.pretrain import pretrain_tiny
@@ -97,7 +120,7 @@ def cmd_pretrain_tiny(args) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     scores = pretrain_tiny(args.out, args.minutes, cfg, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                            eval_every=args.eval_every, eval_per_family=args.eval_per_family, resume=args.resume,
-                           log=log)
+                           family_weights=_family_weights(args.weight), log=log)
     out = Path(args.out)
     info = json.loads((out / "bard_model.json").read_text())
     payload = {"out": str(out.resolve()), "curve": str(out.with_name(out.name + ".curve.json").resolve()),
@@ -266,8 +289,11 @@ def cmd_train(args) -> int:
     if args.dry_run:
         payload = {"recipe": recipe.name, "objective": args.objective, "block_size": args.block_size,
                    "workers": recipe.train.num_workers, "use_gpu": recipe.train.use_gpu,
-                   "parallel": "ddp (gloo on CPU, nccl on GPU); FSDP not implemented yet",
-                   "dtype": recipe.model.dtype, "batch_size": recipe.train.batch_size,
+                   "parallel": recipe.train.parallel,
+                   "backend": "nccl" if recipe.train.use_gpu else "gloo",
+                   "dtype": recipe.model.dtype if recipe.train.use_gpu else "float32",
+                   "master_weights": "float32" if recipe.train.parallel == "fsdp" or not recipe.train.use_gpu
+                   else recipe.model.dtype, "batch_size": recipe.train.batch_size,
                    "steps": {"merge": recipe.train.merge_steps, "distill": recipe.train.distill_steps if args.teacher else 0,
                              "ar": recipe.train.base_steps}}
         _emit(payload, args.json, [f"dry run: {json.dumps(payload)}"])
@@ -377,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out")
+    p.add_argument("--weight", action="append", metavar="FAMILY=W",
+                   help="sampling weight of a question family in the training stream (repeatable)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)

@@ -1,8 +1,11 @@
 """Ray Train per stage: one `TorchTrainer.fit()` runs a stage's phases — merge (block-diffusion CE at
 B), then distill (CE + top-K KD from the teacher) — or the AR objective for a base.
 
-The loop is bard_core's `train_step`; Ray adds only `prepare_model` (DDP over gloo on CPU, NCCL on
-GPUs), the dataset shard and `ray.train.report` with checkpoints. A checkpoint is an HF directory
+The loop is bard_core's `train_step`; Ray adds only the process group and `prepare_model` (DDP over
+gloo on CPU, NCCL on GPUs), the dataset shard and `ray.train.report` with checkpoints. With
+``train.parallel = "fsdp"`` the model is instead sharded with FSDP2 (`fully_shard` per decoder layer
+and vision block, then the root): fp32 master weights, compute in the recipe's dtype, and the full
+state gathered to rank 0 for every checkpoint, so checkpoints are the same HF directories either way. A checkpoint is an HF directory
 (+ processor, `bard.json`, optimizer state) every `checkpoint_every` steps; a worker failure
 restarts the group from the latest one (`FailureConfig`), and calling the task again with the same
 inputs returns the finished checkpoint without training.
@@ -59,12 +62,19 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker (see module docstring)."""
     import ray.train
     import torch
-    from ray.train.torch import prepare_model
+    from ray.train.torch import get_device, prepare_model
 
     from bard_core import stages
     from bard_core.inputs import RejectedSample, encode_sample
     from bard_core.layout import ar_batch, noise_spec_for, pack
-    from bard_core.train import LogitsAtLossPositions, Teacher, build_optimizer, build_scheduler, train_step
+    from bard_core.train import (
+        LogitsAtLossPositions,
+        Teacher,
+        build_optimizer,
+        build_scheduler,
+        to_device,
+        train_step,
+    )
 
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
@@ -82,14 +92,23 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model, processor, _ = stages.load(config["init"])
         optimizer_state = None
-    model.to(getattr(torch, config["dtype"]))
+    device, dtype, fsdp = get_device(), getattr(torch, config["dtype"]), train.parallel == "fsdp"
+    if fsdp:  # fp32 master weights, sharded; compute in `dtype`
+        runner = _shard(LogitsAtLossPositions(model.to(device)), dtype)
+    else:
+        model.to(dtype)
+        runner = prepare_model(LogitsAtLossPositions(model), parallel_strategy_kwargs={"find_unused_parameters": True})
     teacher = None
     if config["teacher"]:
         teacher_model, _, _ = stages.load(config["teacher"])
         for p in teacher_model.parameters():
             p.requires_grad_(False)
-        teacher = Teacher(teacher_model.eval(), config["teacher_block_size"])
-    runner = prepare_model(LogitsAtLossPositions(model), parallel_strategy_kwargs={"find_unused_parameters": True})
+        teacher_model.eval()
+        if fsdp:
+            teacher = Teacher(_shard(LogitsAtLossPositions(teacher_model.to(device)), dtype).eval(),
+                              config["teacher_block_size"])
+        else:
+            teacher = Teacher(teacher_model.to(device, dtype), config["teacher_block_size"])
     spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, config["mask_token_id"])
     per_worker = max(1, train.batch_size // world)
     rows = _rows_forever(ray.train.get_dataset_shard("train"), train.seed + 1000 * rank + state["step"])
@@ -107,9 +126,10 @@ def train_loop_per_worker(config: dict) -> None:
             except RejectedSample:
                 skipped += 1
         if config["objective"] == "ar":
-            return ar_batch(samples, spec.pad_id)
-        return pack(samples, model, config["block_size"], spec, prompt_mask=train.prompt_mask,
-                    label_shift=train.label_shift, pad_loss_weight=train.pad_loss_weight, generator=generator)
+            return to_device(ar_batch(samples, spec.pad_id), device)
+        return to_device(pack(samples, model, config["block_size"], spec, prompt_mask=train.prompt_mask,
+                              label_shift=train.label_shift, pad_loss_weight=train.pad_loss_weight,
+                              generator=generator), device)
 
     done_before = 0
     for phase in config["phases"]:
@@ -121,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler = build_scheduler(optimizer, phase["steps"], min(train.warmup_steps, phase["steps"] // 2),
                                     phase["min_ratio"])
         if optimizer_state is not None and optimizer_state.get("phase") == phase["name"]:
-            optimizer.load_state_dict(optimizer_state["optimizer"])
+            _load_optimizer_state(runner, optimizer, optimizer_state["optimizer"], fsdp)
         for _ in range(state["step"] - start):
             scheduler.step()
         optimizer_state = None
@@ -140,16 +160,59 @@ def train_loop_per_worker(config: dict) -> None:
             if state["step"] % train.checkpoint_every == 0 or state["step"] == end:
                 report = {"step": state["step"], "phase": phase["name"], "loss": metrics["loss"], "skipped": skipped,
                           "final": last}
+                model_state, optim_state = _full_state(model, runner, optimizer, fsdp)  # collective under FSDP
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
                         meta = {**config["meta"], "step": state["step"], "history": state["history"],
-                                "phase": phase["name"], "final": last, "resumed_from": state["resumed_from"]}
-                        stages.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta)
-                        torch.save({"phase": phase["name"], "optimizer": optimizer.state_dict()},
+                                "phase": phase["name"], "final": last, "resumed_from": state["resumed_from"],
+                                "parallel": train.parallel}
+                        stages.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta, state_dict=model_state)
+                        torch.save({"phase": phase["name"], "optimizer": optim_state},
                                    Path(tmp) / "ckpt" / "optimizer.pt")
                         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))
                 else:
                     ray.train.report(report)
+
+
+def _shard(runner, dtype):
+    """FSDP2 over `runner` (a LogitsAtLossPositions): one unit per decoder layer and per vision block,
+    then the root (embeddings, patch embedding, merger, norm, LM head). Below fp32, parameters are
+    gathered in `dtype` for compute while the sharded masters and the gradient reduction stay fp32."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {} if dtype == torch.float32 else {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype,
+                                                                                   reduce_dtype=torch.float32)}
+    inner = runner.vlm.model
+    for unit in [*inner.language_model.layers, *inner.visual.blocks]:
+        fully_shard(unit, **kwargs)
+    fully_shard(runner, **kwargs)
+    return runner
+
+
+def _full_state(model, runner, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
+    """(model state for save_pretrained or None for the model's own, optimizer state) to checkpoint.
+    Under FSDP every rank must call this (it all-gathers); only rank 0 receives the tensors."""
+    if not fsdp:
+        return None, optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            get_optimizer_state_dict(runner, optimizer, options=options))
+
+
+def _load_optimizer_state(runner, optimizer, state: dict, fsdp: bool) -> None:
+    if not fsdp:
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(runner, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,

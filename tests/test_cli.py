@@ -69,11 +69,37 @@ def test_new_commands_reject_bad_arguments_in_one_line(tmp_path):
         ("bench-decode", "--model", str(tmp_path), "--ar-model", str(tmp_path), "--benchmark", "x",
          "--benchmarks-dir", str(tmp_path)),
         ("pretrain-tiny", "--out", str(tmp_path / "b"), "--minutes", "0"),
+        ("pretrain-tiny", "--out", str(tmp_path / "b"), "--weight", "yesno"),
+        ("pretrain-tiny", "--out", str(tmp_path / "b"), "--weight", "nope=2"),
+        ("pretrain-tiny", "--out", str(tmp_path / "b"), "--weight", "mcq=-1"),
+        ("pretrain-tiny", "--out", str(tmp_path / "b"), *sum((["--weight", f"{f}=0"] for f in
+                                                             ("colour", "shape", "count", "yesno", "mcq", "ocr",
+                                                              "extract")), [])),
+        ("train", "--recipe", "qwen3-vl-4b", "--set", "train.parallel=zero3", "--data", str(tmp_path), "--init",
+         str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"),
     ]
     for args in cases:
         out = run(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+
+
+def test_train_dry_run_shows_the_parallel_plan_of_each_recipe(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    plans = {}
+    for recipe in ("tiny", "qwen3-vl-2b", "qwen3-vl-8b"):
+        out = run("train", "--recipe", recipe, "--data", str(tmp_path), "--init", str(tmp_path), "--out",
+                  str(tmp_path / "o"), "--block-size", "8", "--dry-run", "--json")
+        assert out.returncode == 0, out.stderr
+        plans[recipe] = json.loads(out.stdout)
+    assert plans["tiny"]["parallel"] == "ddp" and plans["tiny"]["backend"] == "gloo"
+    assert plans["tiny"]["dtype"] == "float32"
+    assert plans["qwen3-vl-2b"]["parallel"] == "ddp" and plans["qwen3-vl-2b"]["master_weights"] == "bfloat16"
+    big = plans["qwen3-vl-8b"]
+    assert (big["parallel"], big["backend"], big["dtype"], big["master_weights"], big["workers"]) == (
+        "fsdp", "nccl", "bfloat16", "float32", 8)
+    assert not (tmp_path / "o").exists()  # a dry run trains and writes nothing
 
 
 def test_generate_prints_text_and_decoding_stats(tiny_model_dir, tmp_path):

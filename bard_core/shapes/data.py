@@ -8,14 +8,16 @@ import random
 from bard_core.shapes import world
 
 
-def conversations(n: int, seed: int = 0, families: list[str] | None = None) -> list[dict]:
-    """`n` one-turn samples ``{images: [PIL], messages: [...]}``; families drawn by weight unless given."""
+def conversations(n: int, seed: int = 0, families: list[str] | None = None,
+                  weights: dict[str, float] | None = None) -> list[dict]:
+    """`n` one-turn samples ``{images: [PIL], messages: [...]}``; families cycle through `families` when
+    given, else are drawn by `weights` (default ``world.FAMILY_WEIGHTS``)."""
     rng = random.Random(seed)
     out = []
     for k in range(n):
         scene = world.random_scene(rng)
         family = families[k % len(families)] if families else None
-        _, question, answer = world.ask(scene, rng, family)
+        _, question, answer = world.ask(scene, rng, family, weights)
         out.append({
             "images": [world.render(scene)],
             "messages": [

@@ -221,11 +221,18 @@ FAMILIES = {
 FAMILY_WEIGHTS = {"colour": 1, "shape": 1, "count": 1, "yesno": 1, "mcq": 1, "ocr": 1, "extract": 2}
 
 
-def ask(scene: Scene, rng: random.Random, family: str | None = None) -> tuple[str, str, str]:
-    """One (family, question, answer) about the scene; the family is drawn by FAMILY_WEIGHTS if None."""
+def ask(scene: Scene, rng: random.Random, family: str | None = None,
+        weights: dict[str, float] | None = None) -> tuple[str, str, str]:
+    """One (family, question, answer) about the scene; the family is drawn by `weights` (default
+    FAMILY_WEIGHTS; families missing from `weights` are never drawn) if None."""
     if family is None:
-        names = list(FAMILY_WEIGHTS)
-        family = rng.choices(names, weights=[FAMILY_WEIGHTS[n] for n in names])[0]
+        weights = FAMILY_WEIGHTS if weights is None else weights
+        unknown = sorted(set(weights) - set(FAMILIES))
+        if unknown or not any(w > 0 for w in weights.values()) or any(w < 0 for w in weights.values()):
+            raise ValueError(f"family weights must be non-negative, not all zero, over {', '.join(FAMILIES)}"
+                             f" (got {weights})")
+        names = list(weights)
+        family = rng.choices(names, weights=[weights[n] for n in names])[0]
     if family not in FAMILIES:
         raise ValueError(f"unknown question family {family!r}; valid: {', '.join(FAMILIES)}")
     question, answer = FAMILIES[family](scene, rng)

@@ -1,0 +1,66 @@
+"""A 2-process gloo job (spawned by test_train_stage) that trains the same model on the same per-rank
+batches once with DDP and once with FSDP2 (`tasks.train._shard`), and writes both results."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+STEPS = 3
+
+
+def _batches(processor, model, rank: int):
+    import torch
+
+    from bard_core.inputs import encode_sample
+    from bard_core.layout import noise_spec_for, pack
+    from bard_core.shapes.data import conversations
+
+    spec = noise_spec_for(processor.tokenizer, "mixed", 0.05)
+    samples = [encode_sample(s, processor, 512) for s in conversations(4 * STEPS, seed=100 + rank)]
+    generator = torch.Generator().manual_seed(rank)
+    return [pack(samples[4 * k:4 * k + 4], model, 4, spec, prompt_mask="causal", label_shift=True,
+                 pad_loss_weight=0.0, generator=generator) for k in range(STEPS)]
+
+
+def run(rank: int, world: int, model_dir: str, out: str, port: int) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from bard_core import stages
+    from bard_core.config import TrainConfig
+    from bard_core.train import LogitsAtLossPositions, build_optimizer, train_step
+    from tasks.train import _full_state, _shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg = TrainConfig(lr=1e-3, vision_lr=1e-3, label_shift=True)
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        model, processor, _ = stages.load(model_dir)
+        batches = _batches(processor, model, rank)
+        if strategy == "ddp":
+            runner = torch.nn.parallel.DistributedDataParallel(LogitsAtLossPositions(model),
+                                                               find_unused_parameters=True)
+        else:
+            runner = _shard(LogitsAtLossPositions(model), torch.float32)
+        optimizer = build_optimizer(runner.module if strategy == "ddp" else runner, cfg)
+        losses = [train_step(runner, b, optimizer, cfg)["loss"] for b in batches]
+        state, optim = _full_state(model, runner, optimizer, strategy == "fsdp")
+        state = state if state is not None else model.state_dict()
+        if rank == 0:
+            torch.save({k: v.detach().cpu() for k, v in state.items()}, Path(out) / f"{strategy}.pt")
+            results[strategy] = {"losses": losses, "optimizer_entries": len(optim["state"])}
+    if rank == 0:
+        (Path(out) / "results.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    import torch.multiprocessing as mp
+
+    model_dir, out, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    mp.spawn(run, args=(2, model_dir, out, port), nprocs=2)
