@@ -4,7 +4,7 @@ benchmark's items, side by side in one run. Accuracy uses the benchmark's own me
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -43,6 +43,12 @@ def prompts_for(items: list[dict], processor, max_tokens: int = 4096) -> list[En
     return prompts
 
 
+def score_items(name: str, items: list[dict], predictions: list[str]) -> list[float]:
+    """The benchmark's primary metric per item (for paired comparisons of two decoders)."""
+    fn, primary = PRIMARY[name]
+    return [float(fn(item, [p])[primary]) for item, p in zip(items, predictions)]
+
+
 def score(name: str, items: list[dict], predictions: list[str]) -> dict[str, float]:
     fn, primary = PRIMARY[name]
     per_item = [fn(item, [p]) for item, p in zip(items, predictions)]
@@ -68,6 +74,7 @@ class Measured:
     nfe: int
     seconds: float
     edits: int
+    per_item: list[float] = field(default_factory=list)  # the primary metric of every item, in order
 
     @property
     def tpf(self) -> float:
@@ -89,7 +96,8 @@ def run_ar(model, processor, name: str, items: list[dict], prompts, max_new_toke
         gens += ar_generate_cached(model, prompts[i:i + batch_size], max_new_tokens, ids)
     seconds = time.perf_counter() - start
     texts = [_decode_text(processor.tokenizer, g.token_ids) for g in gens]
-    return Measured(score(name, items, texts), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds, 0)
+    return Measured(score(name, items, texts), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds, 0,
+                    score_items(name, items, texts))
 
 
 def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: DecodeConfig) -> Measured:
@@ -100,4 +108,4 @@ def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: 
     seconds = time.perf_counter() - start
     texts = [_decode_text(processor.tokenizer, g.token_ids) for g in gens]
     return Measured(score(name, items, texts), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds,
-                    sum(g.edits for g in gens))
+                    sum(g.edits for g in gens), score_items(name, items, texts))
