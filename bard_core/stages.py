@@ -98,17 +98,22 @@ def fingerprint(*parts) -> str:
 
 
 def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str | Path, cfg: TrainConfig,
-                      noise: NoiseConfig, *, log: Callable[[str], None] = print, seed: int = 0) -> list[StageResult]:
+                      noise: NoiseConfig, *, log: Callable[[str], None] = print, seed: int = 0,
+                      steps: list[tuple[int, int]] | None = None) -> list[StageResult]:
     """B = cfg.block_sizes in order: merge (init = previous stage) then distil from the previous stage.
 
+    `steps` gives (merge, distill) per stage (default: cfg.merge_steps, cfg.distill_steps for all).
     Stages whose checkpoint already exists with the same fingerprint are loaded, not retrained.
     """
+    steps = steps or [(cfg.merge_steps, cfg.distill_steps)] * len(cfg.block_sizes)
+    if len(steps) != len(cfg.block_sizes):
+        raise ValueError(f"steps has {len(steps)} entries for {len(cfg.block_sizes)} block sizes")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []
     parent, parent_block = Path(base), None
-    for B in cfg.block_sizes:
-        key = fingerprint(str(parent), B, cfg.merge_steps, cfg.distill_steps, cfg.lr, cfg.distill_lr,
+    for B, (merge_steps, distill_steps) in zip(cfg.block_sizes, steps):
+        key = fingerprint(str(parent), B, merge_steps, distill_steps, cfg.lr, cfg.distill_lr, cfg.label_shift,
                           cfg.batch_size, noise.kind, noise.t_min, seed, len(pool))
         target = out_dir / f"B{B}"
         meta_path = target / "bard.json"
@@ -122,18 +127,18 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
         model, processor, _ = load(parent)
         spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min)
         it = batches(pool, model, B, spec, cfg, seed + B)
-        metrics = {"merge": train_phase(model, it, cfg.merge_steps, cfg, lr=cfg.lr, min_ratio=cfg.min_lr_ratio,
+        metrics = {"merge": train_phase(model, it, merge_steps, cfg, lr=cfg.lr, min_ratio=cfg.min_lr_ratio,
                                         warmup=cfg.warmup_steps)}
-        if parent_block is not None and cfg.distill_steps:
+        if parent_block is not None and distill_steps:
             teacher_model, _, _ = load(parent)
             for p in teacher_model.parameters():
                 p.requires_grad_(False)
-            metrics["distill"] = train_phase(model, it, cfg.distill_steps, cfg, lr=cfg.distill_lr,
+            metrics["distill"] = train_phase(model, it, distill_steps, cfg, lr=cfg.distill_lr,
                                              min_ratio=cfg.distill_min_lr_ratio, warmup=cfg.warmup_steps,
                                              teacher=Teacher(teacher_model, parent_block))
         seconds = time.monotonic() - started
         meta = {"block_size": B, "parent": str(parent), "teacher": str(parent) if parent_block else None,
-                "steps": {"merge": cfg.merge_steps, "distill": cfg.distill_steps if parent_block else 0},
+                "steps": {"merge": merge_steps, "distill": distill_steps if parent_block else 0},
                 "metrics": metrics, "seconds": round(seconds, 1), "fingerprint": key, "objective": "diffusion",
                 "label_shift": cfg.label_shift, "prompt_mask": cfg.prompt_mask, "noise": noise.kind}
         save_checkpoint(model, processor, target, meta)

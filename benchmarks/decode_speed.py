@@ -10,7 +10,7 @@ Without `--stages`, the block-diffusion checkpoints are trained here from the AR
 bard_core's own loop (progressive merging + stage-wise distillation), cached under
 `runs/decode_bench/` — the output says which checkpoints it measured.
 
-    python benchmarks/decode_speed.py [--limit 60] [--thresholds 0.5,0.7,0.9] [--batch-size 16]
+    python benchmarks/decode_speed.py [--limit 60] [--thresholds 0.5,0.7,0.9] [--stages DIR | --steps 1500:0,...]
 
 The last line printed is one JSON object.
 """
@@ -47,9 +47,10 @@ def stage_checkpoints(args, log) -> dict[int, Path]:
     cfg = recipe.train
     import dataclasses
 
-    cfg = dataclasses.replace(cfg, merge_steps=args.merge_steps, distill_steps=args.distill_steps)
-    results = stages.progressive_local(args.ar_model, pool, ROOT / "runs" / "decode_bench", cfg, NoiseConfig(),
-                                       log=log)
+    steps = [tuple(int(x) for x in part.split(":")) for part in args.steps.split(",")]
+    cfg = dataclasses.replace(cfg, block_sizes=tuple(recipe.train.block_sizes[:len(steps)]))
+    results = stages.progressive_local(args.ar_model, pool, ROOT / "runs" / "decode_bench", cfg,
+                                       NoiseConfig(kind=args.noise), log=log, steps=steps)
     return {r.block_size: r.path for r in results}
 
 
@@ -65,8 +66,9 @@ def main() -> None:
     parser.add_argument("--thresholds", default="0.5,0.7,0.9,0.95")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=96)
-    parser.add_argument("--merge-steps", type=int, default=300)
-    parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--steps", default="1500:0,600:200,600:200,600:200",
+                        help="merge:distill steps per stage B4,B8,… when training here (cached)")
+    parser.add_argument("--noise", default="mixed", help="noise kind when training here (mixed or mask)")
     parser.add_argument("--train-pool", type=int, default=4096)
     args = parser.parse_args()
     args.ar_model = args.ar_model or str(shipped_base())

@@ -61,3 +61,31 @@ def test_layout_memory_benchmark_prints_a_table_and_a_json_line():
         assert key in result
     assert result["packed_peak_mb"] < result["vanilla_peak_mb"]
     assert result["loss_delta"] < 1e-4  # same loss in both layouts
+
+
+def test_progressive_local_chains_stages_with_their_own_steps_and_reuses_finished_ones(tiny_model_dir, tmp_path):
+    import dataclasses
+
+    from bard_core import stages
+    from bard_core.config import NoiseConfig, get_recipe
+    from bard_core.inputs import encode_sample
+    from bard_core.shapes.data import conversations
+
+    _, processor, _ = stages.load(tiny_model_dir)
+    pool = [encode_sample(s, processor, 512) for s in conversations(8, seed=3)]
+    cfg = dataclasses.replace(get_recipe("tiny").train, block_sizes=(4, 8), batch_size=4, warmup_steps=1)
+    lines: list[str] = []
+    results = stages.progressive_local(tiny_model_dir, pool, tmp_path, cfg, NoiseConfig(), steps=[(3, 0), (2, 2)],
+                                       log=lines.append)
+    b4, b8 = (json.loads((r.path / "bard.json").read_text()) for r in results)
+    assert b4["steps"] == {"merge": 3, "distill": 0} and b4["teacher"] is None
+    assert b8["steps"] == {"merge": 2, "distill": 2} and b8["parent"] == b8["teacher"] == str(results[0].path)
+    assert b8["label_shift"] is True and "kd" in b8["metrics"]["distill"]
+    stamp = (results[1].path / "model.safetensors").stat().st_mtime_ns
+    lines.clear()
+    again = stages.progressive_local(tiny_model_dir, pool, tmp_path, cfg, NoiseConfig(), steps=[(3, 0), (2, 2)],
+                                     log=lines.append)
+    assert [r.path for r in again] == [r.path for r in results] and all("cached" in line for line in lines)
+    assert (results[1].path / "model.safetensors").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="2 block sizes"):
+        stages.progressive_local(tiny_model_dir, pool, tmp_path, cfg, NoiseConfig(), steps=[(3, 0)])
