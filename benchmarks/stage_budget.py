@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--tolerance", type=float, default=0.03)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
+    parser.add_argument("--base", default=None, help="AR base checkpoint (default: the shipped tiny base)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.lr=5e-4")
     args = parser.parse_args()
@@ -78,10 +79,10 @@ def main() -> None:
     synth(work / "world", seed=11, size=args.size, bench_size=args.limit)
     data = run_curation({"llava_ov": str(work / "world/sources/llava_ov"),
                          "finevision": str(work / "world/sources/finevision")}, work / "curated", recipe.data,
-                        str(shipped_base()), str(work / "world/benchmarks"))
+                        str(args.base or shipped_base()), str(work / "world/benchmarks"))
     log(f"curated {data.num_rows} rows")
     benchmarks_dir = work / "world/benchmarks"
-    base = checkpoint_ref(shipped_base())
+    base = checkpoint_ref(args.base or shipped_base())
     ar_scores = evaluate(Path(base.uri), None, benchmarks_dir, args.limit, args.threshold)
     rows, parent, total_train = [], base, 0.0
     for B, (merge, distill) in zip(recipe.train.block_sizes, steps):

@@ -61,22 +61,18 @@ def test_a_base_from_another_world_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_base_holds_its_recorded_scores_on_a_fresh_seed():
-    """Re-scored on 100 unseen items per family: each family within three standard errors (of the
-    recorded 40-item score and this one) of min(target, recorded), and at least 0.05 below it."""
-    import math
-
+def test_shipped_base_meets_the_targets_on_a_fresh_seed():
+    """Re-scored greedily on 100 unseen items per family (a seed neither training nor the recorded
+    evaluation used): every short-answer family >= 0.95, the listing F1 >= 0.90 and EM >= 0.60."""
     from bard_core import stages
     from bard_core.assets import check_shipped_base, shipped_base
-    from bard_core.pretrain import TARGETS, eval_set, score_families
+    from bard_core.pretrain import TARGETS, eval_set, meets_targets, score_families
 
     info = check_shipped_base()
+    assert info["meets_targets"]
     model, processor, _ = stages.load(shipped_base())
-    n = 100
-    fresh = score_families(model, processor, eval_set(seed=2027, per_family=n))
-    for family, recorded in info["scores"].items():
-        target = {"extract": TARGETS["extract_f1"], "extract_em": TARGETS["extract_em"]}.get(family, TARGETS["short"])
-        p = min(target, recorded)
-        slack = max(0.05, 3 * math.sqrt(p * (1 - p) * (1 / 40 + 1 / n)))
-        assert fresh[family] >= p - slack, (family, fresh[family], recorded, slack)
-    assert fresh["extract"] >= TARGETS["extract_f1"] and fresh["extract_em"] >= TARGETS["extract_em"]
+    fresh = score_families(model, processor, eval_set(seed=2027, per_family=100))
+    short = {f: v for f, v in fresh.items() if f not in ("extract", "extract_em")}
+    assert min(short.values()) >= TARGETS["short"], fresh
+    assert fresh["extract"] >= TARGETS["extract_f1"] and fresh["extract_em"] >= TARGETS["extract_em"], fresh
+    assert meets_targets(fresh)
