@@ -75,12 +75,14 @@ def meets_targets(scores: dict[str, float]) -> bool:
 def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = None, *, seed: int = 0,
                   batch_size: int = 32, lr: float = 2e-3, warmup_steps: int = 100, eval_every: float = 120.0,
                   eval_per_family: int = 40, pool_size: int = 4096, resume: bool = False,
-                  family_weights: dict[str, float] | None = None, log=print) -> dict:
+                  family_weights: dict[str, float] | None = None, formats: str = "single", log=print) -> dict:
     """Train for `minutes` of wall time; returns the final scores. `resume` continues from `out`.
 
     `family_weights` re-weights the question families of the training stream (default
     ``world.FAMILY_WEIGHTS``), e.g. to spend a resumed run on the families still below target. Every
     invocation is appended to ``training_runs`` in ``bard_model.json`` (steps, lr, weights, minutes).
+    `formats="sources"` trains on the conversation formats of the synthetic sources (multi-turn,
+    image after the question, two-image comparisons; see `conversations`) instead of single turns.
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -91,6 +93,7 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
     state = {"steps": 0, "seconds": 0.0, "curve": [], "runs": []}
     weights = dict(world.FAMILY_WEIGHTS if family_weights is None else family_weights)
     world.ask(world.random_scene(random.Random(0)), random.Random(0), None, weights)  # validates weights
+    conversations(1, formats=formats)  # validates formats before any training
     if resume and (out / "bard_model.json").exists():
         processor = AutoProcessor.from_pretrained(out)
         model = AutoModelForImageTextToText.from_pretrained(out)
@@ -116,10 +119,11 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
 
     def fresh_pool(k: int) -> list:
         return [encode_sample(s, processor, 512) for s in conversations(pool_size, seed=seed * 100_003 + k,
-                                                                 weights=weights)]
+                                                                 weights=weights, formats=formats)]
 
     this_run = {"from_step": state["steps"], "to_step": state["steps"], "lr": lr, "batch_size": batch_size,
-                "family_weights": weights, "minutes": minutes, "resumed": bool(resume and state["runs"])}
+                "family_weights": weights, "formats": formats, "minutes": minutes,
+                "resumed": bool(resume and state["runs"])}
     state["runs"].append(this_run)
     pool = fresh_pool(state["steps"])
     started, last_eval, losses = time.monotonic(), time.monotonic(), []

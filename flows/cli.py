@@ -120,7 +120,7 @@ def cmd_pretrain_tiny(args) -> int:
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     scores = pretrain_tiny(args.out, args.minutes, cfg, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
                            eval_every=args.eval_every, eval_per_family=args.eval_per_family, resume=args.resume,
-                           family_weights=_family_weights(args.weight), log=log)
+                           family_weights=_family_weights(args.weight), formats=args.formats, log=log)
     out = Path(args.out)
     info = json.loads((out / "bard_model.json").read_text())
     payload = {"out": str(out.resolve()), "curve": str(out.with_name(out.name + ".curve.json").resolve()),
@@ -405,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out")
     p.add_argument("--weight", action="append", metavar="FAMILY=W",
                    help="sampling weight of a question family in the training stream (repeatable)")
+    p.add_argument("--formats", choices=("single", "sources"), default="single",
+                   help="single-turn conversations, or also the sources' formats (multi-turn, image after "
+                        "the question, two-image comparisons)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)

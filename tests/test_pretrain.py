@@ -36,6 +36,50 @@ def test_pretrain_command_runs_end_to_end_and_lowers_the_loss(tmp_path):
     AutoProcessor.from_pretrained(out), AutoModelForImageTextToText.from_pretrained(out)
 
 
+def test_source_formats_cover_what_curation_emits_and_all_encode(tiny_model_dir):
+    """`formats="sources"` draws the shapes of the synthetic sources' rows (so a base can learn them);
+    the default single-turn stream is unchanged (the recorded evaluations depend on it)."""
+    from bard_core import stages
+    from bard_core.inputs import encode_sample
+    from bard_core.shapes import world
+    from bard_core.shapes.data import conversations
+
+    samples = conversations(240, seed=5, formats="sources")
+    _, processor, _ = stages.load(tiny_model_dir)
+    encoded = [encode_sample(s, processor, 512) for s in samples]  # every one is a valid training sample
+    assert len(encoded) == 240
+    pairs = [s for s in samples if len(s["images"]) == 2]
+    multi = [s for s in samples if len(s["messages"]) > 2]
+    after = [s for s in samples if s["messages"][0]["content"][-1]["type"] == "image" and len(s["images"]) == 1]
+    assert 20 <= len(pairs) <= 60 and 50 <= len(multi) <= 120 and 5 <= len(after) <= 40
+    templates = {world.pair_question(*_scenes_with(1, 2)), world.pair_question(*_scenes_with(2, 1)),
+                 world.pair_question(*_scenes_with(2, 2))}
+    assert {t[0] for t in templates} == {s["messages"][0]["content"][-1]["text"] for s in pairs}
+    assert {s["messages"][1]["content"][0]["text"] for s in pairs} <= {"first", "second", "yes"}
+    # the default stream draws scene, then question, from one RNG (what eval_set and the shipped
+    # base's recorded scores were made with)
+    import random
+
+    rng = random.Random(5)
+    scene = world.random_scene(rng)
+    expected = world.ask(scene, rng, "colour")[1:]
+    first = conversations(1, seed=5, families=["colour"])[0]["messages"]
+    assert (first[0]["content"][1]["text"], first[1]["content"][0]["text"]) == expected
+    assert all(len(s["images"]) == 1 and len(s["messages"]) == 2 for s in conversations(30, seed=5))
+    with pytest.raises(ValueError, match="formats"):
+        conversations(1, formats="chat")
+
+
+def _scenes_with(a: int, b: int):
+    """Two scenes with `a` and `b` shapes."""
+    from bard_core.shapes import world
+
+    def scene(n: int):
+        cells = [world.Cell("shape", colour="red", shape="circle")] * n + [world.Cell("empty")] * (9 - n)
+        return world.Scene(tuple(cells))
+    return scene(a), scene(b)
+
+
 def test_shipped_base_belongs_to_this_world_and_tokenizer():
     from bard_core.assets import check_shipped_base, shipped_base
     from bard_core.pretrain import meets_targets

@@ -124,12 +124,7 @@ class SynthResult:
 def _conversation(bank: SceneBank, rng: random.Random, subset: str) -> Conversation:
     if subset == "shapes_pair":
         (s1, i1, _), (s2, i2, _) = bank.draw(), bank.draw()
-        n1, n2 = len(s1.names("shape")), len(s2.names("shape"))
-        if n1 == n2:
-            question, answer = "Do both images have the same number of shapes? Answer yes or no.", "yes"
-        else:
-            question = "Which image has more shapes? Answer first or second."
-            answer = "first" if n1 > n2 else "second"
+        question, answer = world.pair_question(s1, s2)
         return Conversation([world.encode(i1), world.encode(i2)], [(question, answer)], "pair")
     scene, image, _ = bank.draw()
     n_turns = rng.choices([1, 2, 3], weights=[6, 3, 1])[0]

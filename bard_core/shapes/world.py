@@ -239,6 +239,14 @@ def ask(scene: Scene, rng: random.Random, family: str | None = None,
     return family, question, answer
 
 
+def pair_question(first: Scene, second: Scene) -> tuple[str, str]:
+    """The two-image comparison the sources carry: which scene has more shapes (or are they equal)."""
+    n1, n2 = len(first.names("shape")), len(second.names("shape"))
+    if n1 == n2:
+        return "Do both images have the same number of shapes? Answer yes or no.", "yes"
+    return "Which image has more shapes? Answer first or second.", "first" if n1 > n2 else "second"
+
+
 def corpus(rng: random.Random, n_scenes: int = 300) -> list[str]:
     """Text of the world (questions and answers of every family), for training the tokenizer."""
     lines: list[str] = []
