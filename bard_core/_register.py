@@ -26,17 +26,31 @@ def register() -> None:
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):
+    """Wraps the loader of ``transformers`` so that registration runs once the module has executed.
+
+    It stays on ``sys.meta_path`` until transformers really executes: availability checks such as
+    ``importlib.util.find_spec("transformers")`` (lm-eval and others do them) only look the module up,
+    and must not use the hook up.
+    """
+
+    _looking = False
+
     def find_spec(self, name, path, target=None):
-        if name != "transformers":
+        if name != "transformers" or self._looking:
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self._looking = True  # the lookup below consults sys.meta_path, us included
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._looking = False
         if spec is None or spec.loader is None:
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
             exec_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
             register()
 
         spec.loader.exec_module = exec_then_register

@@ -115,3 +115,15 @@ def test_auto_classes_load_in_a_fresh_process_after_import_bard_core(tiny_model_
                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["ImageOnlyQwen3VLProcessor", "Qwen3VLForConditionalGeneration"]
+
+
+def test_registration_survives_an_availability_check_before_transformers_is_imported(tiny_model_dir):
+    """lm-eval and others call importlib.util.find_spec("transformers") to see if it is installed;
+    that lookup must not use up the deferred registration."""
+    code = ("import importlib.util, bard_core\nassert importlib.util.find_spec('transformers')\n"
+            "from transformers import AutoProcessor\n"
+            f"print(type(AutoProcessor.from_pretrained({str(tiny_model_dir)!r})).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["ImageOnlyQwen3VLProcessor"]
