@@ -43,23 +43,33 @@ def prompts_for(items: list[dict], processor, max_tokens: int = 4096) -> list[En
     return prompts
 
 
-def score_items(name: str, items: list[dict], predictions: list[str]) -> list[float]:
-    """The benchmark's primary metric per item (for paired comparisons of two decoders)."""
-    fn, primary = PRIMARY[name]
-    return [float(fn(item, [p])[primary]) for item, p in zip(items, predictions)]
+def _process(name: str, items: list[dict], predictions: list[str]) -> list[dict]:
+    fn, _ = PRIMARY[name]
+    return [fn(item, [p]) for item, p in zip(items, predictions)]
 
 
-def score(name: str, items: list[dict], predictions: list[str]) -> dict[str, float]:
-    fn, primary = PRIMARY[name]
-    per_item = [fn(item, [p]) for item, p in zip(items, predictions)]
+def _aggregate(name: str, per_item: list[dict]) -> dict[str, float]:
     out = {}
     for key in per_item[0]:
         if key == "acc_plus":
             out[key] = metrics.agg_acc_plus([r[key] for r in per_item])
         else:
             out[key] = sum(r[key] for r in per_item) / len(per_item)
-    out["accuracy"] = out[primary]
+    out["accuracy"] = out[PRIMARY[name][1]]
     return out
+
+
+def _primary(name: str, per_item: list[dict]) -> list[float]:
+    return [float(r[PRIMARY[name][1]]) for r in per_item]
+
+
+def score_items(name: str, items: list[dict], predictions: list[str]) -> list[float]:
+    """The benchmark's primary metric per item (for paired comparisons of two decoders)."""
+    return _primary(name, _process(name, items, predictions))
+
+
+def score(name: str, items: list[dict], predictions: list[str]) -> dict[str, float]:
+    return _aggregate(name, _process(name, items, predictions))
 
 
 def token_ids(tokenizer) -> TokenIds:
@@ -95,9 +105,9 @@ def run_ar(model, processor, name: str, items: list[dict], prompts, max_new_toke
     for i in range(0, len(prompts), batch_size):
         gens += ar_generate_cached(model, prompts[i:i + batch_size], max_new_tokens, ids)
     seconds = time.perf_counter() - start
-    texts = [_decode_text(processor.tokenizer, g.token_ids) for g in gens]
-    return Measured(score(name, items, texts), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds, 0,
-                    score_items(name, items, texts))
+    per_item = _process(name, items, [_decode_text(processor.tokenizer, g.token_ids) for g in gens])
+    return Measured(_aggregate(name, per_item), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds, 0,
+                    _primary(name, per_item))
 
 
 def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: DecodeConfig) -> Measured:
@@ -106,6 +116,6 @@ def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: 
     for i in range(0, len(prompts), cfg.batch_size):
         gens += generate(model, prompts[i:i + cfg.batch_size], cfg, ids)
     seconds = time.perf_counter() - start
-    texts = [_decode_text(processor.tokenizer, g.token_ids) for g in gens]
-    return Measured(score(name, items, texts), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds,
-                    sum(g.edits for g in gens), score_items(name, items, texts))
+    per_item = _process(name, items, [_decode_text(processor.tokenizer, g.token_ids) for g in gens])
+    return Measured(_aggregate(name, per_item), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds,
+                    sum(g.edits for g in gens), _primary(name, per_item))

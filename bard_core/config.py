@@ -30,6 +30,7 @@ QWEN3_VL_MASK_TOKEN_ID = 151671  # an unused row of the 151936-row Qwen3-VL embe
 
 NOISE_KINDS = ("mask", "mixed")
 PROMPT_MASKS = ("causal", "block")
+CONVERSATION_FORMATS = ("single", "sources")  # shapes-world training streams (bard_core.shapes.data)
 PARALLEL = ("ddp", "fsdp")  # data parallel with replicas, or fully sharded (params, grads, optimizer state)
 OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static")

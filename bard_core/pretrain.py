@@ -22,7 +22,7 @@ from bard_core.config import ModelConfig, TrainConfig
 from bard_core.inputs import encode_sample
 from bard_core.layout import ar_batch
 from bard_core.shapes import metrics, world
-from bard_core.shapes.data import conversations
+from bard_core.shapes.data import FORMATS, conversations
 from bard_core.stages import save_checkpoint
 from bard_core.train import build_optimizer, train_step
 
@@ -91,9 +91,9 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
     out = Path(out)
     curve_path = out.with_name(out.name + ".curve.json")
     state = {"steps": 0, "seconds": 0.0, "curve": [], "runs": []}
-    weights = dict(world.FAMILY_WEIGHTS if family_weights is None else family_weights)
-    world.ask(world.random_scene(random.Random(0)), random.Random(0), None, weights)  # validates weights
-    conversations(1, formats=formats)  # validates formats before any training
+    weights = world.check_family_weights(dict(world.FAMILY_WEIGHTS if family_weights is None else family_weights))
+    if formats not in FORMATS:
+        raise ValueError(f"formats={formats!r}: expected one of {', '.join(FORMATS)}")
     if resume and (out / "bard_model.json").exists():
         processor = AutoProcessor.from_pretrained(out)
         model = AutoModelForImageTextToText.from_pretrained(out)

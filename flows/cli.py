@@ -103,10 +103,10 @@ def _family_weights(pairs: list[str] | None) -> dict[str, float] | None:
             weights[name] = float(value)
         except ValueError:
             raise UsageError(f"bard pretrain-tiny: --weight {name}: {value!r} is not a number") from None
-        if weights[name] < 0:
-            raise UsageError(f"bard pretrain-tiny: --weight {name}: must be >= 0 (got {value})")
-    if not any(w > 0 for w in weights.values()):
-        raise UsageError("bard pretrain-tiny: --weight leaves every family at weight 0")
+    try:
+        world.check_family_weights(weights)
+    except ValueError as exc:
+        raise UsageError(f"bard pretrain-tiny: --weight: {exc}") from None
     return weights
 
 
@@ -325,6 +325,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bard_core.config import CONVERSATION_FORMATS
+
     parser = _Parser(prog="bard", description="AR Qwen3-VL -> block-diffusion VLM pipeline (BARD-VL).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -405,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out")
     p.add_argument("--weight", action="append", metavar="FAMILY=W",
                    help="sampling weight of a question family in the training stream (repeatable)")
-    p.add_argument("--formats", choices=("single", "sources"), default="single",
+    p.add_argument("--formats", choices=CONVERSATION_FORMATS, default="single",
                    help="single-turn conversations, or also the sources' formats (multi-turn, image after "
                         "the question, two-image comparisons)")
     p.add_argument("--seed", type=int, default=0)

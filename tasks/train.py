@@ -5,8 +5,8 @@ The loop is bard_core's `train_step`; Ray adds only the process group and `prepa
 gloo on CPU, NCCL on GPUs), the dataset shard and `ray.train.report` with checkpoints. With
 ``train.parallel = "fsdp"`` the model is instead sharded with FSDP2 (`fully_shard` per decoder layer
 and vision block, then the root): fp32 master weights, compute in the recipe's dtype, and the full
-state gathered to rank 0 for every checkpoint, so checkpoints are the same HF directories either way. A checkpoint is an HF directory
-(+ processor, `bard.json`, optimizer state) every `checkpoint_every` steps; a worker failure
+state gathered to rank 0 for every checkpoint, so checkpoints are the same HF directories either way.
+A checkpoint is an HF directory (+ processor, `bard.json`, optimizer state) every `checkpoint_every` steps; a worker failure
 restarts the group from the latest one (`FailureConfig`), and calling the task again with the same
 inputs returns the finished checkpoint without training.
 """

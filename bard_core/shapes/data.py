@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import random
 
+from bard_core.config import CONVERSATION_FORMATS
 from bard_core.shapes import world
 
-FORMATS = ("single", "sources")
+FORMATS = CONVERSATION_FORMATS
 
 
 def conversations(n: int, seed: int = 0, families: list[str] | None = None,

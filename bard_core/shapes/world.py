@@ -221,16 +221,26 @@ FAMILIES = {
 FAMILY_WEIGHTS = {"colour": 1, "shape": 1, "count": 1, "yesno": 1, "mcq": 1, "ocr": 1, "extract": 2}
 
 
+def check_family_weights(weights: dict[str, float]) -> dict[str, float]:
+    """`weights` if they can draw families: known names, non-negative, not all zero (else ValueError)."""
+    unknown = sorted(set(weights) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown question famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                         f"valid: {', '.join(FAMILIES)}")
+    negative = sorted(name for name, w in weights.items() if w < 0)
+    if negative:
+        raise ValueError(f"family weights must be >= 0 ({', '.join(negative)} are not)")
+    if not any(w > 0 for w in weights.values()):
+        raise ValueError("family weights are all zero: no family could be drawn")
+    return weights
+
+
 def ask(scene: Scene, rng: random.Random, family: str | None = None,
         weights: dict[str, float] | None = None) -> tuple[str, str, str]:
     """One (family, question, answer) about the scene; the family is drawn by `weights` (default
     FAMILY_WEIGHTS; families missing from `weights` are never drawn) if None."""
     if family is None:
-        weights = FAMILY_WEIGHTS if weights is None else weights
-        unknown = sorted(set(weights) - set(FAMILIES))
-        if unknown or not any(w > 0 for w in weights.values()) or any(w < 0 for w in weights.values()):
-            raise ValueError(f"family weights must be non-negative, not all zero, over {', '.join(FAMILIES)}"
-                             f" (got {weights})")
+        weights = FAMILY_WEIGHTS if weights is None else check_family_weights(weights)
         names = list(weights)
         family = rng.choices(names, weights=[weights[n] for n in names])[0]
     if family not in FAMILIES:
