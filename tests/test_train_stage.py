@@ -46,6 +46,7 @@ def test_a_short_stage_learns_and_writes_a_loadable_checkpoint(stage_b4, data_re
     assert meta["objective"] == "diffusion" and [p["name"] for p in meta["phases"]] == ["merge"]
     losses = [h["loss"] for h in meta["history"]]
     assert [h["step"] for h in meta["history"]] == list(range(1, 41))
+    assert all(h["data_s"] >= 0 and h["step_s"] > 0 for h in meta["history"])  # where a step's time went
     assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8, losses
     AutoProcessor.from_pretrained(stage_b4.uri), AutoModelForImageTextToText.from_pretrained(stage_b4.uri)
     assert not (Path(stage_b4.uri) / "optimizer.pt").exists()
