@@ -97,13 +97,25 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def weights_digest(path: str | Path) -> str:
+    """Content hash of a checkpoint's weight files: a retrained parent at the same path is a new parent."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
 def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str | Path, cfg: TrainConfig,
                       noise: NoiseConfig, *, log: Callable[[str], None] = print, seed: int = 0,
                       steps: list[tuple[int, int]] | None = None) -> list[StageResult]:
     """B = cfg.block_sizes in order: merge (init = previous stage) then distil from the previous stage.
 
     `steps` gives (merge, distill) per stage (default: cfg.merge_steps, cfg.distill_steps for all).
-    Stages whose checkpoint already exists with the same fingerprint are loaded, not retrained.
+    Stages whose checkpoint already exists with the same fingerprint (parent path and weights, steps,
+    hyper-parameters, noise, pool size) are loaded, not retrained.
     """
     steps = steps or [(cfg.merge_steps, cfg.distill_steps)] * len(cfg.block_sizes)
     if len(steps) != len(cfg.block_sizes):
@@ -113,7 +125,7 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
     results: list[StageResult] = []
     parent, parent_block = Path(base), None
     for B, (merge_steps, distill_steps) in zip(cfg.block_sizes, steps):
-        key = fingerprint(str(parent), B, merge_steps, distill_steps, cfg.lr, cfg.distill_lr, cfg.label_shift,
+        key = fingerprint(str(parent), weights_digest(parent), B, merge_steps, distill_steps, cfg.lr, cfg.distill_lr, cfg.label_shift,
                           cfg.batch_size, noise.kind, noise.t_min, seed, len(pool))
         target = out_dir / f"B{B}"
         meta_path = target / "bard.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,5 +88,16 @@ def test_progressive_local_chains_stages_with_their_own_steps_and_reuses_finishe
                                      log=lines.append)
     assert [r.path for r in again] == [r.path for r in results] and all("cached" in line for line in lines)
     assert (results[1].path / "model.safetensors").stat().st_mtime_ns == stamp
+    base = tmp_path / "base"  # a base retrained in place is a new parent: the chain is retrained
+    shutil.copytree(tiny_model_dir, base)
+    first = stages.progressive_local(base, pool, tmp_path / "chain", cfg, NoiseConfig(), steps=[(1, 0), (1, 0)])
+    model, _, _ = stages.load(base)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(0.5)
+    model.save_pretrained(base)
+    lines.clear()
+    second = stages.progressive_local(base, pool, tmp_path / "chain", cfg, NoiseConfig(), steps=[(1, 0), (1, 0)],
+                                      log=lines.append)
+    assert not any("cached" in line for line in lines) and [r.path for r in second] == [r.path for r in first]
     with pytest.raises(ValueError, match="2 block sizes"):
         stages.progressive_local(tiny_model_dir, pool, tmp_path, cfg, NoiseConfig(), steps=[(3, 0)])
