@@ -206,6 +206,9 @@ class DecodeConfig:
     top_p: float = 1.0
     batch_size: int = 16
     label_shift: bool = False  # must match the checkpoint's training (bard.json "label_shift")
+    # a row whose block is decided up to a visible <|im_end|> stops there: the positions after it are
+    # discarded anyway, so denoising them only costs forwards (short answers in big blocks)
+    finish_at_eos: bool = True
 
     def __post_init__(self) -> None:
         c = "DecodeConfig"

@@ -15,7 +15,8 @@
    With ``label_shift`` (checkpoints trained so), token j is read at position j−1 and a block's
    first token at the last committed position.
 4. A row stops after the block holding its first ``<|im_end|>``; finished rows leave the batch
-   (and the cache) while the others continue.
+   (and the cache) while the others continue. With ``finish_at_eos`` a row stops denoising its block
+   as soon as every position up to a visible ``<|im_end|>`` is visible (the rest is discarded).
 
 ``ar_generate_cached`` is the AR baseline in the same engine: same prefill, cache, batching and
 stop rule, one token per forward. Tokens are counted up to and including the first EOS; NFE
@@ -177,6 +178,18 @@ def _accept(conf, masked, cfg: DecodeConfig, last_step: bool) -> torch.Tensor:
     return torch.zeros_like(masked).scatter(1, ranked, True) & masked
 
 
+def _finish_at_eos(block: torch.Tensor, visible: torch.Tensor, eos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows whose block is visible up to and including a visible EOS are done: the positions after
+    that EOS (never read back) become EOS and visible, so the row takes no further forwards."""
+    eos_at = visible & (block == eos)
+    has_eos = eos_at.any(dim=1)
+    first = torch.where(has_eos, eos_at.int().argmax(dim=1), torch.full_like(has_eos, block.shape[1], dtype=torch.long))
+    after = torch.arange(block.shape[1])[None, :] > first[:, None]
+    done = has_eos & (visible | after).all(dim=1)
+    fill = done[:, None] & after
+    return torch.where(fill, torch.full_like(block, eos), block), visible | done[:, None]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenIds, *, use_cache: bool = True,
              fuse: bool = True, generator: torch.Generator | None = None) -> list[Generation]:
@@ -236,6 +249,8 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
             block = torch.where(accept | edit, token, block)
             edits += edit.long()
             visible |= accept
+            if cfg.finish_at_eos:
+                block, visible = _finish_at_eos(block, visible, ids.eos)
 
         now = time.perf_counter() - start
         finished = torch.zeros(m, dtype=torch.bool)

@@ -3,7 +3,7 @@ one Ray Train `fit()` per stage), then every shapes benchmark for the AR base an
 in the same engine. Reports steps, wall time (Ray overhead included), final loss and accuracy per
 stage, and whether every stage stays within `--tolerance` of the AR base.
 
-    python benchmarks/stage_budget.py [--limit 300] [--steps 800:0,300:150,300:150,300:150] [--set noise.kind=mask]
+    python benchmarks/stage_budget.py [--limit 300] [--steps 600:0,220:60,180:60,180:60] [--lr 5e-4] [--set noise.kind=mask]
 
 Drops are paired (the same items for the AR base and each stage) and printed with their standard error:
 at 40 items a 3-point drop is far inside the noise, so the default is 300 items per benchmark.
@@ -59,8 +59,9 @@ def main() -> None:
     from tasks.train import checkpoint_ref, run_stage
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="800:0,300:150,300:150,300:150",
-                        help="merge:distill steps for B4,B8,B16,B32")
+    parser.add_argument("--steps", default="600:0,220:60,180:60,180:60",
+                        help="merge:distill steps for B4,B8,B16,B32 (the default fits 480 s on 2 cores)")
+    parser.add_argument("--lr", default="5e-4", help="merge learning rate of every stage (train.lr)")
     parser.add_argument("--limit", type=int, default=300, help="items per benchmark")
     parser.add_argument("--size", type=int, default=1500, help="clean conversations per source for curation")
     parser.add_argument("--threshold", type=float, default=0.9)
@@ -70,12 +71,18 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.lr=5e-4")
     args = parser.parse_args()
-    extra = dict(kv.split("=", 1) for kv in args.set)
+    bad = [kv for kv in args.set if "=" not in kv]
+    if bad:
+        parser.error(f"--set expects KEY=VALUE, got {bad[0]!r}")
+    extra = {"train.lr": args.lr, **dict(kv.split("=", 1) for kv in args.set)}
     steps = [tuple(int(x) for x in s.split(":")) for s in args.steps.split(",")]
     work = Path(args.work or tempfile.mkdtemp(prefix="stage_budget_"))
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
 
-    recipe = get_recipe("tiny")
+    try:
+        recipe = get_recipe("tiny", extra)  # bad overrides fail here, before minutes of synthesis and curation
+    except (KeyError, ValueError, TypeError) as e:
+        parser.error(str(e))
     synth(work / "world", seed=11, size=args.size, bench_size=args.limit)
     data = run_curation({"llava_ov": str(work / "world/sources/llava_ov"),
                          "finevision": str(work / "world/sources/finevision")}, work / "curated", recipe.data,

@@ -87,6 +87,19 @@ def test_tpf_counts_tokens_only_up_to_the_first_eos():
     assert g.token_ids == [30, 31, EOS] and g.tokens == 3 and g.nfe == 1 and g.tpf == 3.0
 
 
+@pytest.mark.parametrize("finish", [True, False])
+def test_a_row_decided_up_to_a_visible_eos_takes_no_more_forwards(finish):
+    # positions after the EOS stay unsure: only finish_at_eos spares the forwards spent on them
+    unsure_tail = {2: [(40, 0.3)], 3: [(41, 0.3)]}
+    cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=8, finish_at_eos=finish)
+    _, (g,) = run({10: Script([30, EOS], revisions=unsure_tail)}, {10: 3}, cfg)
+    assert g.token_ids == [30, EOS] and g.nfe == (1 if finish else 3)
+    # an EOS visible before the tokens ahead of it are: the row goes on until they are decided
+    gap = {1: [(31, 0.3)], 3: [(41, 0.2)]}
+    _, (g,) = run({10: Script([30, 31, EOS], revisions=gap)}, {10: 3}, cfg)
+    assert g.token_ids == [30, 31, EOS] and g.nfe == (2 if finish else 3)
+
+
 def test_correction_replaces_a_planted_wrong_token_and_never_loops():
     wrong, right = 55, 31
     answer = [30, right, 32, 33]
