@@ -3,7 +3,7 @@ one Ray Train `fit()` per stage), then every shapes benchmark for the AR base an
 in the same engine. Reports steps, wall time (Ray overhead included), final loss and accuracy per
 stage, and whether every stage stays within `--tolerance` of the AR base.
 
-    python benchmarks/stage_budget.py [--limit 300] [--steps 600:0,220:60,180:60,180:60] [--lr 5e-4] [--set noise.kind=mask]
+    python benchmarks/stage_budget.py [--limit 300] [--steps 600:0,220:60,180:60,180:60] [--lr 2.5e-4] [--set noise.kind=mask]
 
 Drops are paired (the same items for the AR base and each stage) and printed with their standard error:
 at 40 items a 3-point drop is far inside the noise, so the default is 300 items per benchmark.
@@ -61,7 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="600:0,220:60,180:60,180:60",
                         help="merge:distill steps for B4,B8,B16,B32 (the default fits 480 s on 2 cores)")
-    parser.add_argument("--lr", default="5e-4", help="merge learning rate of every stage (train.lr)")
+    parser.add_argument("--lr", default="2.5e-4", help="merge learning rate of every stage (train.lr)")
     parser.add_argument("--limit", type=int, default=300, help="items per benchmark")
     parser.add_argument("--size", type=int, default=1500, help="clean conversations per source for curation")
     parser.add_argument("--threshold", type=float, default=0.9)
