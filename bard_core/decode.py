@@ -183,7 +183,7 @@ def _finish_at_eos(block: torch.Tensor, visible: torch.Tensor, eos: int) -> tupl
     that EOS (never read back) become EOS and visible, so the row takes no further forwards."""
     eos_at = visible & (block == eos)
     has_eos = eos_at.any(dim=1)
-    first = torch.where(has_eos, eos_at.int().argmax(dim=1), torch.full_like(has_eos, block.shape[1], dtype=torch.long))
+    first = torch.where(has_eos, eos_at.int().argmax(dim=1), block.shape[1])  # block length: no EOS
     after = torch.arange(block.shape[1])[None, :] > first[:, None]
     done = has_eos & (visible | after).all(dim=1)
     fill = done[:, None] & after

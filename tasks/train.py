@@ -75,7 +75,7 @@ class EncodedStream:
         for row in self.shard.iter_rows():
             sample = self.encode(row)
             if sample is None:
-                self.skipped += 1 if self.epochs == 0 else 0
+                self.skipped += self.epochs == 0  # counted in the first epoch only
                 continue
             streamed += 1
             if keep:
