@@ -138,9 +138,11 @@ class TrainConfig:
     merge_steps: int = 300
     distill_steps: int = 100
     batch_size: int = 32
-    lr: float = 2e-5
-    vision_lr: float = 2e-6
-    distill_lr: float = 6e-6
+    lr: float = 2e-5  # merge (and AR) peak learning rate
+    # the other rates are multiples of `lr`, so overriding train.lr moves every phase and parameter group
+    # together (as absolutes, a lower train.lr left the vision tower and distillation at the old rates)
+    vision_lr_scale: float = 0.1  # vision tower: lr × this, in every phase (reference 2e-6 / 2e-5)
+    distill_lr_scale: float = 0.3  # distillation peak: lr × this (reference 6e-6 / 2e-5)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
@@ -166,6 +168,10 @@ class TrainConfig:
     parallel: str = "ddp"
     seed: int = 0
 
+    @property
+    def distill_lr(self) -> float:
+        return self.lr * self.distill_lr_scale
+
     def __post_init__(self) -> None:
         c = "TrainConfig"
         if not self.block_sizes or any(b < 1 for b in self.block_sizes):
@@ -186,6 +192,9 @@ class TrainConfig:
             _fail(c, "betas", self.betas, "two numbers in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.distill_min_lr_ratio <= 1.0:
             _fail(c, "min_lr_ratio", (self.min_lr_ratio, self.distill_min_lr_ratio), "ratios in [0, 1]")
+        if self.vision_lr_scale < 0 or self.distill_lr_scale <= 0:
+            _fail(c, "vision_lr_scale/distill_lr_scale", (self.vision_lr_scale, self.distill_lr_scale),
+                  "vision_lr_scale >= 0 (0 freezes the vision tower's updates) and distill_lr_scale > 0")
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
             _fail(c, "ce_weight/kd_weight", (self.ce_weight, self.kd_weight), "non-negative, not both zero")
 
@@ -316,7 +325,7 @@ def tiny() -> Recipe:
         model=ModelConfig(base="tiny"),
         # label_shift: measured on the shipped base, 300 B4 steps reach 0.72 masked-token accuracy with
         # shifted labels vs 0.47 without (the tiny AR head re-learns an unshifted output slowly).
-        train=TrainConfig(lr=1e-3, vision_lr=1e-3, distill_lr=3e-4, warmup_steps=20, max_tokens=512,
+        train=TrainConfig(lr=1e-3, vision_lr_scale=1.0, distill_lr_scale=0.3, warmup_steps=20, max_tokens=512,
                           batch_size=32, merge_steps=200, distill_steps=60, checkpoint_every=50, label_shift=True),
         decode=DecodeConfig(max_new_tokens=96, batch_size=32),
         gate=GateConfig(limit=None),

@@ -110,7 +110,7 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
         processor = build_processor(cfg)
         model = build_model(cfg, processor.tokenizer)
     torch.manual_seed(seed + state["steps"])
-    train_cfg = TrainConfig(lr=lr, vision_lr=lr, warmup_steps=warmup_steps, batch_size=batch_size)
+    train_cfg = TrainConfig(lr=lr, vision_lr_scale=1.0, warmup_steps=warmup_steps, batch_size=batch_size)
     optimizer = build_optimizer(model, train_cfg)
     peak_lrs = [group["lr"] for group in optimizer.param_groups]
     pad_id = processor.tokenizer.pad_token_id

@@ -125,8 +125,9 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
     results: list[StageResult] = []
     parent, parent_block = Path(base), None
     for B, (merge_steps, distill_steps) in zip(cfg.block_sizes, steps):
-        key = fingerprint(str(parent), weights_digest(parent), B, merge_steps, distill_steps, cfg.lr, cfg.distill_lr, cfg.label_shift,
-                          cfg.batch_size, noise.kind, noise.t_min, seed, len(pool))
+        key = fingerprint(str(parent), weights_digest(parent), B, merge_steps, distill_steps, cfg.lr,
+                          cfg.distill_lr_scale, cfg.vision_lr_scale, cfg.label_shift, cfg.batch_size, noise.kind,
+                          noise.t_min, seed, len(pool))
         target = out_dir / f"B{B}"
         meta_path = target / "bard.json"
         if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:

@@ -109,9 +109,9 @@ def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | Non
 
 
 def build_optimizer(model, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
-    """AdamW with the vision tower in its own group (its own learning rate), scaled together."""
+    """AdamW with the vision tower in its own group at `cfg.vision_lr_scale` × the phase's rate."""
     lr = cfg.lr if lr is None else lr
-    vision_lr = cfg.vision_lr * (lr / cfg.lr)
+    vision_lr = lr * cfg.vision_lr_scale
     vision, rest = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:

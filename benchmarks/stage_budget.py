@@ -53,15 +53,12 @@ def paired_drop(ar: list[float], stage: list[float]) -> tuple[float, float]:
 
 
 def main() -> None:
-    from bard_core.assets import shipped_base
-    from bard_core.shapes.synth import synth
-    from tasks.curate import run_curation
-    from tasks.train import checkpoint_ref, run_stage
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="600:0,220:60,180:60,180:60",
                         help="merge:distill steps for B4,B8,B16,B32 (the default fits 480 s on 2 cores)")
-    parser.add_argument("--lr", default="2.5e-4", help="merge learning rate of every stage (train.lr)")
+    parser.add_argument("--lr", default="2.5e-4",
+                        help="merge learning rate (train.lr): one for every stage, or one per stage (B4,B8,B16,B32); "
+                             "vision and distillation rates follow it (train.vision_lr_scale, train.distill_lr_scale)")
     parser.add_argument("--limit", type=int, default=300, help="items per benchmark")
     parser.add_argument("--size", type=int, default=1500, help="clean conversations per source for curation")
     parser.add_argument("--threshold", type=float, default=0.9)
@@ -74,15 +71,33 @@ def main() -> None:
     bad = [kv for kv in args.set if "=" not in kv]
     if bad:
         parser.error(f"--set expects KEY=VALUE, got {bad[0]!r}")
-    extra = {"train.lr": args.lr, **dict(kv.split("=", 1) for kv in args.set)}
-    steps = [tuple(int(x) for x in s.split(":")) for s in args.steps.split(",")]
-    work = Path(args.work or tempfile.mkdtemp(prefix="stage_budget_"))
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    try:
+        steps = [tuple(int(x) for x in s.split(":")) for s in args.steps.split(",")]
+        lrs = [float(x) for x in args.lr.split(",")]
+    except ValueError as e:
+        parser.error(f"--steps / --lr: {e}")
+    if any(len(s) != 2 for s in steps):
+        parser.error(f"--steps expects MERGE:DISTILL per stage, got {args.steps!r}")
+    lrs = lrs * len(steps) if len(lrs) == 1 else lrs
+    if len(lrs) != len(steps):
+        parser.error(f"--lr has {len(lrs)} values for {len(steps)} stages: give one, or one per stage")
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
 
-    try:
-        recipe = get_recipe("tiny", extra)  # bad overrides fail here, before minutes of synthesis and curation
+    try:  # bad overrides fail here, before minutes of synthesis and curation
+        recipe = get_recipe("tiny", extra)
+        for lr in lrs:
+            get_recipe("tiny", {**extra, "train.lr": lr})
     except (KeyError, ValueError, TypeError) as e:
         parser.error(str(e))
+    if len(steps) != len(recipe.train.block_sizes):
+        parser.error(f"--steps has {len(steps)} stages for block sizes {recipe.train.block_sizes}")
+    from bard_core.assets import shipped_base  # after the checks: a typo is reported in seconds
+    from bard_core.shapes.synth import synth
+    from tasks.curate import run_curation
+    from tasks.train import checkpoint_ref, run_stage
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="stage_budget_"))
     synth(work / "world", seed=11, size=args.size, bench_size=args.limit)
     data = run_curation({"llava_ov": str(work / "world/sources/llava_ov"),
                          "finevision": str(work / "world/sources/finevision")}, work / "curated", recipe.data,
@@ -92,8 +107,8 @@ def main() -> None:
     base = checkpoint_ref(args.base or shipped_base())
     ar_scores = evaluate(Path(base.uri), None, benchmarks_dir, args.limit, args.threshold)
     rows, parent, total_train = [], base, 0.0
-    for B, (merge, distill) in zip(recipe.train.block_sizes, steps):
-        overrides = {**extra, "train.merge_steps": str(merge), "train.distill_steps": str(distill)}
+    for B, (merge, distill), lr in zip(recipe.train.block_sizes, steps, lrs):
+        overrides = {**extra, "train.lr": lr, "train.merge_steps": str(merge), "train.distill_steps": str(distill)}
         t0 = time.monotonic()
         ref = run_stage(data, parent, work / f"B{B}", "tiny", overrides, block_size=B,
                         teacher=parent if parent.block_size else None)
@@ -105,7 +120,7 @@ def main() -> None:
         drops = {n: d for n, (d, _) in paired.items()}
         worst = max(drops, key=drops.get)
         tail = meta["history"][-max(1, len(meta["history"]) // 10):]
-        rows.append({"block_size": B, "merge_steps": merge, "distill_steps": distill if parent.block_size else 0,
+        rows.append({"block_size": B, "lr": lr, "merge_steps": merge, "distill_steps": distill if parent.block_size else 0,
                      "train_seconds": seconds, "final_loss": sum(h["loss"] for h in tail) / len(tail),
                      "scores": {n: {k: v for k, v in sc.items() if k != "per_item"} for n, sc in scores.items()},
                      "drops": drops, "drop_se": {n: se for n, (_, se) in paired.items()}, "worst": worst,
@@ -115,12 +130,12 @@ def main() -> None:
 
     names = list(bench.PRIMARY)
     print(f"stage budget — tiny recipe, 2 Ray Train workers, {args.limit} items per benchmark, tau={args.threshold}")
-    print(f"{'stage':<6} {'steps':>9} {'train s':>8} {'loss':>6} " + " ".join(f"{n[7:]:>8}" for n in names)
+    print(f"{'stage':<6} {'lr':>8} {'steps':>9} {'train s':>8} {'loss':>6} " + " ".join(f"{n[7:]:>8}" for n in names)
           + f" {'max drop (±se)':>22} {'TPF ext':>7}")
-    print(f"{'AR':<6} {'-':>9} {'-':>8} {'-':>6} " + " ".join(f"{ar_scores[n]['accuracy']:>8.3f}" for n in names)
+    print(f"{'AR':<6} {'-':>8} {'-':>9} {'-':>8} {'-':>6} " + " ".join(f"{ar_scores[n]['accuracy']:>8.3f}" for n in names)
           + f" {'-':>22} {ar_scores['shapes_extract']['tpf']:>7.2f}")
     for r in rows:
-        print(f"{'B' + str(r['block_size']):<6} {str(r['merge_steps']) + '+' + str(r['distill_steps']):>9} "
+        print(f"{'B' + str(r['block_size']):<6} {r['lr']:>8.2g} {str(r['merge_steps']) + '+' + str(r['distill_steps']):>9} "
               f"{r['train_seconds']:>8.0f} {r['final_loss']:>6.3f} "
               + " ".join(f"{r['scores'][n]['accuracy']:>8.3f}" for n in names)
               + f" {r['max_drop']:>7.3f} ±{r['drop_se'][r['worst']]:.3f} {r['worst'][7:]:>7}"
@@ -129,7 +144,7 @@ def main() -> None:
           f"{args.tolerance:.2f} of AR: {all(r['within_tolerance'] for r in rows)}")
     print(json.dumps({"total_train_seconds": total_train, "within_budget": total_train <= 480,
                       "all_within_tolerance": all(r["within_tolerance"] for r in rows), "tolerance": args.tolerance,
-                      "items_per_benchmark": args.limit, "overrides": extra,
+                      "items_per_benchmark": args.limit, "overrides": extra, "lr": lrs,
                       "ar": {n: {k: v for k, v in sc.items() if k != "per_item"} for n, sc in ar_scores.items()},
                       "stages": rows, "work": str(work)}))
 

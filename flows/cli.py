@@ -294,6 +294,8 @@ def cmd_train(args) -> int:
                    "dtype": recipe.model.dtype if recipe.train.use_gpu else "float32",
                    "master_weights": "float32" if recipe.train.parallel == "fsdp" or not recipe.train.use_gpu
                    else recipe.model.dtype, "batch_size": recipe.train.batch_size,
+                   "lr": {"merge": recipe.train.lr, "vision": recipe.train.lr * recipe.train.vision_lr_scale,
+                          "distill": recipe.train.distill_lr if args.teacher else None},
                    "steps": {"merge": recipe.train.merge_steps, "distill": recipe.train.distill_steps if args.teacher else 0,
                              "ar": recipe.train.base_steps}}
         _emit(payload, args.json, [f"dry run: {json.dumps(payload)}"])

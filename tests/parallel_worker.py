@@ -37,7 +37,7 @@ def run(rank: int, world: int, model_dir: str, out: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    cfg = TrainConfig(lr=1e-3, vision_lr=1e-3, label_shift=True)
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)
     results = {}
     for strategy in ("ddp", "fsdp"):
         model, processor, _ = stages.load(model_dir)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BARD = [sys.executable, "-m", "flows.cli"]
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,6 +102,12 @@ def test_train_dry_run_shows_the_parallel_plan_of_each_recipe(tmp_path):
     assert (big["parallel"], big["backend"], big["dtype"], big["master_weights"], big["workers"]) == (
         "fsdp", "nccl", "bfloat16", "float32", 8)
     assert not (tmp_path / "o").exists()  # a dry run trains and writes nothing
+    assert plans["qwen3-vl-2b"]["lr"] == {"merge": 2e-5, "vision": pytest.approx(2e-6), "distill": None}
+    out = run("train", "--data", str(tmp_path), "--init", str(tmp_path), "--teacher", str(tmp_path), "--out",
+              str(tmp_path / "o"), "--block-size", "8", "--set", "train.lr=2e-4", "--dry-run", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["lr"] == {"merge": 2e-4, "vision": pytest.approx(2e-4),  # tiny: scale 1
+                                            "distill": pytest.approx(6e-5)}  # follows the merge rate
 
 
 def test_generate_prints_text_and_decoding_stats(tiny_model_dir, tmp_path):
@@ -131,3 +139,18 @@ def test_curate_command_runs_the_flow(world_dir, tiny_model_dir, tmp_path):
     counts = result["counts"]
     assert counts["rows_in"] == counts["kept"] + counts["rejected"] and counts["rejected"] > 0
     assert (tmp_path / "cur" / "manifest.json").exists()
+
+
+def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
+    # per-stage learning rates and merge:distill steps are checked up front: a typo must not cost the
+    # minutes of synthesis and curation that come first
+    script = str(ROOT / "benchmarks" / "stage_budget.py")
+    cases = {("--lr", "1e-3,2e-3"): "one per stage", ("--lr", "fast"): "--lr",
+             ("--steps", "600:0,220"): "MERGE:DISTILL", ("--steps", "600:0"): "block sizes",
+             ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope"}
+    for args, message in cases.items():
+        work = tmp_path / "work"
+        out = subprocess.run([sys.executable, script, "--work", str(work), *args], capture_output=True, text=True,
+                             cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+        assert not work.exists() and out.stdout == ""

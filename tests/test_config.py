@@ -37,6 +37,8 @@ from bard_core.config import (
         (TrainConfig, {"pad_loss_weight": 0.3}, "pad_loss_weight"),
         (TrainConfig, {"lr": -1.0}, "lr"),
         (TrainConfig, {"ce_weight": 0.0, "kd_weight": 0.0}, "ce_weight"),
+        (TrainConfig, {"vision_lr_scale": -0.1}, "vision_lr_scale"),
+        (TrainConfig, {"distill_lr_scale": 0.0}, "distill_lr_scale"),
         (DecodeConfig, {"threshold": 1.5}, "threshold"),
         (DecodeConfig, {"mode": "greedy"}, "mode"),
         (DecodeConfig, {"block_size": 4, "tokens_per_step": 8}, "tokens_per_step"),

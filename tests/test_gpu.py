@@ -52,7 +52,7 @@ def test_bf16_padded_batch_has_finite_gradients(kit):
     batch = pack(_samples(processor, 6), model, 16, spec, generator=torch.Generator().manual_seed(1))
     lengths = {p + 2 * r for p, r in zip(batch.prompt_lens, batch.response_lens)}
     assert len(lengths) > 1  # really padded
-    cfg = TrainConfig(lr=1e-3, vision_lr=1e-3)
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0)
     metrics = train_step(model, to_device(batch, "cuda"), build_optimizer(model, cfg), cfg)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and torch.isfinite(torch.tensor(metrics["grad_norm"]))
     assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -33,7 +33,7 @@ def test_diffusion_steps_lower_the_held_out_loss():
     pool = [encode_sample(s, processor, 512) for s in conversations(384, seed=1)]
     held_out = [encode_sample(s, processor, 512) for s in conversations(32, seed=2)]
     spec = noise_spec_for(processor.tokenizer, "mixed", 0.05)
-    cfg = TrainConfig(lr=2e-3, vision_lr=2e-3, batch_size=16)
+    cfg = TrainConfig(lr=2e-3, vision_lr_scale=1.0, batch_size=16)
     optimizer = build_optimizer(model, cfg)
 
     def held_out_loss() -> float:

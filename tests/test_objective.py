@@ -247,7 +247,7 @@ def test_distillation_step_leaves_the_teacher_untouched(kit):
     student = build_model(ModelConfig(seed=1), processor.tokenizer)
     teacher_model = build_model(ModelConfig(seed=2), processor.tokenizer)
     before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
-    cfg = TrainConfig(lr=1e-3, vision_lr=1e-3)
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0)
     batch = pack([sample(processor, 40), sample(processor, 41, "ocr")], student, 8, spec,
                  generator=torch.Generator().manual_seed(0))
     metrics = train_step(student, batch, build_optimizer(student, cfg), cfg, teacher=Teacher(teacher_model, 4))
@@ -255,6 +255,24 @@ def test_distillation_step_leaves_the_teacher_untouched(kit):
     assert all(p.grad is None for p in teacher_model.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher_model.state_dict().items())
     assert not teacher_model.training
+
+
+def test_an_lr_override_moves_the_vision_tower_and_distillation_with_it(kit):
+    # the vision and distillation rates are multiples of train.lr: lowering train.lr must lower them too
+    from bard_core.config import get_recipe
+
+    _, model, _ = kit
+    vision = {id(p) for n, p in model.named_parameters() if ".visual." in f".{n}"}
+    for overrides, scale in (({"train.lr": 2.5e-4}, 1.0), ({"train.lr": 2.5e-4, "train.vision_lr_scale": 0.1}, 0.1)):
+        cfg = get_recipe("tiny", overrides).train
+        assert cfg.distill_lr == pytest.approx(2.5e-4 * 0.3)
+        for lr in (cfg.lr, cfg.distill_lr):
+            groups = build_optimizer(model, cfg, lr=lr).param_groups
+            assert len(groups) == 2 and vision and {id(p) for p in groups[1]["params"]} == vision
+            assert groups[0]["lr"] == pytest.approx(lr) and groups[1]["lr"] == pytest.approx(lr * scale)
+    reference = TrainConfig()  # the reference's 2e-5 / 2e-6 / 6e-6
+    assert build_optimizer(model, reference).param_groups[1]["lr"] == pytest.approx(2e-6)
+    assert reference.distill_lr == pytest.approx(6e-6)
 
 
 def test_teacher_sees_the_sequence_under_its_own_block_mask(kit):
