@@ -83,19 +83,19 @@ def main() -> None:
         parser.error(f"--steps / --lr: {e}")
     if any(len(s) != 2 for s in steps):
         parser.error(f"--steps expects MERGE:DISTILL per stage, got {args.steps!r}")
-    lrs = lrs * len(steps) if len(lrs) == 1 else lrs
-    if len(lrs) != len(steps):
-        parser.error(f"--lr has {len(lrs)} values for {len(steps)} stages: give one, or one per stage")
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
 
     try:  # bad overrides fail here, before minutes of synthesis and curation
         recipe = get_recipe("tiny", extra)
+        if len(steps) != len(recipe.train.block_sizes):
+            parser.error(f"--steps has {len(steps)} stages for block sizes {recipe.train.block_sizes}")
+        lrs = lrs * len(steps) if len(lrs) == 1 else lrs
+        if len(lrs) != len(steps):
+            parser.error(f"--lr has {len(lrs)} values for {len(steps)} stages: give one, or one per stage")
         for lr in lrs:
             get_recipe("tiny", {**extra, "train.lr": lr})
     except (KeyError, ValueError, TypeError) as e:
         parser.error(str(e))
-    if len(steps) != len(recipe.train.block_sizes):
-        parser.error(f"--steps has {len(steps)} stages for block sizes {recipe.train.block_sizes}")
     from bard_core.assets import shipped_base  # after the checks: a typo is reported in seconds
     from bard_core.shapes.synth import synth
     from tasks.curate import run_curation

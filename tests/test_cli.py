@@ -145,7 +145,7 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
     # per-stage learning rates and merge:distill steps are checked up front: a typo must not cost the
     # minutes of synthesis and curation that come first
     script = str(ROOT / "benchmarks" / "stage_budget.py")
-    cases = {("--lr", "1e-3,2e-3"): "one per stage", ("--lr", "fast"): "--lr",
+    cases = {("--lr", "1e-3,2e-3"): "one per stage", ("--lr", "fast"): "--lr", ("--lr", "-1e-3"): "lr",
              ("--steps", "600:0,220"): "MERGE:DISTILL", ("--steps", "600:0"): "block sizes",
              ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope"}
     for args, message in cases.items():
