@@ -70,12 +70,14 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--base", default=None, help="AR base checkpoint (default: the shipped tiny base)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.lr=5e-4")
+                        help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.vision_lr_scale=0.1")
     args = parser.parse_args()
     bad = [kv for kv in args.set if "=" not in kv]
     if bad:
         parser.error(f"--set expects KEY=VALUE, got {bad[0]!r}")
     extra = dict(kv.split("=", 1) for kv in args.set)
+    if "train.lr" in extra:
+        parser.error("set the merge learning rate with --lr (one, or one per stage), not --set train.lr")
     try:
         steps = [tuple(int(x) for x in s.split(":")) for s in args.steps.split(",")]
         lrs = [float(x) for x in args.lr.split(",")]

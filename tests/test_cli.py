@@ -147,7 +147,8 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
     script = str(ROOT / "benchmarks" / "stage_budget.py")
     cases = {("--lr", "1e-3,2e-3"): "one per stage", ("--lr", "fast"): "--lr", ("--lr", "-1e-3"): "lr",
              ("--steps", "600:0,220"): "MERGE:DISTILL", ("--steps", "600:0"): "block sizes",
-             ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope"}
+             ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope",
+             ("--set", "train.lr=1e-3"): "with --lr"}
     for args, message in cases.items():
         work = tmp_path / "work"
         out = subprocess.run([sys.executable, script, "--work", str(work), *args], capture_output=True, text=True,
