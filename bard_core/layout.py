@@ -57,7 +57,7 @@ class PackedBatch:
         if any(r % block_size for r in self.response_lens):
             raise ValueError(f"responses padded to a multiple of {self.block_size} are not blocks of {block_size}")
         return batch_attention_mask(self.prompt_lens, self.response_lens, self.input_ids.shape[1], block_size,
-                                    self.prompt_mask)
+                                    self.prompt_mask).to(self.input_ids.device)  # built on the CPU
 
     @property
     def num_tokens(self) -> int:

@@ -106,6 +106,7 @@ def train_loop_per_worker(config: dict) -> None:
     from bard_core import stages
     from bard_core.inputs import RejectedSample, encode_sample
     from bard_core.layout import ar_batch, noise_spec_for, pack
+    from bard_core.parallel import full_state, load_optimizer_state, shard
     from bard_core.train import (
         LogitsAtLossPositions,
         Teacher,
@@ -133,7 +134,7 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer_state = None
     device, dtype, fsdp = get_device(), getattr(torch, config["dtype"]), train.parallel == "fsdp"
     if fsdp:  # fp32 master weights, sharded; compute in `dtype`
-        runner = _shard(LogitsAtLossPositions(model.to(device)), dtype)
+        runner = shard(LogitsAtLossPositions(model.to(device)), dtype)
     else:
         model.to(dtype)
         runner = prepare_model(LogitsAtLossPositions(model), parallel_strategy_kwargs={"find_unused_parameters": True})
@@ -144,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             p.requires_grad_(False)
         teacher_model.eval()
         if fsdp:
-            teacher = Teacher(_shard(LogitsAtLossPositions(teacher_model.to(device)), dtype).eval(),
+            teacher = Teacher(shard(LogitsAtLossPositions(teacher_model.to(device)), dtype).eval(),
                               config["teacher_block_size"])
         else:
             teacher = Teacher(teacher_model.to(device, dtype), config["teacher_block_size"])
@@ -180,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler = build_scheduler(optimizer, phase["steps"], min(train.warmup_steps, phase["steps"] // 2),
                                     phase["min_ratio"])
         if optimizer_state is not None and optimizer_state.get("phase") == phase["name"]:
-            _load_optimizer_state(runner, optimizer, optimizer_state["optimizer"], fsdp)
+            load_optimizer_state(runner, optimizer, optimizer_state["optimizer"], fsdp)
         for _ in range(state["step"] - start):
             scheduler.step()
         optimizer_state = None
@@ -204,7 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
             if state["step"] % train.checkpoint_every == 0 or state["step"] == end:
                 report = {"step": state["step"], "phase": phase["name"], "loss": metrics["loss"], "skipped": stream.skipped,
                           "final": last}
-                model_state, optim_state = _full_state(model, runner, optimizer, fsdp)  # collective under FSDP
+                model_state, optim_state = full_state(model, runner, optimizer, fsdp)  # collective under FSDP
                 if rank == 0:
                     with tempfile.TemporaryDirectory() as tmp:
                         meta = {**config["meta"], "step": state["step"], "history": state["history"],
@@ -216,47 +217,6 @@ def train_loop_per_worker(config: dict) -> None:
                         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))
                 else:
                     ray.train.report(report)
-
-
-def _shard(runner, dtype):
-    """FSDP2 over `runner` (a LogitsAtLossPositions): one unit per decoder layer and per vision block,
-    then the root (embeddings, patch embedding, merger, norm, LM head). Below fp32, parameters are
-    gathered in `dtype` for compute while the sharded masters and the gradient reduction stay fp32."""
-    import torch
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    kwargs = {} if dtype == torch.float32 else {"mp_policy": MixedPrecisionPolicy(param_dtype=dtype,
-                                                                                   reduce_dtype=torch.float32)}
-    inner = runner.vlm.model
-    for unit in [*inner.language_model.layers, *inner.visual.blocks]:
-        fully_shard(unit, **kwargs)
-    fully_shard(runner, **kwargs)
-    return runner
-
-
-def _full_state(model, runner, optimizer, fsdp: bool) -> tuple[dict | None, dict]:
-    """(model state for save_pretrained or None for the model's own, optimizer state) to checkpoint.
-    Under FSDP every rank must call this (it all-gathers); only rank 0 receives the tensors."""
-    if not fsdp:
-        return None, optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(runner, optimizer, options=options))
-
-
-def _load_optimizer_state(runner, optimizer, state: dict, fsdp: bool) -> None:
-    if not fsdp:
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    set_optimizer_state_dict(runner, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,

@@ -1,5 +1,5 @@
 """A 2-process gloo job (spawned by test_train_stage) that trains the same model on the same per-rank
-batches once with DDP and once with FSDP2 (`tasks.train._shard`), and writes both results."""
+batches once with DDP and once with FSDP2 (`bard_core.parallel.shard`), and writes both results."""
 
 from __future__ import annotations
 
@@ -25,14 +25,23 @@ def _batches(processor, model, rank: int):
                  pad_loss_weight=0.0, generator=generator) for k in range(STEPS)]
 
 
+def _same_optimizer_state(a: dict, b: dict) -> bool:
+    import torch
+
+    if a["state"].keys() != b["state"].keys():
+        return False
+    return all(torch.equal(torch.as_tensor(a["state"][k][n]).cpu(), torch.as_tensor(b["state"][k][n]).cpu())
+               for k in a["state"] for n in a["state"][k])
+
+
 def run(rank: int, world: int, model_dir: str, out: str, port: int) -> None:
     import torch
     import torch.distributed as dist
 
     from bard_core import stages
     from bard_core.config import TrainConfig
+    from bard_core.parallel import full_state, load_optimizer_state, shard
     from bard_core.train import LogitsAtLossPositions, build_optimizer, train_step
-    from tasks.train import _full_state, _shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -46,14 +55,24 @@ def run(rank: int, world: int, model_dir: str, out: str, port: int) -> None:
             runner = torch.nn.parallel.DistributedDataParallel(LogitsAtLossPositions(model),
                                                                find_unused_parameters=True)
         else:
-            runner = _shard(LogitsAtLossPositions(model), torch.float32)
+            runner = shard(LogitsAtLossPositions(model), torch.float32)
         optimizer = build_optimizer(runner.module if strategy == "ddp" else runner, cfg)
         losses = [train_step(runner, b, optimizer, cfg)["loss"] for b in batches]
-        state, optim = _full_state(model, runner, optimizer, strategy == "fsdp")
+        state, optim = full_state(model, runner, optimizer, strategy == "fsdp")
         state = state if state is not None else model.state_dict()
+        # a fresh optimizer (as after a restart, but with the last step's gradients still on the
+        # parameters) takes the full state back from the checkpoint file, and gathers to the same state
+        saved = Path(out) / f"{strategy}-optimizer.pt"
+        if rank == 0:
+            torch.save(optim, saved)  # only rank 0 holds the gathered state, as when checkpointing
+        dist.barrier()
+        fresh = build_optimizer(runner.module if strategy == "ddp" else runner, cfg)
+        load_optimizer_state(runner, fresh, torch.load(saved, weights_only=False), strategy == "fsdp")
+        again = full_state(model, runner, fresh, strategy == "fsdp")[1]
         if rank == 0:
             torch.save({k: v.detach().cpu() for k, v in state.items()}, Path(out) / f"{strategy}.pt")
-            results[strategy] = {"losses": losses, "optimizer_entries": len(optim["state"])}
+            results[strategy] = {"losses": losses, "optimizer_entries": len(optim["state"]),
+                                 "restored_equal": _same_optimizer_state(optim, again)}
     if rank == 0:
         (Path(out) / "results.json").write_text(json.dumps(results))
     dist.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+DEVICE, BACKEND = "cuda", "nccl"
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")]
 
@@ -56,3 +57,78 @@ def test_bf16_padded_batch_has_finite_gradients(kit):
     metrics = train_step(model, to_device(batch, "cuda"), build_optimizer(model, cfg), cfg)
     assert torch.isfinite(torch.tensor(metrics["loss"])) and torch.isfinite(torch.tensor(metrics["grad_norm"]))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_distillation_step_on_cuda(kit):
+    """The distill phase on a GPU: the teacher's view (`mask_for` its block size) is built on the batch's
+    device, the KD term is finite and the teacher does not change."""
+    import copy
+
+    from bard_core.config import TrainConfig
+    from bard_core.layout import pack
+    from bard_core.train import Teacher, build_optimizer, to_device, train_step
+
+    processor, model, spec = kit
+    student = copy.deepcopy(model).to(DEVICE)
+    teacher_model = copy.deepcopy(model).to(DEVICE).requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
+    batch = to_device(pack(_samples(processor, 4), model, 8, spec, label_shift=True,
+                           generator=torch.Generator().manual_seed(2)), DEVICE)
+    assert batch.mask_for(4).device == batch.input_ids.device
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)
+    metrics = train_step(student, batch, build_optimizer(student, cfg), cfg, teacher=Teacher(teacher_model, 4))
+    assert metrics["kd"] > 0 and torch.isfinite(torch.tensor([metrics["kd"], metrics["loss"]])).all()
+    assert all(torch.equal(before[k], v) for k, v in teacher_model.state_dict().items())
+
+
+def test_fsdp_mixed_precision_step_on_cuda(kit):
+    """The 4B/8B recipes' strategy on a GPU (one rank, NCCL): FSDP2 with fp32 masters is step-for-step
+    the plain fp32 model; with bf16 compute the losses stay close and finite; the gathered checkpoint
+    state is complete and on the CPU; a fresh optimizer takes the gathered state back."""
+    import os
+    import socket
+
+    import torch.distributed as dist
+
+    from bard_core.config import ModelConfig, TrainConfig
+    from bard_core.layout import pack
+    from bard_core.parallel import full_state, load_optimizer_state, shard
+    from bard_core.tiny import build_model
+    from bard_core.train import LogitsAtLossPositions, build_optimizer, to_device, train_step
+
+    processor, model, spec = kit
+    init = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    batch = to_device(pack(_samples(processor, 4), model, 8, spec, label_shift=True,
+                           generator=torch.Generator().manual_seed(0)), DEVICE)
+    batches = [batch] * 3  # the same batch: the loss must fall step after step
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
+    dist.init_process_group(BACKEND, rank=0, world_size=1,
+                            **({"device_id": torch.device("cuda", 0)} if DEVICE == "cuda" else {}))
+    losses = {}
+    try:
+        for name, dtype in (("plain", None), ("fsdp32", torch.float32), ("fsdp16", torch.bfloat16)):
+            fresh_model = build_model(ModelConfig(), processor.tokenizer)
+            fresh_model.load_state_dict(init)
+            runner = LogitsAtLossPositions(fresh_model.to(DEVICE))
+            if dtype is not None:
+                runner = shard(runner, dtype)
+            optimizer = build_optimizer(runner, cfg)
+            losses[name] = [train_step(runner, b, optimizer, cfg)["loss"] for b in batches]
+            if name == "fsdp16":
+                state, optim = full_state(fresh_model, runner, optimizer, True)
+                assert set(state) == set(init) and all(t.device.type == "cpu" for t in state.values())
+                assert all(torch.isfinite(t).all() for t in state.values())
+                moved = max(float((state[k].float() - init[k].float()).abs().max()) for k in init)
+                assert moved > 1e-4  # the gathered weights are the trained ones, not the initial
+                restored = build_optimizer(runner, cfg)
+                load_optimizer_state(runner, restored, optim, True)
+                assert len(restored.state) == len(optim["state"]) > 50
+                assert all(int(s["step"]) == len(batches) for s in restored.state.values())
+    finally:
+        dist.destroy_process_group()
+    assert losses["fsdp32"] == pytest.approx(losses["plain"], rel=1e-4)
+    assert losses["plain"][2] < losses["plain"][1] < losses["plain"][0]  # the steps trained
+    assert losses["fsdp16"] == pytest.approx(losses["plain"], rel=3e-2)

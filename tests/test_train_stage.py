@@ -106,7 +106,7 @@ def test_bad_stage_arguments_are_refused(data_ref, tiny_model_dir, stage_b4, tmp
 
 
 def test_fsdp_sharding_matches_ddp_step_for_step(tiny_model_dir, tmp_path):
-    """The same per-rank batches through DDP and through `_shard` (FSDP2) give the same losses and
+    """The same per-rank batches through DDP and through `bard_core.parallel.shard` (FSDP2) give the same losses and
     the same weights after 3 AdamW steps; gathering the full state works (it is what checkpoints save)."""
     import socket
     import subprocess
@@ -126,6 +126,7 @@ def test_fsdp_sharding_matches_ddp_step_for_step(tiny_model_dir, tmp_path):
     assert ddp.keys() == fsdp.keys() and len(ddp) > 50
     assert results["ddp"]["losses"] == pytest.approx(results["fsdp"]["losses"], rel=1e-4)
     assert results["fsdp"]["optimizer_entries"] == results["ddp"]["optimizer_entries"] > 0
+    assert results["fsdp"]["restored_equal"] and results["ddp"]["restored_equal"]  # load_optimizer_state round trip
     from bard_core import stages
 
     init = stages.load(tiny_model_dir)[0].state_dict()
