@@ -76,3 +76,15 @@ def test_importing_config_does_not_import_torch_or_transformers():
             "print(','.join(m for m in ('torch', 'transformers', 'ray', 'prefect') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def test_the_train_worker_module_imports_no_prefect_or_ray():
+    """Ray unpickles `train_loop_per_worker` in every worker of every stage: its module stays cheap."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tasks.train_worker; "
+            "print(','.join(m for m in ('torch', 'transformers', 'ray', 'prefect') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout.strip()
+    assert out == ""

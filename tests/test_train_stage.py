@@ -160,3 +160,21 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.shape == b.shape and torch.equal(a, b)
+
+
+def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_ref, tmp_path):
+    """`training_dataset`: the chain's stages share one materialized copy of small data (same object,
+    every row); other data replaces it; over `cache_mb` the data streams from its files."""
+    import dataclasses
+
+    from ray.data.dataset import MaterializedDataset
+
+    from tasks.train import _DATASETS, training_dataset
+
+    first = training_dataset(data_ref, 512)
+    assert isinstance(first, MaterializedDataset) and first.count() == data_ref.num_rows
+    assert training_dataset(data_ref, 512) is first
+    other = dataclasses.replace(data_ref, fingerprint="another-curation")
+    assert training_dataset(other, 512) is not first and len(_DATASETS) == 1
+    streamed = training_dataset(data_ref, 0)  # the data is over a 0 MB budget
+    assert not isinstance(streamed, MaterializedDataset) and streamed.count() == data_ref.num_rows
