@@ -8,7 +8,8 @@ and vision block, then the root): fp32 master weights, compute in the recipe's d
 state gathered to rank 0 for every checkpoint, so checkpoints are the same HF directories either way.
 A checkpoint is an HF directory (+ processor, `bard.json`, optimizer state) every `checkpoint_every` steps; a worker failure
 restarts the group from the latest one (`FailureConfig`), and calling the task again with the same
-inputs returns the finished checkpoint without training.
+inputs returns the finished checkpoint without training. This module is the driver side; the loop every
+worker runs is `tasks/train_worker.py`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from prefect import task
 from bard_core.config import TrainConfig, get_recipe
 from tasks.curate import init_ray
 from tasks.refs import CODE_VERSION, CheckpointRef, DatasetRef
-from tasks.train_worker import EncodedStream, train_loop_per_worker  # noqa: F401 (EncodedStream: re-exported)
+from tasks.train_worker import train_loop_per_worker
 
 OBJECTIVES = ("ar", "diffusion")
 

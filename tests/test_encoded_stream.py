@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bard_core.inputs import EncodedSample
-from tasks.train import EncodedStream
+from tasks.train_worker import EncodedStream
 
 
 class Shard:
