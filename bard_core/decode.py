@@ -7,7 +7,8 @@
 2. Each denoising forward reads the cache and never keeps what it writes: the cache is truncated
    back to the committed length afterwards. Per masked position: argmax and its fp32 probability
    (the mask token's logit is −inf). *dynamic*: accept every masked position above ``threshold``,
-   at least the most confident one; *static*: accept the ``tokens_per_step`` most confident.
+   and when none is, the leftmost masked one (``fallback="leftmost"``) or the most confident one
+   (``"confident"``); *static*: accept the ``tokens_per_step`` most confident.
    *Correction*: a visible, not yet committed token whose argmax differs with probability above
    ``edit_threshold`` is replaced, at most ``max_edits_per_position`` times per position.
 3. A full block is committed — its K/V kept — fused with the next block's first denoising forward
@@ -171,8 +172,8 @@ def _accept(conf, masked, cfg: DecodeConfig, last_step: bool) -> torch.Tensor:
     if cfg.mode == "dynamic":
         accept = masked & (conf > cfg.threshold)
         rows = torch.arange(conf.shape[0])
-        best = ranked_conf.argmax(dim=1)
-        accept[rows, best] |= masked[rows, best]  # at least the most confident one
+        pick = masked.int().argmax(dim=1) if cfg.fallback == "leftmost" else ranked_conf.argmax(dim=1)
+        accept[rows, pick] |= masked[rows, pick] & ~accept.any(dim=1)  # progress when none is sure
         return accept
     ranked = ranked_conf.topk(min(cfg.tokens_per_step, conf.shape[1]), dim=1).indices
     return torch.zeros_like(masked).scatter(1, ranked, True) & masked

@@ -41,6 +41,7 @@ from bard_core.config import (
         (TrainConfig, {"distill_lr_scale": 0.0}, "distill_lr_scale"),
         (DecodeConfig, {"threshold": 1.5}, "threshold"),
         (DecodeConfig, {"mode": "greedy"}, "mode"),
+        (DecodeConfig, {"fallback": "random"}, "fallback"),
         (DecodeConfig, {"block_size": 4, "tokens_per_step": 8}, "tokens_per_step"),
         (GateConfig, {"tolerance": {"nope": 0.1}}, "tolerance"),
         (GateConfig, {"speed_benchmark": "nope"}, "speed_benchmark"),

@@ -64,6 +64,28 @@ def test_dynamic_mode_accepts_every_confident_position_at_once():
     assert g.steps_per_block == [1, 1] and g.nfe == 2 and g.tpf == 8.0
 
 
+@pytest.mark.parametrize("fallback, first_taken", [("leftmost", 0), ("confident", 2)])
+def test_when_no_position_is_sure_the_fallback_decides_which_one_is_taken(fallback, first_taken):
+    """Nothing clears τ: `leftmost` takes the first masked position, `confident` the most confident
+    (here a token further ahead); one token per forward either way, and the same answer."""
+    answer = [30, 31, 32, 33]
+    cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=4, fallback=fallback)
+    model, (g,) = run({10: Script(answer, confidence=[0.3, 0.2, 0.8, 0.4])}, {10: 3}, cfg)
+    assert g.token_ids == answer and g.steps_per_block == [4]
+    blocks = [c.input_ids[0][:4] for c in model.calls[1:4]]  # the block after steps 1, 2, 3
+    assert blocks[0][first_taken] == answer[first_taken] and int((blocks[0] == MASK).sum()) == 3
+    taken = [int(torch.nonzero((b != MASK) & (prev == MASK))[0]) for prev, b in
+             zip([torch.full((4,), MASK)] + blocks[:-1], blocks)]
+    assert taken == ([0, 1, 2] if fallback == "leftmost" else [2, 3, 0])  # by confidence 0.8, 0.4, 0.3
+
+
+def test_a_sure_position_is_taken_without_forcing_the_leftmost_one():
+    cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=4)
+    model, (g,) = run({10: Script([30, 31, 32, 33], confidence=[0.3, 0.3, 0.95, 0.3])}, {10: 3}, cfg)
+    second = model.calls[1].input_ids[0]
+    assert second.tolist() == [MASK, MASK, 32, MASK]  # only the sure one, not also position 0
+
+
 def test_low_confidence_still_makes_progress_one_token_per_step():
     cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=4)
     _, (g,) = run({10: Script([30, 31, 32, 33], confidence=0.3)}, {10: 3}, cfg)
