@@ -170,7 +170,7 @@ def cmd_generate(args) -> int:
     try:
         cfg = DecodeConfig(block_size=block_size or 1, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
                            mode=args.mode, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
-                           top_p=args.top_p, edit_threshold=args.edit_threshold,
+                           top_p=args.top_p, edit_threshold=args.edit_threshold, fallback=args.fallback,
                            label_shift=bool(meta.get("label_shift", False)))
     except ValueError as exc:
         raise UsageError(f"bard generate: {exc}") from None
@@ -182,7 +182,7 @@ def cmd_generate(args) -> int:
         decoder = "ar"
     else:
         (g,) = generate(model, [enc], cfg, ids)
-        decoder = f"block-diffusion B={block_size} tau={args.threshold}"
+        decoder = f"block-diffusion B={block_size} tau={args.threshold} fallback={args.fallback}"
     text = processor.tokenizer.decode(g.token_ids, skip_special_tokens=True)
     payload = {"text": text, "decoder": decoder, "tokens": g.tokens, "nfe": g.nfe, "tpf": g.tpf,
                "seconds": g.seconds, "tok_s": g.tokens / max(g.seconds, 1e-9), "edits": g.edits}
@@ -382,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--edit-threshold", type=float, default=0.95)
     p.add_argument("--mode", choices=["dynamic", "static"], default="dynamic")
+    p.add_argument("--fallback", choices=["leftmost", "confident"], default="leftmost",
+                   help="dynamic mode, when no position clears the threshold: take the leftmost or the most confident")
     p.add_argument("--tokens-per-step", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -119,8 +119,11 @@ def test_generate_prints_text_and_decoding_stats(tiny_model_dir, tmp_path):
               "in cell 5?", "--block-size", "4", "--max-new-tokens", "8", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
-    assert result["decoder"].startswith("block-diffusion B=4") and 0 < result["tokens"] <= 8
+    assert result["decoder"] == "block-diffusion B=4 tau=0.9 fallback=leftmost" and 0 < result["tokens"] <= 8
     assert result["tpf"] == result["tokens"] / result["nfe"]
+    confident = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi",
+                               "--block-size", "4", "--max-new-tokens", "4", "--fallback", "confident", "--json").stdout)
+    assert confident["decoder"].endswith("fallback=confident") and confident["tokens"] > 0
     ar = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi", "--ar",
                         "--max-new-tokens", "5", "--json").stdout)
     assert ar["decoder"] == "ar" and ar["nfe"] == ar["tokens"]
