@@ -50,7 +50,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     else:
         # Ray Train's controller polls its workers every 2 s by default, so a finished stage waited ~2 s
-        # for its fit() to return; 0.5 s costs nothing measurable (set before the local Ray starts, whose
+        # for its fit() to return; at 0.5 s a poll is two small calls a second (set before the local Ray starts, whose
         # processes inherit it; a cluster's own setting is left alone).
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         # Twice the cores as logical CPUs: Ray Train workers hold one each, and Ray Data still needs
