@@ -3,7 +3,7 @@
 `shard` wraps a `LogitsAtLossPositions` runner in FSDP2 (`fully_shard`); `full_state` gathers what a
 checkpoint saves, and `load_optimizer_state` puts a full optimizer state back, re-sharded. Under DDP
 (`fsdp=False`) the last two are the optimizer's own `state_dict` / `load_state_dict`, so one loop
-serves both strategies. Ray Train's loop (`tasks/train.py`) and the GPU check
+serves both strategies. Ray Train's loop (`tasks/train_worker.py`) and the GPU check
 (`benchmarks/gpu_fsdp.py`) call these same functions.
 """
 

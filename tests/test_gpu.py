@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-DEVICE, BACKEND = "cuda", "nccl"
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (device machine)")]
 
@@ -69,11 +68,11 @@ def test_distillation_step_on_cuda(kit):
     from bard_core.train import Teacher, build_optimizer, to_device, train_step
 
     processor, model, spec = kit
-    student = copy.deepcopy(model).to(DEVICE)
-    teacher_model = copy.deepcopy(model).to(DEVICE).requires_grad_(False)
+    student = copy.deepcopy(model).to("cuda")
+    teacher_model = copy.deepcopy(model).to("cuda").requires_grad_(False)
     before = {k: v.clone() for k, v in teacher_model.state_dict().items()}
     batch = to_device(pack(_samples(processor, 4), model, 8, spec, label_shift=True,
-                           generator=torch.Generator().manual_seed(2)), DEVICE)
+                           generator=torch.Generator().manual_seed(2)), "cuda")
     assert batch.mask_for(4).device == batch.input_ids.device
     cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)
     metrics = train_step(student, batch, build_optimizer(student, cfg), cfg, teacher=Teacher(teacher_model, 4))
@@ -99,20 +98,19 @@ def test_fsdp_mixed_precision_step_on_cuda(kit):
     processor, model, spec = kit
     init = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     batch = to_device(pack(_samples(processor, 4), model, 8, spec, label_shift=True,
-                           generator=torch.Generator().manual_seed(0)), DEVICE)
+                           generator=torch.Generator().manual_seed(0)), "cuda")
     batches = [batch] * 3  # the same batch: the loss must fall step after step
     cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]))
-    dist.init_process_group(BACKEND, rank=0, world_size=1,
-                            **({"device_id": torch.device("cuda", 0)} if DEVICE == "cuda" else {}))
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
     losses = {}
     try:
         for name, dtype in (("plain", None), ("fsdp32", torch.float32), ("fsdp16", torch.bfloat16)):
             fresh_model = build_model(ModelConfig(), processor.tokenizer)
             fresh_model.load_state_dict(init)
-            runner = LogitsAtLossPositions(fresh_model.to(DEVICE))
+            runner = LogitsAtLossPositions(fresh_model.to("cuda"))
             if dtype is not None:
                 runner = shard(runner, dtype)
             optimizer = build_optimizer(runner, cfg)
