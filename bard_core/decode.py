@@ -102,6 +102,8 @@ def _forward(model, cache, ids, positions, cache_valid, new_mask, device, pixel_
     n, q = ids.shape
     past = cache_valid[:, None, :].expand(n, q, cache_valid.shape[1])
     mask = torch.cat([past, new_mask], dim=2)[:, None]
+    if pixel_values is not None:  # the prompts' images are CPU tensors
+        pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
     out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                       cache=cache, use_cache=cache is not None, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                       mm_token_type_ids=(mm_types if mm_types is not None else torch.zeros_like(ids)).to(device))

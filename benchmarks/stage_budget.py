@@ -59,6 +59,21 @@ def paired_drop(ar: list[float], stage: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / len(diffs))
 
 
+def stage_row(path: Path, scores: dict, ar_scores: dict, stage: str, lr: float, merge: int, distill: int,
+              seconds: float, tolerance: float) -> dict:
+    """One table row: steps, time, final loss (mean of the last 10% of steps), scores and paired drops."""
+    meta = json.loads((path / "bard.json").read_text())
+    paired = {n: paired_drop(ar_scores[n]["per_item"], scores[n]["per_item"]) for n in scores}
+    drops = {n: d for n, (d, _) in paired.items()}
+    worst = max(drops, key=drops.get)
+    tail = meta["history"][-max(1, len(meta["history"]) // 10):]
+    return {"stage": stage, "lr": lr, "merge_steps": merge, "distill_steps": distill, "train_seconds": seconds,
+            "final_loss": sum(h["loss"] for h in tail) / len(tail),
+            "scores": {n: {k: v for k, v in sc.items() if k != "per_item"} for n, sc in scores.items()},
+            "drops": drops, "drop_se": {n: se for n, (_, se) in paired.items()}, "worst": worst,
+            "max_drop": drops[worst], "within_tolerance": drops[worst] <= tolerance}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default="450:0,120:40,120:40,420:60",
@@ -73,6 +88,10 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=0.03)
     parser.add_argument("--work", default=None, help="working directory (default: a temporary one)")
     parser.add_argument("--base", default=None, help="AR base checkpoint (default: the shipped tiny base)")
+    parser.add_argument("--ar-control", action="store_true",
+                        help="also fine-tune the AR base with its own next-token objective for the first stage's steps "
+                             "and rate on the same data, and report its drops: how much of a stage's drop plain "
+                             "fine-tuning on this data causes too (a control row: outside the budget and the verdict)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.vision_lr_scale=0.1")
     args = parser.parse_args()
@@ -116,6 +135,17 @@ def main() -> None:
     benchmarks_dir = work / "world/benchmarks"
     base = checkpoint_ref(args.base or shipped_base())
     ar_scores = evaluate(Path(base.uri), None, benchmarks_dir, args.limit, args.threshold)
+    control = None
+    if args.ar_control:  # the first stage's steps and rate, next-token CE, the same data
+        merge, distill = steps[0]
+        t0 = time.monotonic()
+        ref = run_stage(data, base, work / "AR-control", "tiny",
+                        {**extra, "train.lr": lrs[0], "train.base_steps": str(merge + distill)}, objective="ar")
+        seconds = time.monotonic() - t0
+        scores = evaluate(Path(ref.uri), None, benchmarks_dir, args.limit, args.threshold)
+        control = stage_row(Path(ref.uri), scores, ar_scores, "AR-ft", lrs[0], merge + distill, 0, seconds,
+                            args.tolerance)
+        log(f"AR control: {seconds:.0f}s, max drop {control['max_drop']:.3f} ({control['worst']})")
     rows, parent, total_train = [], base, 0.0
     for B, (merge, distill), lr in zip(recipe.train.block_sizes, steps, lrs):
         overrides = {**extra, "train.lr": lr, "train.merge_steps": str(merge), "train.distill_steps": str(distill)}
@@ -124,17 +154,11 @@ def main() -> None:
                         teacher=parent if parent.block_size else None)
         seconds = time.monotonic() - t0
         total_train += seconds
-        meta = json.loads((Path(ref.uri) / "bard.json").read_text())
         scores = evaluate(Path(ref.uri), B, benchmarks_dir, args.limit, args.threshold)
-        paired = {n: paired_drop(ar_scores[n]["per_item"], scores[n]["per_item"]) for n in scores}
-        drops = {n: d for n, (d, _) in paired.items()}
-        worst = max(drops, key=drops.get)
-        tail = meta["history"][-max(1, len(meta["history"]) // 10):]
-        rows.append({"block_size": B, "lr": lr, "merge_steps": merge, "distill_steps": distill if parent.block_size else 0,
-                     "train_seconds": seconds, "final_loss": sum(h["loss"] for h in tail) / len(tail),
-                     "scores": {n: {k: v for k, v in sc.items() if k != "per_item"} for n, sc in scores.items()},
-                     "drops": drops, "drop_se": {n: se for n, (_, se) in paired.items()}, "worst": worst,
-                     "max_drop": drops[worst], "within_tolerance": drops[worst] <= args.tolerance})
+        row = stage_row(Path(ref.uri), scores, ar_scores, f"B{B}", lr, merge, distill if parent.block_size else 0,
+                        seconds, args.tolerance)
+        rows.append({"block_size": B, **row})
+        drops, worst = row["drops"], row["worst"]
         log(f"B={B}: {seconds:.0f}s, max drop {drops[worst]:.3f} ({worst})")
         parent = ref
 
@@ -144,19 +168,22 @@ def main() -> None:
           + f" {'max drop (±se)':>22} {'TPF ext':>7}")
     print(f"{'AR':<6} {'-':>8} {'-':>9} {'-':>8} {'-':>6} " + " ".join(f"{ar_scores[n]['accuracy']:>8.3f}" for n in names)
           + f" {'-':>22} {ar_scores['shapes_extract']['tpf']:>7.2f}")
-    for r in rows:
-        print(f"{'B' + str(r['block_size']):<6} {r['lr']:>8.2g} {str(r['merge_steps']) + '+' + str(r['distill_steps']):>9} "
+    for r in rows + ([control] if control else []):
+        print(f"{r['stage']:<6} {r['lr']:>8.2g} {str(r['merge_steps']) + '+' + str(r['distill_steps']):>9} "
               f"{r['train_seconds']:>8.0f} {r['final_loss']:>6.3f} "
               + " ".join(f"{r['scores'][n]['accuracy']:>8.3f}" for n in names)
               + f" {r['max_drop']:>7.3f} ±{r['drop_se'][r['worst']]:.3f} {r['worst'][7:]:>7}"
               + f" {r['scores']['shapes_extract']['tpf']:>7.2f}")
+    if control:
+        print("AR-ft: the AR base fine-tuned with next-token CE for B4's steps at B4's rate on the same data (a control, "
+              "outside the budget and the verdict)")
     print(f"total training wall time {total_train:.0f}s (budget 480s); every stage within "
           f"{args.tolerance:.2f} of AR: {all(r['within_tolerance'] for r in rows)}")
     print(json.dumps({"total_train_seconds": total_train, "within_budget": total_train <= 480,
                       "all_within_tolerance": all(r["within_tolerance"] for r in rows), "tolerance": args.tolerance,
                       "items_per_benchmark": args.limit, "seed": args.seed, "overrides": extra, "lr": lrs,
                       "ar": {n: {k: v for k, v in sc.items() if k != "per_item"} for n, sc in ar_scores.items()},
-                      "stages": rows, "work": str(work)}))
+                      "stages": rows, "ar_control": control, "work": str(work)}))
 
 
 if __name__ == "__main__":

@@ -158,3 +158,20 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
                              cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
         assert not work.exists() and out.stdout == ""
+
+
+def test_stage_budget_rows_pair_each_item_against_the_ar_base(tmp_path):
+    from benchmarks.stage_budget import stage_row
+
+    history = [{"step": k, "loss": float(k)} for k in range(1, 21)]  # the last 10%: steps 19 and 20
+    (tmp_path / "bard.json").write_text(json.dumps({"history": history}))
+    ar = {"shapes_mcq": {"accuracy": 0.75, "tpf": 1.0, "per_item": [1, 1, 1, 0]},
+          "shapes_ocr": {"accuracy": 0.5, "tpf": 1.0, "per_item": [1, 0, 1, 0]}}
+    stage = {"shapes_mcq": {"accuracy": 0.5, "tpf": 2.0, "per_item": [1, 0, 1, 0]},
+             "shapes_ocr": {"accuracy": 0.5, "tpf": 2.0, "per_item": [0, 1, 1, 0]}}  # same mean, other items
+    row = stage_row(tmp_path, stage, ar, "AR-ft", 2e-4, 450, 0, 12.0, tolerance=0.2)
+    assert row["stage"] == "AR-ft" and row["final_loss"] == 19.5
+    assert row["drops"] == {"shapes_mcq": 0.25, "shapes_ocr": 0.0} and row["worst"] == "shapes_mcq"
+    assert row["drop_se"]["shapes_ocr"] > 0  # paired: two items moved in opposite directions
+    assert row["max_drop"] == 0.25 and row["within_tolerance"] is False
+    assert "per_item" not in row["scores"]["shapes_mcq"] and row["scores"]["shapes_mcq"]["tpf"] == 2.0
