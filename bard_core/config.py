@@ -159,8 +159,9 @@ class TrainConfig:
     kd_top_k: int = 16
     kd_temperature: float = 1.0
     checkpoint_every: int = 100
-    # per Ray Train worker: keep its encoded shard in memory up to this size and replay it every epoch
-    # after the first (a larger shard is re-read and re-encoded each epoch); 0 turns it off
+    # per Ray Train worker: keep encoded samples in memory up to this size, by sample_id, so later epochs
+    # skip encoding what is kept (every epoch still reads the shard: see tasks/train_worker.EncodedStream);
+    # 0 turns it off
     encode_cache_mb: int = 1024
     # driver: a curated dataset up to this size on disk is read once per Ray session into the object store
     # and shared by every stage trained on it (each fit() then skips the read pipeline's start, ~4 s on 2

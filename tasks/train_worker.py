@@ -21,54 +21,62 @@ def _nbytes(sample) -> int:
 
 
 class EncodedStream:
-    """A worker's endless stream of encoded samples, epoch after epoch, in a fresh local order each time.
+    """A worker's endless stream of encoded samples, epoch after epoch.
 
-    The first epoch streams the Ray Data shard and encodes every row (`encode(row)` returns None for a
-    rejected row, which is counted once in `skipped`). While the encoded shard fits in `cache_bytes`
-    it is kept, and later epochs replay it from memory instead of re-reading and re-encoding: on the
-    tiny recipe encoding was ~30% of a step. A shard too large for the budget is streamed every epoch.
+    Every epoch reads the worker's Ray Data shard (`iter_rows`), whatever the cache holds. Ray Train's
+    split starts each epoch's read on all workers together, so a worker that replayed an epoch from
+    memory while another re-read its shard left that one waiting at the epoch barrier while it waited
+    for that one's gradients: a deadlock, hit when one worker's encoded shard fit the budget and the
+    other's did not. The cache saves the encoding instead: up to `cache_bytes`, encoded samples are kept
+    by row key (`key(row)`, the curated `sample_id`) and later epochs look them up, so a shard a little
+    over the budget is mostly cached rather than not at all. Rows are shuffled through a local buffer
+    of `buffer` samples (pulled from the shard as training consumes them, like any streamed read);
+    `encode(row)` returns None for a rejected row, counted once in `skipped` and not encoded again.
     """
 
-    def __init__(self, shard, encode, seed: int, cache_bytes: int):
-        self.shard, self.encode, self.cache_bytes = shard, encode, cache_bytes
+    def __init__(self, shard, encode, seed: int, cache_bytes: int, key=None, buffer: int = 256):
+        self.shard, self.encode, self.cache_bytes, self.buffer = shard, encode, cache_bytes, buffer
+        self.key = key or (lambda row: row.get("sample_id"))
         self.rng = random.Random(seed)
-        self.skipped, self.epochs, self.cached = 0, 0, None  # `cached`: the whole encoded shard, once known
+        self.skipped, self.epochs, self.encoded = 0, 0, 0
+        self.cache: dict = {}  # row key -> encoded sample, or None for a rejected row
+        self.cached_bytes = 0
 
     def __iter__(self):
         while True:
-            if self.cached is not None:
-                order = list(self.cached)
-                self.rng.shuffle(order)
-                yield from order
-            else:
-                yield from self._stream_epoch()
+            yield from self._epoch()
             self.epochs += 1
 
-    def _stream_epoch(self):
-        keep, size, buffer, kept, streamed = self.cache_bytes > 0, 0, [], [], 0
+    def _sample(self, row):
+        key = self.key(row) if self.cache_bytes > 0 else None
+        if key is not None and key in self.cache:
+            return self.cache[key]
+        sample = self.encode(row)
+        self.encoded += 1
+        if sample is None:
+            self.skipped += self.epochs == 0  # counted in the first epoch only
+        size = 0 if sample is None else _nbytes(sample)
+        if key is not None and self.cached_bytes + size <= self.cache_bytes:
+            self.cache[key] = sample
+            self.cached_bytes += size
+        return sample
+
+    def _epoch(self):
+        buffer, usable = [], 0
         for row in self.shard.iter_rows():
-            sample = self.encode(row)
+            sample = self._sample(row)
             if sample is None:
-                self.skipped += self.epochs == 0  # counted in the first epoch only
                 continue
-            streamed += 1
-            if keep:
-                size += _nbytes(sample)
-                if size <= self.cache_bytes:
-                    kept.append(sample)
-                else:
-                    keep, kept = False, []
+            usable += 1
             buffer.append(sample)
-            if len(buffer) >= 256:
+            if len(buffer) >= self.buffer:
                 self.rng.shuffle(buffer)
                 yield from buffer
                 buffer = []
-        if streamed == 0:
+        if usable == 0:
             raise RuntimeError(f"the training shard has no usable rows ({self.skipped} rejected by encoding)")
         self.rng.shuffle(buffer)
         yield from buffer
-        if keep:
-            self.cached = kept
 
 
 def train_loop_per_worker(config: dict) -> None:

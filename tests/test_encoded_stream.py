@@ -1,4 +1,4 @@
-"""A Ray Train worker's sample stream: first epoch streamed and encoded, later epochs replayed from memory."""
+"""A Ray Train worker's sample stream: the shard is read every epoch, encoded samples are kept by key."""
 
 from __future__ import annotations
 
@@ -22,14 +22,19 @@ class Shard:
         yield from self.rows
 
 
-def encode(row):
-    if row["bad"]:
-        return None
-    ids = torch.full((4,), row["id"])
-    return EncodedSample(ids, torch.zeros(4, dtype=torch.long), ids[:2], torch.zeros(2, 8), None)
+class Encoder:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, row):
+        self.calls += 1
+        if row["bad"]:
+            return None
+        ids = torch.full((4,), row["id"])
+        return EncodedSample(ids, torch.zeros(4, dtype=torch.long), ids[:2], torch.zeros(2, 8), None)
 
 
-ROWS = [{"id": i, "bad": i % 7 == 3} for i in range(40)]  # 6 rejected rows
+ROWS = [{"sample_id": f"s{i}", "id": i, "bad": i % 7 == 3} for i in range(40)]  # 6 rejected rows
 GOOD = sorted(r["id"] for r in ROWS if not r["bad"])
 PER_SAMPLE = 4 * 8 + 4 * 8 + 2 * 8 + 2 * 8 * 4  # bytes of the tensors above
 
@@ -39,30 +44,39 @@ def epochs(stream, n):
     return [sorted(int(s.prompt_ids[0]) for s in itertools.islice(it, len(GOOD))) for _ in range(n)]
 
 
-def test_the_shard_is_read_once_when_it_fits_and_every_epoch_has_every_sample_once():
+@pytest.mark.parametrize("cache_bytes", [0, 10 * PER_SAMPLE, len(GOOD) * PER_SAMPLE, 1 << 20])
+def test_every_epoch_reads_the_shard_once_and_yields_every_sample_once(cache_bytes):
+    # whatever the cache holds, the shard is read once per epoch: Ray Train's split needs every worker
+    # to start each epoch's read (a worker replaying from memory left the others waiting: a deadlock)
     shard = Shard(ROWS)
-    stream = EncodedStream(shard, encode, seed=0, cache_bytes=len(GOOD) * PER_SAMPLE)
-    assert epochs(stream, 3) == [GOOD] * 3
-    assert shard.reads == 1 and stream.skipped == 6
-
-
-def test_a_shard_over_the_budget_is_streamed_every_epoch():
-    shard = Shard(ROWS)
-    stream = EncodedStream(shard, encode, seed=0, cache_bytes=len(GOOD) * PER_SAMPLE - 1)
+    stream = EncodedStream(shard, Encoder(), seed=0, cache_bytes=cache_bytes, buffer=8)
     assert epochs(stream, 3) == [GOOD] * 3
     assert shard.reads == 3 and stream.skipped == 6  # rejects are counted in the first epoch only
-    off = Shard(ROWS)
-    assert epochs(EncodedStream(off, encode, seed=0, cache_bytes=0), 2) == [GOOD] * 2 and off.reads == 2
 
 
-def test_replayed_epochs_are_reshuffled():
-    stream = EncodedStream(Shard(ROWS), encode, seed=1, cache_bytes=1 << 20)
+def test_kept_samples_are_not_encoded_again_and_the_budget_bounds_what_is_kept():
+    full = Encoder()
+    epochs(EncodedStream(Shard(ROWS), full, seed=0, cache_bytes=len(GOOD) * PER_SAMPLE), 3)
+    assert full.calls == len(ROWS)  # rejected rows are remembered too
+    part = Encoder()
+    stream = EncodedStream(Shard(ROWS), part, seed=0, cache_bytes=10 * PER_SAMPLE)
+    epochs(stream, 3)
+    assert stream.cached_bytes == 10 * PER_SAMPLE
+    kept_rows = len(stream.cache)  # 10 samples and the rejected rows read before the budget ran out
+    assert part.calls == len(ROWS) + 2 * (len(ROWS) - kept_rows)
+    off = Encoder()
+    epochs(EncodedStream(Shard(ROWS), off, seed=0, cache_bytes=0), 2)
+    assert off.calls == 2 * len(ROWS)
+
+
+def test_epochs_are_reshuffled():
+    stream = EncodedStream(Shard(ROWS), Encoder(), seed=1, cache_bytes=1 << 20, buffer=16)
     it = iter(stream)
     orders = [[int(s.prompt_ids[0]) for s in itertools.islice(it, len(GOOD))] for _ in range(3)]
     assert orders[1] != orders[2] and sorted(orders[1]) == sorted(orders[2]) == GOOD
 
 
 def test_a_shard_without_usable_rows_is_an_error_not_a_hang():
-    stream = EncodedStream(Shard([{"id": 0, "bad": True}]), encode, seed=0, cache_bytes=1 << 20)
+    stream = EncodedStream(Shard([{"sample_id": "x", "id": 0, "bad": True}]), Encoder(), seed=0, cache_bytes=1 << 20)
     with pytest.raises(RuntimeError, match="no usable rows"):
         next(iter(stream))
