@@ -246,6 +246,16 @@ def benchmark_contamination(benchmarks_dir: str | None, cfg: DataConfig, train_q
     return dedup.Contamination(hashes, questions, cfg.phash_threshold, cfg.ngram, common)
 
 
+def _shuffle_keys(sample_ids: list[str], salt: str) -> list[int]:
+    """Sort keys that write the kept rows in a pseudo-random order fixed by the curation's fingerprint.
+
+    Training streams each worker's shard in file order through a small shuffle buffer, so rows written
+    source by source made every worker's batches come from one subset for ~50 steps at a time (and a
+    stage's last steps from whichever subset came last)."""
+    return [int.from_bytes(hashlib.blake2b(f"{salt}:{i}".encode(), digest_size=8).digest(), "big")
+            for i in sample_ids]
+
+
 def _fingerprint(sources: dict[str, str], benchmarks_dir: str | None, cfg: DataConfig, processor_path: str) -> str:
     h = hashlib.sha256(json.dumps({"cfg": cfg.__dict__, "code": CODE_VERSION, "sources": sources},
                                   sort_keys=True, default=str).encode())
@@ -319,7 +329,8 @@ def run_curation(sources: dict[str, str], out: str | Path, cfg: DataConfig, proc
         table = ray.get(decisions_ref) if isinstance(decisions_ref, ray.ObjectRef) else decisions_ref
         ids = batch.column("sample_id").to_pylist()
         reasons = [r if r else table.get(i) for i, r in zip(ids, batch.column("reason").to_pylist())]
-        return batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+        batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
+        return batch.append_column("shuffle", pa.array(_shuffle_keys(ids, fingerprint), pa.uint64()))
 
     final = processed.map_batches(apply, batch_format="pyarrow").materialize()
     tmp = out.with_name(out.name + ".tmp")
@@ -327,9 +338,10 @@ def run_curation(sources: dict[str, str], out: str | Path, cfg: DataConfig, proc
     # Arrow-level filters: row-level ones round-trip through Python objects and would pickle phash
     kept = final.map_batches(lambda t: t.filter(pc.is_null(t["reason"])), batch_format="pyarrow")
     rejected = final.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])), batch_format="pyarrow")
-    kept.drop_columns(["reason", "order"]).repartition(max(1, kept.count() // 2000 + 1)).write_parquet(
-        str(tmp / "data"), min_rows_per_file=1000)
-    rejected.repartition(1).write_parquet(str(tmp / "rejects"))
+    # kept rows in a seeded pseudo-random order (see _shuffle_keys); rejects keep the sources' order
+    kept.sort("shuffle").drop_columns(["reason", "order", "shuffle"]).repartition(
+        max(1, kept.count() // 2000 + 1)).write_parquet(str(tmp / "data"), min_rows_per_file=1000)
+    rejected.drop_columns(["shuffle"]).repartition(1).write_parquet(str(tmp / "rejects"))
     timings["write_s"] = time.monotonic() - t2
 
     kept_by_source = Counter(r["source"] for r in kept.select_columns(["source"]).iter_rows())

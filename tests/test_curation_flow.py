@@ -72,6 +72,16 @@ def test_counts_identity_and_manifest(curated):
     assert all(n > 0 for n in kept.column("num_tokens").to_pylist())
 
 
+def test_kept_rows_are_written_interleaved_across_sources(curated):
+    # training streams a shard in file order through a small buffer: rows grouped by source would make
+    # every batch one subset's for tens of steps
+    _, _, out = curated
+    sources = pq.read_table(sorted(glob.glob(str(out / "data" / "*.parquet"))), columns=["source"]).column(
+        "source").to_pylist()
+    runs = 1 + sum(a != b for a, b in zip(sources, sources[1:]))
+    assert len(set(sources)) >= 4 and runs > len(sources) / 3, (runs, len(sources))
+
+
 def test_rerun_gives_the_same_fingerprint_and_output(curated):
     from flows.curate import curate_flow
 
