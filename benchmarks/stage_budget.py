@@ -12,7 +12,8 @@ at 40 items a 3-point drop is far inside the noise, so the default is 300 items 
 The defaults are the best measured split that fits 480 s (2 cores, from the shipped base): B4 learns
 the block-diffusion objective, short bridges at B8/B16 (their drops are forgetting, not under-training),
 and the largest share for B32 at the same gentle rate: on world 11 (the default seed) B32 at 3e-4–4e-4
-lost 3–5 points of one-letter mcq answers in every run, at 2e-4 it kept them and the chain passed.
+lost 3–5 points of one-letter mcq answers in every run; at 2e-4 the chain passed twice and once missed
+by one mcq item at B32 (3.3 points): that line is inside the paired standard error (~1.4 points).
 `--seed` builds another shapes world (sources and benchmark items) to check that a split is not tuned
 to one. On world 12 the same split loses mcq from B4 on and fails; `--ar-control` shows why: the AR base
 fine-tuned with its own next-token objective for B4's steps on the same data loses 2.7 of those points
