@@ -30,8 +30,13 @@ class EncodedStream:
     other's did not. The cache saves the encoding instead: up to `cache_bytes`, encoded samples are kept
     by row key (`key(row)`, the curated `sample_id`) and later epochs look them up, so a shard a little
     over the budget is mostly cached rather than not at all. Rows are shuffled through a local buffer
-    of `buffer` samples (pulled from the shard as training consumes them, like any streamed read);
-    `encode(row)` returns None for a rejected row, counted once in `skipped` and not encoded again.
+    of `buffer` samples (pulled from the shard as training consumes them, like any streamed read).
+    `encode(row)` returns None for a rejected row, counted once in `skipped` and not encoded again; its
+    place in the epoch goes to another sample of the same epoch, so every worker yields exactly as many
+    samples per epoch as its shard has rows. Ray's equal split gives every worker the same number of
+    rows, so all workers end each epoch at the same step even when their rejects differ (a worker with
+    more rejects would otherwise reach the next epoch's barrier steps ahead of the others: the same
+    deadlock).
     """
 
     def __init__(self, shard, encode, seed: int, cache_bytes: int, key=None, buffer: int = 256):
@@ -62,12 +67,19 @@ class EncodedStream:
         return sample
 
     def _epoch(self):
-        buffer, usable = [], 0
+        buffer, usable, owed, last = [], 0, 0, None
         for row in self.shard.iter_rows():
             sample = self._sample(row)
-            if sample is None:
-                continue
-            usable += 1
+            if sample is None:  # a rejected row's place: the last usable sample, or the next one
+                if last is None:
+                    owed += 1
+                    continue
+                sample = last
+            else:
+                usable += 1
+                last = sample
+                buffer.extend([sample] * owed)
+                owed = 0
             buffer.append(sample)
             if len(buffer) >= self.buffer:
                 self.rng.shuffle(buffer)

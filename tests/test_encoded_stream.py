@@ -1,4 +1,5 @@
-"""A Ray Train worker's sample stream: the shard is read every epoch, encoded samples are kept by key."""
+"""A Ray Train worker's sample stream: the shard is read every epoch, encoded samples are kept by key, and
+every epoch yields one sample per row read (a rejected row's place goes to another sample)."""
 
 from __future__ import annotations
 
@@ -39,9 +40,14 @@ GOOD = sorted(r["id"] for r in ROWS if not r["bad"])
 PER_SAMPLE = 4 * 8 + 4 * 8 + 2 * 8 + 2 * 8 * 4  # bytes of the tensors above
 
 
-def epochs(stream, n):
+def epochs(stream, n, rows=ROWS):
+    """The sample ids of `n` epochs; an epoch is one sample per row of the shard."""
     it = iter(stream)
-    return [sorted(int(s.prompt_ids[0]) for s in itertools.islice(it, len(GOOD))) for _ in range(n)]
+    return [sorted(int(s.prompt_ids[0]) for s in itertools.islice(it, len(rows))) for _ in range(n)]
+
+
+def check(epoch, good=GOOD, rows=ROWS):
+    assert len(epoch) == len(rows) and sorted(set(epoch)) == good  # every usable sample, rejects filled in
 
 
 @pytest.mark.parametrize("cache_bytes", [0, 10 * PER_SAMPLE, len(GOOD) * PER_SAMPLE, 1 << 20])
@@ -50,7 +56,8 @@ def test_every_epoch_reads_the_shard_once_and_yields_every_sample_once(cache_byt
     # to start each epoch's read (a worker replaying from memory left the others waiting: a deadlock)
     shard = Shard(ROWS)
     stream = EncodedStream(shard, Encoder(), seed=0, cache_bytes=cache_bytes, buffer=8)
-    assert epochs(stream, 3) == [GOOD] * 3
+    for epoch in epochs(stream, 3):
+        check(epoch)
     assert shard.reads == 3 and stream.skipped == 6  # rejects are counted in the first epoch only
 
 
@@ -72,8 +79,21 @@ def test_kept_samples_are_not_encoded_again_and_the_budget_bounds_what_is_kept()
 def test_epochs_are_reshuffled():
     stream = EncodedStream(Shard(ROWS), Encoder(), seed=1, cache_bytes=1 << 20, buffer=16)
     it = iter(stream)
-    orders = [[int(s.prompt_ids[0]) for s in itertools.islice(it, len(GOOD))] for _ in range(3)]
-    assert orders[1] != orders[2] and sorted(orders[1]) == sorted(orders[2]) == GOOD
+    orders = [[int(s.prompt_ids[0]) for s in itertools.islice(it, len(ROWS))] for _ in range(3)]
+    assert orders[1] != orders[2] and sorted(orders[1]) == sorted(orders[2])
+    check(orders[1])
+
+
+def test_rejected_rows_are_replaced_so_every_worker_yields_one_sample_per_row():
+    # Ray's equal split gives workers the same number of rows; with one sample per row they all reach the
+    # next epoch's read at the same step, however many rows each one rejects
+    rows = [{"sample_id": f"s{i}", "id": i, "bad": i in (0, 1, 5)} for i in range(8)]  # the first rows rejected
+    good = [2, 3, 4, 6, 7]
+    for cache_bytes in (0, 1 << 20):
+        stream = EncodedStream(Shard(rows), Encoder(), seed=2, cache_bytes=cache_bytes, buffer=3)
+        for epoch in epochs(stream, 3, rows):
+            check(epoch, good, rows)
+        assert stream.skipped == 3
 
 
 def test_a_shard_without_usable_rows_is_an_error_not_a_hang():
