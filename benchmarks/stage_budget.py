@@ -88,7 +88,8 @@ def main() -> None:
                         help="merge learning rate (train.lr): one for every stage, or one per stage (B4,B8,B16,B32); "
                              "vision and distillation rates follow it (train.vision_lr_scale, train.distill_lr_scale)")
     parser.add_argument("--limit", type=int, default=300, help="items per benchmark")
-    parser.add_argument("--size", type=int, default=1500, help="clean conversations per source (two sources; curation keeps ~3000 rows of 2×1500)")
+    parser.add_argument("--size", type=int, default=1500,
+                        help="clean conversations per source (two sources: 1500 gives ~3000 curated rows)")
     parser.add_argument("--seed", type=int, default=11, help="seed of the shapes world (sources and benchmark items)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--tolerance", type=float, default=0.03)
@@ -164,8 +165,7 @@ def main() -> None:
         row = stage_row(Path(ref.uri), scores, ar_scores, f"B{B}", lr, merge, distill if parent.block_size else 0,
                         seconds, args.tolerance)
         rows.append({"block_size": B, **row})
-        drops, worst = row["drops"], row["worst"]
-        log(f"B={B}: {seconds:.0f}s, max drop {drops[worst]:.3f} ({worst})")
+        log(f"B={B}: {seconds:.0f}s, max drop {row['max_drop']:.3f} ({row['worst']})")
         parent = ref
 
     names = list(bench.PRIMARY)

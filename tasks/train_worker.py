@@ -28,7 +28,7 @@ class EncodedStream:
     memory while another re-read its shard left that one waiting at the epoch barrier while it waited
     for that one's gradients: a deadlock, hit when one worker's encoded shard fit the budget and the
     other's did not. The cache saves the encoding instead: up to `cache_bytes`, encoded samples are kept
-    by row key (`key(row)`, the curated `sample_id`) and later epochs look them up, so a shard a little
+    by the curated `sample_id` and later epochs look them up, so a shard a little
     over the budget is mostly cached rather than not at all. Rows are shuffled through a local buffer
     of `buffer` samples (pulled from the shard as training consumes them, like any streamed read).
     `encode(row)` returns None for a rejected row, counted once in `skipped` and not encoded again; its
@@ -39,12 +39,11 @@ class EncodedStream:
     deadlock).
     """
 
-    def __init__(self, shard, encode, seed: int, cache_bytes: int, key=None, buffer: int = 256):
+    def __init__(self, shard, encode, seed: int, cache_bytes: int, buffer: int = 256):
         self.shard, self.encode, self.cache_bytes, self.buffer = shard, encode, cache_bytes, buffer
-        self.key = key or (lambda row: row.get("sample_id"))
         self.rng = random.Random(seed)
-        self.skipped, self.epochs, self.encoded = 0, 0, 0
-        self.cache: dict = {}  # row key -> encoded sample, or None for a rejected row
+        self.skipped, self.epochs = 0, 0
+        self.cache: dict = {}  # sample_id -> encoded sample, or None for a rejected row
         self.cached_bytes = 0
 
     def __iter__(self):
@@ -53,11 +52,10 @@ class EncodedStream:
             self.epochs += 1
 
     def _sample(self, row):
-        key = self.key(row) if self.cache_bytes > 0 else None
+        key = row.get("sample_id") if self.cache_bytes > 0 else None
         if key is not None and key in self.cache:
             return self.cache[key]
         sample = self.encode(row)
-        self.encoded += 1
         if sample is None:
             self.skipped += self.epochs == 0  # counted in the first epoch only
         size = 0 if sample is None else _nbytes(sample)
