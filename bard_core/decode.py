@@ -8,7 +8,9 @@
    back to the committed length afterwards. Per masked position: argmax and its fp32 probability
    (the mask token's logit is −inf). *dynamic*: accept every masked position above ``threshold``,
    and when none is, the leftmost masked one (``fallback="leftmost"``) or the most confident one
-   (``"confident"``); *static*: accept the ``tokens_per_step`` most confident.
+   (``"confident"``); *static*: accept the ``tokens_per_step`` most confident. With ``sure_eos``
+   an ``<|im_end|>`` is proposed only above ``threshold`` (else the position's best other token):
+   it ends the answer for good, where any other token can still be corrected.
    *Correction*: a visible, not yet committed token whose argmax differs with probability above
    ``edit_threshold`` is replaced, at most ``max_edits_per_position`` times per position.
 3. A full block is committed — its K/V kept — fused with the next block's first denoising forward
@@ -115,15 +117,26 @@ def _text_positions(start: torch.Tensor, q: int) -> torch.Tensor:
     return pos[None].expand(3, -1, -1).clone()
 
 
-def _pick(logits: torch.Tensor, cfg: DecodeConfig, mask_id: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token and its fp32 probability per position; the mask token is never proposed."""
+def _pick(logits: torch.Tensor, cfg: DecodeConfig, mask_id: int, generator,
+          eos_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token and its fp32 probability per position; the mask token is never proposed. With
+    ``cfg.sure_eos`` in dynamic mode (and `eos_id`), <|im_end|> is proposed only where its probability
+    clears ``cfg.threshold``; elsewhere the position proposes its best other token, at that token's
+    own (not renormalised) probability."""
     logits = logits.float()
     logits[..., mask_id] = float("-inf")
+    sure_eos = cfg.sure_eos and cfg.mode == "dynamic" and eos_id is not None
     if cfg.temperature == 0:
         probs = torch.softmax(logits, dim=-1)
+        if sure_eos:
+            unsure = probs[..., eos_id] <= cfg.threshold
+            probs[..., eos_id] = torch.where(unsure, torch.zeros_like(probs[..., eos_id]), probs[..., eos_id])
         conf, token = probs.max(dim=-1)
         return token, conf
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
+    if sure_eos:
+        probs[..., eos_id] = torch.where(probs[..., eos_id] <= cfg.threshold, 0.0, probs[..., eos_id])
+        probs = probs / probs.sum(-1, keepdim=True)
     if cfg.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p
@@ -241,7 +254,7 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
                 _truncate(cache, kept_valid.shape[1])
             if cfg.label_shift:  # token j is read at j-1; token 0 at the last committed (or prompt) position
                 h = torch.cat([last_ctx[:, None], h[:, :-1]], dim=1)
-            token, conf = (t.cpu() for t in _pick(model.lm_head(h), cfg, ids.mask, generator))
+            token, conf = (t.cpu() for t in _pick(model.lm_head(h), cfg, ids.mask, generator, ids.eos))
             for i in torch.nonzero(decoding).flatten().tolist():
                 out[int(active[i])].nfe += 1
                 steps[i] += 1

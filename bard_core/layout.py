@@ -93,12 +93,27 @@ class NoiseSpec:
     substitute_ids: torch.Tensor  # ordinary tokens only
     eos_id: int
     pad_id: int
+    prefix_prob: float = 0.0  # share of blocks corrupted as [clean prefix ‖ all masks] (NoiseConfig)
 
 
-def _corrupt(x0: torch.Tensor, block_size: int, spec: NoiseSpec, generator):
+def _corrupt(x0: torch.Tensor, block_size: int, spec: NoiseSpec, generator, real: int | None = None):
+    """Noisy copy of `x0` and each token's level. With `spec.prefix_prob`, that share of blocks instead
+    keeps a clean prefix of k tokens, k uniform over the block's real (unpadded) positions, and masks
+    the rest at level 1: the state the decoder is in when it commits left to right."""
     n_blocks = x0.numel() // block_size
-    t = block_levels(n_blocks, spec.t_min, generator).repeat_interleave(block_size)
+    levels = block_levels(n_blocks, spec.t_min, generator)
+    t = levels.repeat_interleave(block_size)
     xt = get_schedule(spec.kind)(x0, t, spec.mask_token_id, spec.substitute_ids, generator)
+    if spec.prefix_prob > 0:
+        real = x0.numel() if real is None else real
+        ordered = torch.rand(n_blocks, generator=generator) < spec.prefix_prob
+        in_block = (real - torch.arange(n_blocks) * block_size).clamp(1, block_size)  # real tokens per block
+        k = (torch.rand(n_blocks, generator=generator) * in_block).long()  # clean prefix length < in_block
+        r = torch.arange(x0.numel())
+        b, j = r // block_size, r % block_size
+        prefix_block = ordered[b]
+        xt = torch.where(prefix_block, torch.where(j < k[b], x0, torch.full_like(x0, spec.mask_token_id)), xt)
+        t = torch.where(prefix_block, torch.ones_like(t), t)
     return xt, t
 
 
@@ -110,7 +125,7 @@ def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
     loss_sample, loss_pos, labels, weights, levels = [], [], [], [], []
     for n, sample in enumerate(samples):
         x0 = padded_response(sample, block_size, spec.eos_id)
-        xt, t = _corrupt(x0, block_size, spec, generator)
+        xt, t = _corrupt(x0, block_size, spec, generator, sample.response_ids.numel())
         P, R = sample.prompt_ids.numel(), x0.numel()
         prefix_ids = torch.cat([sample.prompt_ids, x0])
         prefix_types = torch.cat([sample.prompt_mm_types, torch.zeros(R, dtype=torch.long)])
@@ -219,7 +234,8 @@ def ar_batch(samples: list[EncodedSample], pad_id: int) -> ARBatch:
                    torch.tensor(labels), [s.response_ids.numel() for s in samples])
 
 
-def noise_spec_for(tokenizer, kind: str, t_min: float, mask_token_id: int | None = None) -> NoiseSpec:
+def noise_spec_for(tokenizer, kind: str, t_min: float, mask_token_id: int | None = None,
+                   prefix_prob: float = 0.0) -> NoiseSpec:
     """Token ids from the tokenizer; every added/special token (the mask included) is excluded from substitution."""
     from bard_core.config import EOS_TOKEN, MASK_TOKEN
     from bard_core.noise import ordinary_token_ids
@@ -231,4 +247,4 @@ def noise_spec_for(tokenizer, kind: str, t_min: float, mask_token_id: int | None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     return NoiseSpec(kind=kind, t_min=t_min, mask_token_id=mask_id,
                      substitute_ids=ordinary_token_ids(len(tokenizer), specials),
-                     eos_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), pad_id=pad_id)
+                     eos_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), pad_id=pad_id, prefix_prob=prefix_prob)

@@ -127,7 +127,7 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
     for B, (merge_steps, distill_steps) in zip(cfg.block_sizes, steps):
         key = fingerprint(str(parent), weights_digest(parent), B, merge_steps, distill_steps, cfg.lr,
                           cfg.distill_lr_scale, cfg.vision_lr_scale, cfg.label_shift, cfg.batch_size, noise.kind,
-                          noise.t_min, seed, len(pool))
+                          noise.t_min, noise.prefix_prob, seed, len(pool))
         target = out_dir / f"B{B}"
         meta_path = target / "bard.json"
         if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:
@@ -138,7 +138,7 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
             continue
         started = time.monotonic()
         model, processor, _ = load(parent)
-        spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min)
+        spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, prefix_prob=noise.prefix_prob)
         it = batches(pool, model, B, spec, cfg, seed + B)
         metrics = {"merge": train_phase(model, it, merge_steps, cfg, lr=cfg.lr, min_ratio=cfg.min_lr_ratio,
                                         warmup=cfg.warmup_steps)}
@@ -153,7 +153,8 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
         meta = {"block_size": B, "parent": str(parent), "teacher": str(parent) if parent_block else None,
                 "steps": {"merge": merge_steps, "distill": distill_steps if parent_block else 0},
                 "metrics": metrics, "seconds": round(seconds, 1), "fingerprint": key, "objective": "diffusion",
-                "label_shift": cfg.label_shift, "prompt_mask": cfg.prompt_mask, "noise": noise.kind}
+                "label_shift": cfg.label_shift, "prompt_mask": cfg.prompt_mask, "noise": noise.kind,
+                "prefix_prob": noise.prefix_prob}
         save_checkpoint(model, processor, target, meta)
         log(f"stage B={B}: {json.dumps(metrics)} in {seconds:.0f}s -> {target}")
         results.append(StageResult(target, B, metrics, seconds))

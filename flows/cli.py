@@ -171,7 +171,7 @@ def cmd_generate(args) -> int:
         cfg = DecodeConfig(block_size=block_size or 1, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
                            mode=args.mode, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
                            top_p=args.top_p, edit_threshold=args.edit_threshold, fallback=args.fallback,
-                           label_shift=bool(meta.get("label_shift", False)))
+                           sure_eos=args.sure_eos, label_shift=bool(meta.get("label_shift", False)))
     except ValueError as exc:
         raise UsageError(f"bard generate: {exc}") from None
     enc = encode_sample(conversation(args.prompt, "x", images), processor, 1 << 20)
@@ -183,6 +183,7 @@ def cmd_generate(args) -> int:
     else:
         (g,) = generate(model, [enc], cfg, ids)
         decoder = f"block-diffusion B={block_size} tau={args.threshold} fallback={args.fallback}"
+        decoder += "" if args.sure_eos else " unsure-eos"
     text = processor.tokenizer.decode(g.token_ids, skip_special_tokens=True)
     payload = {"text": text, "decoder": decoder, "tokens": g.tokens, "nfe": g.nfe, "tpf": g.tpf,
                "seconds": g.seconds, "tok_s": g.tokens / max(g.seconds, 1e-9), "edits": g.edits}
@@ -384,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["dynamic", "static"], default="dynamic")
     p.add_argument("--fallback", choices=["leftmost", "confident"], default="leftmost",
                    help="dynamic mode, when no position clears the threshold: take the leftmost or the most confident")
+    p.add_argument("--sure-eos", action=argparse.BooleanOptionalAction, default=True,
+                   help="dynamic mode: propose <|im_end|> only above the threshold (an unsure one gives way to the "
+                        "position's next best token), since it ends the answer for good")
     p.add_argument("--tokens-per-step", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

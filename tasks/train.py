@@ -117,7 +117,8 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
             "objective": objective, "parent": init.uri, "teacher": teacher.uri if teacher else None,
             "teacher_block_size": teacher.block_size if teacher else None, "data": data.uri,
             "data_fingerprint": data.fingerprint, "recipe": recipe.name, "phases": phases, "total_steps": total,
-            "label_shift": train.label_shift, "prompt_mask": train.prompt_mask, "noise": recipe.noise.kind}
+            "label_shift": train.label_shift, "prompt_mask": train.prompt_mask, "noise": recipe.noise.kind,
+            "prefix_prob": recipe.noise.prefix_prob}
     config = {
         "init": init.uri, "teacher": teacher.uri if teacher else None,
         "teacher_block_size": teacher.block_size if teacher else None, "block_size": block_size,

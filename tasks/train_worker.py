@@ -141,7 +141,7 @@ def train_loop_per_worker(config: dict) -> None:
                               config["teacher_block_size"])
         else:
             teacher = Teacher(teacher_model.to(device, dtype), config["teacher_block_size"])
-    spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, config["mask_token_id"])
+    spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, config["mask_token_id"], noise.prefix_prob)
     per_worker = max(1, train.batch_size // world)
     generator = torch.Generator().manual_seed(train.seed + rank + 7919 * state["step"])
 

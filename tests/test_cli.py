@@ -124,6 +124,11 @@ def test_generate_prints_text_and_decoding_stats(tiny_model_dir, tmp_path):
     confident = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi",
                                "--block-size", "4", "--max-new-tokens", "4", "--fallback", "confident", "--json").stdout)
     assert confident["decoder"].endswith("fallback=confident") and confident["tokens"] > 0
+    unsure = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi",
+                            "--block-size", "4", "--max-new-tokens", "4", "--no-sure-eos", "--json").stdout)
+    assert unsure["decoder"].endswith("fallback=leftmost unsure-eos") and unsure["tokens"] > 0
+    never = run("generate", "--model", str(tiny_model_dir), "--prompt", "Hi", "--block-size", "4", "--threshold", "1")
+    assert never.returncode != 0 and "sure_eos" in never.stderr
     ar = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi", "--ar",
                         "--max-new-tokens", "5", "--json").stdout)
     assert ar["decoder"] == "ar" and ar["nfe"] == ar["tokens"]

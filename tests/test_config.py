@@ -31,6 +31,7 @@ from bard_core.config import (
         (ModelConfig, {"hidden_size": 0}, "hidden_size"),
         (NoiseConfig, {"kind": "gaussian"}, "kind"),
         (NoiseConfig, {"t_min": 0.0}, "t_min"),
+        (NoiseConfig, {"prefix_prob": 1.5}, "prefix_prob"),
         (TrainConfig, {"block_sizes": (8, 4)}, "block_sizes"),
         (TrainConfig, {"block_sizes": ()}, "block_sizes"),
         (TrainConfig, {"prompt_mask": "bidirectional"}, "prompt_mask"),

@@ -147,7 +147,8 @@ def test_the_mask_token_is_never_emitted():
 def test_fused_commit_equals_separate_commit_on_the_fake(fuse):
     answer = list(range(30, 45)) + [EOS]
     cfg = DecodeConfig(block_size=4, threshold=0.9, max_new_tokens=32)
-    _, (g,) = run({10: Script(answer, confidence=0.6)}, {10: 5}, cfg, fuse=fuse)
+    # unsure tokens (the fallback takes them one by one), a sure EOS (an unsure one gives way: sure_eos)
+    _, (g,) = run({10: Script(answer, confidence=[0.6] * 15 + [0.99])}, {10: 5}, cfg, fuse=fuse)
     assert g.token_ids == answer
 
 
@@ -242,3 +243,30 @@ def test_label_shift_reads_block_token_zero_at_the_last_committed_position(real)
     logits[:, ids.mask] = float("-inf")
     assert ids.eos not in g.token_ids[:4] and len(g.token_ids) == 8
     assert g.token_ids[4] == int(logits.argmax())
+
+
+def test_an_unsure_eos_gives_way_to_the_positions_next_best_token():
+    """EOS ends the answer for good, so with sure_eos (the default) it is proposed only above τ; an unsure
+    one gives way to the runner-up, at the runner-up's own probability (not renormalised)."""
+    from bard_core.decode import _pick
+
+    probs = torch.full((1, 3, VOCAB), 1e-4)
+    probs[0, 0, EOS], probs[0, 0, 5] = 0.6, 0.3  # unsure EOS first, a runner-up behind it
+    probs[0, 1, EOS] = 0.95  # a sure EOS
+    probs[0, 2, 3], probs[0, 2, EOS] = 0.7, 0.2  # EOS not the best: nothing changes
+    probs[..., MASK] = 0.0  # never proposed anyway
+    logits = (probs / probs.sum(-1, keepdim=True)).log()
+    sure = DecodeConfig(block_size=4, threshold=0.9)
+    token, conf = _pick(logits.clone(), sure, MASK, None, EOS)
+    assert token.tolist() == [[5, EOS, 3]]
+    torch.testing.assert_close(conf, (probs / probs.sum(-1, keepdim=True))[0, [0, 1, 2], [5, EOS, 3]][None])
+    for cfg in (DecodeConfig(block_size=4, threshold=0.9, sure_eos=False),
+                DecodeConfig(block_size=4, mode="static", tokens_per_step=1)):  # off, or no threshold to clear
+        assert _pick(logits.clone(), cfg, MASK, None, EOS)[0].tolist() == [[EOS, EOS, 3]]
+    sampled = DecodeConfig(block_size=4, threshold=0.9, temperature=1.0)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([_pick(logits.clone(), sampled, MASK, g, EOS)[0][0] for _ in range(300)])
+    assert not (draws[:, 0] == EOS).any() and (draws[:, 1] == EOS).float().mean() > 0.8
+    with pytest.raises(ValueError, match="sure_eos"):
+        DecodeConfig(block_size=4, threshold=1.0)
+    assert DecodeConfig(block_size=4, threshold=1.0, sure_eos=False).threshold == 1.0

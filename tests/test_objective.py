@@ -164,6 +164,46 @@ def test_loss_positions_are_exactly_the_corrupted_real_tokens(kit):
     assert spec.mask_token_id in xt.tolist()
 
 
+def test_prefix_blocks_keep_a_clean_real_prefix_and_mask_the_rest(kit):
+    import dataclasses
+
+    processor, model, spec = kit
+    enc = sample(processor, 34)  # a listing: several blocks of 8, the last one part padding
+    B, real = 8, enc.response_ids.numel()
+    x0 = padded_response(enc, B, spec.eos_id)
+    n_blocks = x0.numel() // B
+    prefix = dataclasses.replace(spec, prefix_prob=1.0)
+    lengths = set()
+    for seed in range(40):
+        batch = pack([enc], model, B, prefix, generator=torch.Generator().manual_seed(seed))
+        P, R = batch.prompt_lens[0], batch.response_lens[0]
+        xt = batch.input_ids[0, P + R:P + 2 * R]
+        for b in range(n_blocks):
+            block, clean = xt[b * B:(b + 1) * B], x0[b * B:(b + 1) * B]
+            k = int((block == spec.mask_token_id).int().argmax())  # first mask: every block keeps one at least
+            assert (block == spec.mask_token_id).any() and torch.equal(block[:k], clean[:k])
+            assert (block[k:] == spec.mask_token_id).all()  # no substitutes, no kept tokens after the prefix
+            assert k < min(B, real - b * B)  # the masked part always holds a real token to learn
+            lengths.add((b, k))
+        assert torch.all(batch.t == 1.0) and torch.all(batch.weights == 1.0)  # level 1: plain CE
+        corrupted_real = [r for r in range(real) if xt[r] != x0[r]]
+        assert batch.labels.tolist() == [int(x0[r]) for r in corrupted_real]
+    assert len({k for b, k in lengths if b == 0}) >= 6  # prefix lengths vary over the block
+
+    half = dataclasses.replace(spec, prefix_prob=0.5)
+    ordered = 0
+    for seed in range(60):
+        batch = pack([enc], model, B, half, generator=torch.Generator().manual_seed(seed))
+        P, R = batch.prompt_lens[0], batch.response_lens[0]
+        xt = batch.input_ids[0, P + R:P + R + B]
+        k = int((xt == spec.mask_token_id).int().argmax())
+        ordered += bool((xt == spec.mask_token_id).any() and (xt[k:] == spec.mask_token_id).all()
+                        and torch.equal(xt[:k], x0[:k]))
+    assert 15 <= ordered <= 45  # about half the first blocks (an i.i.d. block is rarely of this shape)
+    off = pack([enc], model, B, spec, generator=torch.Generator().manual_seed(0))
+    assert not torch.all(off.t == 1.0)  # prefix_prob=0: the i.i.d. schedule alone
+
+
 def test_padding_positions_get_half_weight_when_asked(kit):
     processor, model, spec = kit
     enc = sample(processor, 31, "colour")  # short answer: most of the block is <|im_end|> padding
