@@ -229,9 +229,9 @@ class DecodeConfig:
     # a higher TPF on the short-answer benchmarks: the most confident unsure position is often a word
     # far ahead in the block, committed before what leads to it (duplicated and shifted words).
     fallback: str = "leftmost"
-    # dynamic mode: <|im_end|> is proposed only where its probability clears `threshold`; elsewhere the position's
-    # best other token is. An EOS ends the answer for good (nothing after it is decoded or corrected),
-    # and the leftmost fallback used to commit unsure ones: tiny chain, world 13, B4 checkpoint,
+    # dynamic mode: <|im_end|> is proposed only where its probability clears `threshold`; elsewhere the
+    # position's best other token is. An EOS ends the answer for good (nothing after it is decoded or
+    # corrected), and the leftmost fallback used to commit unsure ones: tiny chain, world 13, B4 checkpoint,
     # shapes_extract 0.959 → 0.993 (22 of its 37 imperfect listings stopped after 2–4 of 9 lines, at
     # P(EOS) 0.53–0.62), world 11 B4 0.980 → 0.992 and B32 0.975 → 0.980; the short-answer
     # benchmarks, whose EOS comes at > 0.9, kept their accuracy and TPF

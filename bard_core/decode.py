@@ -125,18 +125,13 @@ def _pick(logits: torch.Tensor, cfg: DecodeConfig, mask_id: int, generator,
     own (not renormalised) probability."""
     logits = logits.float()
     logits[..., mask_id] = float("-inf")
-    sure_eos = cfg.sure_eos and cfg.mode == "dynamic" and eos_id is not None
+    probs = torch.softmax(logits / (cfg.temperature or 1.0), dim=-1)
+    if cfg.sure_eos and cfg.mode == "dynamic" and eos_id is not None:
+        probs[..., eos_id] = torch.where(probs[..., eos_id] <= cfg.threshold, 0.0, probs[..., eos_id])
     if cfg.temperature == 0:
-        probs = torch.softmax(logits, dim=-1)
-        if sure_eos:
-            unsure = probs[..., eos_id] <= cfg.threshold
-            probs[..., eos_id] = torch.where(unsure, torch.zeros_like(probs[..., eos_id]), probs[..., eos_id])
         conf, token = probs.max(dim=-1)
         return token, conf
-    probs = torch.softmax(logits / cfg.temperature, dim=-1)
-    if sure_eos:
-        probs[..., eos_id] = torch.where(probs[..., eos_id] <= cfg.threshold, 0.0, probs[..., eos_id])
-        probs = probs / probs.sum(-1, keepdim=True)
+    probs = probs / probs.sum(-1, keepdim=True)
     if cfg.top_p < 1:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < cfg.top_p

@@ -96,16 +96,15 @@ class NoiseSpec:
     prefix_prob: float = 0.0  # share of blocks corrupted as [clean prefix ‖ all masks] (NoiseConfig)
 
 
-def _corrupt(x0: torch.Tensor, block_size: int, spec: NoiseSpec, generator, real: int | None = None):
-    """Noisy copy of `x0` and each token's level. With `spec.prefix_prob`, that share of blocks instead
-    keeps a clean prefix of k tokens, k uniform over the block's real (unpadded) positions, and masks
-    the rest at level 1: the state the decoder is in when it commits left to right."""
+def _corrupt(x0: torch.Tensor, block_size: int, spec: NoiseSpec, generator, real: int):
+    """Noisy copy of `x0` (whose first `real` tokens are the response, the rest padding) and each token's
+    level. With `spec.prefix_prob`, that share of blocks instead keeps a clean prefix of k tokens, k
+    uniform over the block's real positions, and masks the rest at level 1: the state the decoder is in
+    when it commits left to right."""
     n_blocks = x0.numel() // block_size
-    levels = block_levels(n_blocks, spec.t_min, generator)
-    t = levels.repeat_interleave(block_size)
+    t = block_levels(n_blocks, spec.t_min, generator).repeat_interleave(block_size)
     xt = get_schedule(spec.kind)(x0, t, spec.mask_token_id, spec.substitute_ids, generator)
     if spec.prefix_prob > 0:
-        real = x0.numel() if real is None else real
         ordered = torch.rand(n_blocks, generator=generator) < spec.prefix_prob
         in_block = (real - torch.arange(n_blocks) * block_size).clamp(1, block_size)  # real tokens per block
         k = (torch.rand(n_blocks, generator=generator) * in_block).long()  # clean prefix length < in_block
