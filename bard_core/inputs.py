@@ -32,6 +32,10 @@ class EncodedSample:
     response_ids: torch.Tensor  # long [R_real]: answer tokens + <|im_end|>
     pixel_values: torch.Tensor | None  # [patches, D]
     image_grid_thw: torch.Tensor | None  # long [images, 3]
+    # the AR anchor's targets, precomputed (`bard_core.train.anchor_targets`): the AR base's top-K next-token
+    # ids [R_real, K] and renormalised probabilities [R_real, K] at every response token
+    anchor_ids: torch.Tensor | None = None
+    anchor_probs: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

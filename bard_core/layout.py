@@ -19,6 +19,7 @@ same logits at the loss positions.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,9 @@ class PackedBatch:
     weights: torch.Tensor  # float [K]: 1/t (times pad weight beyond the real response)
     t: torch.Tensor  # float [K]: noise level of the token's block
     duplicated_prompt: bool = False  # True for the vanilla layout
+    # precomputed AR anchor targets for the loss positions `ar_exact()` marks, in their order (or None)
+    anchor_ids: torch.Tensor | None = None  # [E, k]
+    anchor_probs: torch.Tensor | None = None  # [E, k]
 
     def mask_for(self, block_size: int) -> torch.Tensor:
         """The same sequence under another block size's mask (a distillation teacher's view)."""
@@ -58,6 +62,29 @@ class PackedBatch:
             raise ValueError(f"responses padded to a multiple of {self.block_size} are not blocks of {block_size}")
         return batch_attention_mask(self.prompt_lens, self.response_lens, self.input_ids.shape[1], block_size,
                                     self.prompt_mask).to(self.input_ids.device)  # built on the CPU
+
+    def ar_exact(self) -> torch.Tensor:
+        """Bool [K]: loss positions read from the prompt or the clean copy (with label shift, a block's first
+        token). Their context, the prompt and the clean blocks before, is exactly an AR model's."""
+        ends = (torch.tensor(self.prompt_lens) + torch.tensor(self.response_lens)).to(self.loss_pos.device)
+        return self.loss_pos < ends[self.loss_sample]
+
+    def ar_view(self, keep: torch.Tensor) -> PackedBatch:
+        """The ``prompt ‖ clean`` prefix of every row under a causal mask (an AR model's own view, at the
+        same positions), with the loss positions `keep` — which must read from that prefix."""
+        if self.duplicated_prompt:
+            raise ValueError("the vanilla layout has no AR view")
+        ends = [p + r for p, r in zip(self.prompt_lens, self.response_lens)]
+        if bool((self.loss_pos[keep] >= torch.tensor(ends, device=self.loss_pos.device)[self.loss_sample[keep]]).any()):
+            raise ValueError("an AR view's loss positions must lie in the prompt or the clean copy")
+        L = max(ends)
+        mask = batch_attention_mask(self.prompt_lens, self.response_lens, L, 1, "causal", with_noisy=False)
+        return dataclasses.replace(
+            self, input_ids=self.input_ids[:, :L], position_ids=self.position_ids[:, :, :L],
+            mm_token_type_ids=self.mm_token_type_ids[:, :L], attention_mask=mask.to(self.input_ids.device),
+            loss_sample=self.loss_sample[keep], loss_pos=self.loss_pos[keep], labels=self.labels[keep],
+            weights=self.weights[keep], t=self.t[keep], block_size=1, prompt_mask="causal", anchor_ids=None,
+            anchor_probs=None)
 
     @property
     def num_tokens(self) -> int:
@@ -122,6 +149,11 @@ def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
     """Build a training batch; `duplicate_prompt=True` builds the vanilla layout instead."""
     rows, positions, types, meta = [], [], [], []
     loss_sample, loss_pos, labels, weights, levels = [], [], [], [], []
+    have = [s.anchor_ids is not None for s in samples]
+    if any(have) and not all(have):
+        raise ValueError(f"{have.count(False)} of {len(samples)} samples lack the anchor targets the others carry")
+    anchored = label_shift and all(have)
+    anchor_ids, anchor_probs = [], []
     for n, sample in enumerate(samples):
         x0 = padded_response(sample, block_size, spec.eos_id)
         xt, t = _corrupt(x0, block_size, spec, generator, sample.response_ids.numel())
@@ -147,6 +179,9 @@ def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
         r, w = r[w > 0], w[w > 0]
         if label_shift:  # read one earlier; a block's first token from the previous clean token (P-1 for r=0)
             where = torch.where(r % block_size != 0, noisy_start + r - 1, P + r - 1)
+            if anchored:  # those block-first reads have an AR context: their precomputed anchor targets
+                first = r[r % block_size == 0]
+                anchor_ids.append(sample.anchor_ids[first]), anchor_probs.append(sample.anchor_probs[first])
         else:
             where = noisy_start + r
         loss_sample.append(torch.full_like(r, n)), loss_pos.append(where), labels.append(x0[r])
@@ -173,6 +208,8 @@ def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
         real_lens=[s.response_ids.numel() for s in samples], block_size=block_size, prompt_mask=prompt_mask,
         loss_sample=torch.cat(loss_sample), loss_pos=torch.cat(loss_pos), labels=torch.cat(labels),
         weights=torch.cat(weights), t=torch.cat(levels), duplicated_prompt=duplicate_prompt,
+        anchor_ids=torch.cat(anchor_ids) if anchored else None,
+        anchor_probs=torch.cat(anchor_probs) if anchored else None,
     )
 
 

@@ -30,14 +30,23 @@ def diffusion_ce(logits_KV: torch.Tensor, labels_K: torch.Tensor, weights_K: tor
     return LossResult(per_sample.mean(), per_sample.detach(), int(labels_K.numel()))
 
 
+def top_k_targets(teacher_KV: torch.Tensor, top_k: int = 16,
+                  temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's top-K token ids [K, k] and their softmax at `temperature`, renormalised over the k."""
+    teacher_KV = teacher_KV.detach().float()
+    top_logits, top_ids = teacher_KV.topk(min(top_k, teacher_KV.shape[-1]), dim=-1)
+    return top_ids, torch.softmax(top_logits / temperature, dim=-1)
+
+
 def distill_kd(student_KV: torch.Tensor, teacher_KV: torch.Tensor, top_k: int = 16,
                temperature: float = 1.0) -> LossResult:
-    teacher_KV = teacher_KV.detach().float()
-    k = min(top_k, teacher_KV.shape[-1])
-    top_logits, top_ids = teacher_KV.topk(k, dim=-1)
-    q = torch.softmax(top_logits / temperature, dim=-1)
-    log_p = torch.log_softmax(student_KV.float() / temperature, dim=-1).gather(-1, top_ids)
-    per_position = -(q * log_p).sum(-1)
+    return soft_ce(student_KV, *top_k_targets(teacher_KV, top_k, temperature), temperature)
+
+
+def soft_ce(student_KV: torch.Tensor, ids_Kk: torch.Tensor, q_Kk: torch.Tensor, temperature: float = 1.0) -> LossResult:
+    """``mean_k Σ_j q_kj · (−log softmax(s_k/T)_{ids_kj})``: KD to precomputed top-K targets."""
+    log_p = torch.log_softmax(student_KV.float() / temperature, dim=-1).gather(-1, ids_Kk.long())
+    per_position = -(q_Kk.float() * log_p).sum(-1)
     loss = per_position.mean() if per_position.numel() else student_KV.sum() * 0.0
     return LossResult(loss, per_position.detach(), int(per_position.numel()))
 

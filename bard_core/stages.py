@@ -8,6 +8,7 @@ label shift and prompt mask (what decoding must match).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -22,7 +23,7 @@ import torch
 from bard_core.config import NoiseConfig, TrainConfig
 from bard_core.inputs import EncodedSample
 from bard_core.layout import NoiseSpec, noise_spec_for, pack
-from bard_core.train import Teacher, build_optimizer, build_scheduler, train_step
+from bard_core.train import Teacher, anchor_targets, build_optimizer, build_scheduler, train_step
 
 
 def batches(pool: list[EncodedSample], model, block_size: int, spec: NoiseSpec, cfg: TrainConfig,
@@ -41,13 +42,14 @@ def batches(pool: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
 
 def train_phase(model, batch_iter: Iterator, steps: int, cfg: TrainConfig, *, lr: float, min_ratio: float,
                 warmup: int, teacher: Teacher | None = None, on_step: Callable[[int, dict], None] | None = None,
-                start_step: int = 0, optimizer=None, scheduler=None) -> dict:
+                start_step: int = 0, optimizer=None, scheduler=None, anchor=None) -> dict:
     """Run `steps` optimisation steps; returns the mean metrics of the last 10% of steps."""
     optimizer = optimizer or build_optimizer(model, cfg, lr)
     scheduler = scheduler or build_scheduler(optimizer, steps, min(warmup, steps // 2), min_ratio)
     tail: list[dict] = []
     for step in range(start_step, steps):
-        metrics = train_step(model, next(batch_iter), optimizer, cfg, teacher=teacher, scheduler=scheduler)
+        metrics = train_step(model, next(batch_iter), optimizer, cfg, teacher=teacher, scheduler=scheduler,
+                             anchor=anchor)
         tail = (tail + [metrics])[-max(1, steps // 10):]
         if on_step is not None:
             on_step(step + 1, metrics)
@@ -108,6 +110,16 @@ def weights_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def with_anchor_targets(pool: list[EncodedSample], base: str | Path, spec: NoiseSpec, cfg: TrainConfig,
+                        chunk: int = 32) -> list[EncodedSample]:
+    """Copies of the pool's samples carrying the AR anchor's targets from the model at `base`."""
+    model, _, _ = load(base)
+    out = [copy.copy(s) for s in pool]
+    for start in range(0, len(out), chunk):
+        anchor_targets(model, out[start:start + chunk], spec.pad_id, cfg.kd_top_k, cfg.kd_temperature)
+    return out
+
+
 def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str | Path, cfg: TrainConfig,
                       noise: NoiseConfig, *, log: Callable[[str], None] = print, seed: int = 0,
                       steps: list[tuple[int, int]] | None = None) -> list[StageResult]:
@@ -124,10 +136,11 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     results: list[StageResult] = []
     parent, parent_block = Path(base), None
+    anchored = False
     for B, (merge_steps, distill_steps) in zip(cfg.block_sizes, steps):
         key = fingerprint(str(parent), weights_digest(parent), B, merge_steps, distill_steps, cfg.lr,
                           cfg.distill_lr_scale, cfg.vision_lr_scale, cfg.label_shift, cfg.batch_size, noise.kind,
-                          noise.t_min, noise.prefix_prob, seed, len(pool))
+                          noise.t_min, noise.prefix_prob, seed, len(pool), cfg.anchor_weight)
         target = out_dir / f"B{B}"
         meta_path = target / "bard.json"
         if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:
@@ -139,6 +152,9 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
         started = time.monotonic()
         model, processor, _ = load(parent)
         spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, prefix_prob=noise.prefix_prob)
+        if cfg.anchor_weight > 0 and not anchored:  # the base's targets, once for every stage of the chain
+            pool = with_anchor_targets(pool, base, spec, cfg)
+            anchored = True
         it = batches(pool, model, B, spec, cfg, seed + B)
         metrics = {"merge": train_phase(model, it, merge_steps, cfg, lr=cfg.lr, min_ratio=cfg.min_lr_ratio,
                                         warmup=cfg.warmup_steps)}
@@ -154,7 +170,7 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
                 "steps": {"merge": merge_steps, "distill": distill_steps if parent_block else 0},
                 "metrics": metrics, "seconds": round(seconds, 1), "fingerprint": key, "objective": "diffusion",
                 "label_shift": cfg.label_shift, "prompt_mask": cfg.prompt_mask, "noise": noise.kind,
-                "prefix_prob": noise.prefix_prob}
+                "prefix_prob": noise.prefix_prob, "anchor": str(base) if anchored else None}
         save_checkpoint(model, processor, target, meta)
         log(f"stage B={B}: {json.dumps(metrics)} in {seconds:.0f}s -> {target}")
         results.append(StageResult(target, B, metrics, seconds))

@@ -1,7 +1,8 @@
 """One training step in plain PyTorch (no Ray, no Prefect): forward, loss, backward, clip, step.
 
 ``train_step(model, batch, optimizer, cfg, teacher=None)`` dispatches on the batch type:
-``PackedBatch`` → block-diffusion CE (+ top-K KD when a ``Teacher`` is given), ``ARBatch`` →
+``PackedBatch`` → block-diffusion CE (+ top-K KD when a ``Teacher`` is given, + top-K KD from the
+frozen AR base at the positions with an AR context when an ``anchor`` is given), ``ARBatch`` →
 next-token CE. Logits are computed only at loss positions (the LM head dominates memory at a
 151k vocabulary). The teacher runs under ``torch.no_grad`` in eval mode on the same packed
 sequence under its own block-size mask.
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from bard_core.config import TrainConfig
-from bard_core.layout import ARBatch, PackedBatch
-from bard_core.losses import ar_ce, diffusion_ce, distill_kd
+from bard_core.layout import ARBatch, PackedBatch, ar_batch
+from bard_core.losses import ar_ce, diffusion_ce, distill_kd, soft_ce, top_k_targets
 
 
 @dataclass
@@ -73,7 +74,9 @@ def ar_logits(model, batch: ARBatch) -> torch.Tensor:
     return _runner(model)(batch)
 
 
-def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None) -> tuple[torch.Tensor, dict]:
+def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None,
+                 anchor: torch.nn.Module | None = None) -> tuple[torch.Tensor, dict]:
+    """The batch's loss and float metrics. `anchor`: the frozen AR base, for ``cfg.anchor_weight``."""
     if isinstance(batch, ARBatch):
         result = ar_ce(ar_logits(model, batch), batch.labels, batch.loss_sample)
         return result.loss, {"loss": result.loss.item(), "ar_ce": result.loss.item(), "positions": result.num_positions}
@@ -88,15 +91,27 @@ def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None)
         kd = distill_kd(logits, teacher_logits, cfg.kd_top_k, cfg.kd_temperature)
         loss = loss + cfg.kd_weight * kd.loss
         metrics["kd"] = kd.loss.item()
+    if cfg.anchor_weight > 0 and (batch.anchor_ids is not None or anchor is not None):
+        exact = batch.ar_exact()
+        if batch.anchor_ids is not None:  # precomputed with `anchor_targets`
+            ids, probs = batch.anchor_ids, batch.anchor_probs
+        else:
+            anchor.eval()
+            with torch.no_grad():
+                ids, probs = top_k_targets(packed_logits(anchor, batch.ar_view(exact)), cfg.kd_top_k,
+                                           cfg.kd_temperature)
+        kd = soft_ce(logits[exact], ids, probs, cfg.kd_temperature)
+        loss = loss + cfg.anchor_weight * kd.loss
+        metrics["anchor"] = kd.loss.item()
     metrics["loss"] = loss.item()
     return loss, metrics
 
 
 def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | None = None,
-               scheduler=None) -> dict:
-    """One optimisation step; returns float metrics (loss, ce, kd, grad_norm, lr, positions)."""
+               scheduler=None, anchor: torch.nn.Module | None = None) -> dict:
+    """One optimisation step; returns float metrics (loss, ce, kd, anchor, grad_norm, lr, positions)."""
     model.train()
-    loss, metrics = compute_loss(model, batch, cfg, teacher)  # `model`: a VLM, or its (DDP-wrapped) runner
+    loss, metrics = compute_loss(model, batch, cfg, teacher, anchor)  # `model`: a VLM, or its (DDP-wrapped) runner
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -106,6 +121,20 @@ def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | Non
     metrics["grad_norm"] = float(grad_norm)
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     return metrics
+
+
+@torch.no_grad()
+def anchor_targets(model, samples: list, pad_id: int, top_k: int, temperature: float = 1.0) -> list:
+    """Attach the AR anchor's targets to each sample (``anchor_ids``/``anchor_probs``: the AR model's top-K
+    next-token distribution at every response token, from one causal forward). They depend on the sample
+    alone, not on the noise or the block size, so a chain computes them once for all its stages."""
+    batch = ar_batch(samples, pad_id)
+    model.eval()
+    device = next(model.parameters()).device
+    ids, probs = top_k_targets(ar_logits(model, to_device(batch, device)), top_k, temperature)
+    for sample, i, p in zip(samples, ids.cpu().split(batch.real_lens), probs.cpu().split(batch.real_lens)):
+        sample.anchor_ids, sample.anchor_probs = i.int(), p
+    return samples
 
 
 def build_optimizer(model, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:

@@ -285,8 +285,17 @@ def cmd_train(args) -> int:
     _existing_dir(args.init, "train", "--init")
     if args.teacher:
         _existing_dir(args.teacher, "train", "--teacher")
+    if args.anchor:
+        _existing_dir(args.anchor, "train", "--anchor")
     if args.objective == "diffusion" and not args.block_size:
         raise UsageError("bard train: --block-size is required for the diffusion objective")
+    from tasks.refs import checkpoint_ref, resolve_anchor
+
+    try:
+        anchor = resolve_anchor(checkpoint_ref(args.init), checkpoint_ref(args.anchor) if args.anchor else None,
+                                recipe.train.anchor_weight, args.objective)
+    except ValueError as exc:
+        raise UsageError(f"bard train: {exc}") from None
     if args.dry_run:
         payload = {"recipe": recipe.name, "objective": args.objective, "block_size": args.block_size,
                    "workers": recipe.train.num_workers, "use_gpu": recipe.train.use_gpu,
@@ -298,17 +307,18 @@ def cmd_train(args) -> int:
                    "lr": {"merge": recipe.train.lr, "vision": recipe.train.lr * recipe.train.vision_lr_scale,
                           "distill": recipe.train.distill_lr if args.teacher else None},
                    "steps": {"merge": recipe.train.merge_steps, "distill": recipe.train.distill_steps if args.teacher else 0,
-                             "ar": recipe.train.base_steps}}
+                             "ar": recipe.train.base_steps},
+                   "anchor": {"uri": anchor.uri, "weight": recipe.train.anchor_weight} if anchor else None}
         _emit(payload, args.json, [f"dry run: {json.dumps(payload)}"])
         return 0
     from tasks.refs import DatasetRef
-    from tasks.train import checkpoint_ref, run_stage
+    from tasks.train import run_stage
 
     try:
         teacher = checkpoint_ref(args.teacher) if args.teacher else None
         ref = run_stage(DatasetRef.from_manifest(data, json.loads((data / "manifest.json").read_text())),
                         checkpoint_ref(args.init), args.out, args.recipe, overrides, block_size=args.block_size,
-                        teacher=teacher, objective=args.objective, workers=args.workers)
+                        teacher=teacher, objective=args.objective, workers=args.workers, anchor=anchor)
     except ValueError as exc:
         raise UsageError(f"bard train: {exc}") from None
     payload = {"uri": ref.uri, "block_size": ref.block_size, "step": ref.step, "parent": ref.parent,
@@ -367,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, help="checkpoint to start from")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--teacher", default=None, help="checkpoint to distil from (the last promoted stage)")
+    p.add_argument("--anchor", default=None,
+                   help="AR checkpoint for the recipe's AR anchor (train.anchor_weight; default: --init when it is AR, "
+                        "else the anchor recorded in --init's bard.json)")
     p.add_argument("--objective", choices=["diffusion", "ar"], default="diffusion")
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the recipe's)")

@@ -63,3 +63,45 @@ class GateResult:
     passed: bool
     reasons: tuple[str, ...]
     promoted_uri: str | None
+
+
+def checkpoint_ref(path: str | Path) -> CheckpointRef:
+    """A CheckpointRef for an existing HF directory (bard.json when present, else a content hash)."""
+    path = Path(path).resolve()
+    meta_file = path / "bard.json"
+    if meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        return CheckpointRef(str(path), meta.get("block_size"), meta.get("step", 0), meta.get("parent"),
+                             meta["fingerprint"])
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        digest.update(f.name.encode())
+        digest.update(hashlib.sha256(f.read_bytes()).digest())
+    return CheckpointRef(str(path), None, 0, None, digest.hexdigest()[:20])
+
+
+def resolve_anchor(init: CheckpointRef, anchor: CheckpointRef | None, anchor_weight: float,
+                   objective: str) -> CheckpointRef | None:
+    """The AR checkpoint a diffusion stage is anchored to (``train.anchor_weight``), or None without one:
+    `anchor` if given, else the stage's init when that is AR (the chain's first stage), else the anchor
+    its init was trained with (its ``bard.json``), so a chain keeps the one AR base from B4 to B32."""
+    if objective != "diffusion" or anchor_weight == 0:
+        if anchor is not None:
+            raise ValueError("an anchor was given, but this stage has no anchor term "
+                             f"(objective={objective!r}, train.anchor_weight={anchor_weight})")
+        return None
+    if anchor is None:
+        if init.block_size is None:
+            anchor = init
+        else:
+            meta_file = Path(init.uri) / "bard.json"
+            recorded = json.loads(meta_file.read_text()).get("anchor") if meta_file.exists() else None
+            if recorded is None:
+                raise ValueError(f"train.anchor_weight={anchor_weight} needs the chain's AR base: {init.uri} "
+                                 "records no anchor; pass one (bard train --anchor)")
+            if not Path(recorded).is_dir():
+                raise ValueError(f"the anchor {recorded} recorded by {init.uri} is gone; pass one (bard train --anchor)")
+            anchor = checkpoint_ref(recorded)
+    if anchor.block_size is not None:
+        raise ValueError(f"the anchor must be an AR checkpoint; {anchor.uri} has block size {anchor.block_size}")
+    return anchor

@@ -1,5 +1,7 @@
 """Ray Train per stage: one `TorchTrainer.fit()` runs a stage's phases — merge (block-diffusion CE at
-B), then distill (CE + top-K KD from the teacher) — or the AR objective for a base.
+B), then distill (CE + top-K KD from the teacher) — or the AR objective for a base. With
+``train.anchor_weight`` every diffusion phase also distils the chain's frozen AR base at the positions
+whose context is an AR model's (`resolve_anchor` finds that base).
 
 The loop is bard_core's `train_step`; Ray adds only the process group and `prepare_model` (DDP over
 gloo on CPU, NCCL on GPUs), the dataset shard and `ray.train.report` with checkpoints. With
@@ -26,8 +28,8 @@ from prefect import task
 
 from bard_core.config import TrainConfig, get_recipe
 from tasks.curate import init_ray
-from tasks.refs import CODE_VERSION, CheckpointRef, DatasetRef
-from tasks.train_worker import train_loop_per_worker
+from tasks.refs import CODE_VERSION, CheckpointRef, DatasetRef, checkpoint_ref, resolve_anchor
+from tasks.train_worker import AnchorTargets, train_loop_per_worker
 
 OBJECTIVES = ("ar", "diffusion")
 
@@ -46,51 +48,58 @@ _DATASETS: dict = {}  # (driver's Ray worker id, data fingerprint) → materiali
 _DATASETS_LOCK = threading.Lock()
 
 
-def training_dataset(data: DatasetRef, cache_mb: int):
+def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | None = None,
+                     train: TrainConfig | None = None, workers: int = 1, dtype: str = "float32"):
     """The Ray Dataset a stage trains on. Up to `cache_mb` on disk it is materialized once and reused by
     the next stages on the same data (a chain trains four stages on one curated set); the entry belongs
     to this driver's Ray connection, whose object store holds the blocks, and a new connection or other
-    data replaces it. Larger data streams from its parquet files."""
+    data replaces it. Larger data streams from its parquet files.
+
+    With an `anchor`, a `map_batches` step (`workers` actors) adds the AR anchor's targets to every row:
+    they depend on the row and the anchor only, so a chain on cached data computes them once for all
+    four stages instead of one extra AR forward per training step."""
     import ray
 
     files = Path(data.uri) / "data"
+
+    def build():
+        ds = ray.data.read_parquet(str(files))
+        if anchor is None:
+            return ds
+        gpu = bool(train.use_gpu)
+        # a small curated set is one or two files: without blocks to share, one actor would do all the work
+        return ds.repartition(4 * workers).map_batches(
+            AnchorTargets, batch_format="pyarrow", batch_size=64, concurrency=workers,
+            num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
+            fn_constructor_kwargs={"anchor": anchor.uri, "max_tokens": train.max_tokens, "top_k": train.kd_top_k,
+                                   "temperature": train.kd_temperature, "dtype": dtype})
+
     size = sum(f.stat().st_size for f in files.rglob("*") if f.is_file())
     if size > cache_mb << 20:
-        return ray.data.read_parquet(str(files))
-    key = (ray.get_runtime_context().get_worker_id(), data.fingerprint)
+        return build()
+    key = (ray.get_runtime_context().get_worker_id(), data.fingerprint,
+           None if anchor is None else (anchor.fingerprint, train.max_tokens, train.kd_top_k, train.kd_temperature))
     with _DATASETS_LOCK:
         if key not in _DATASETS:
             _DATASETS.clear()
-            _DATASETS[key] = ray.data.read_parquet(str(files)).materialize()
+            _DATASETS[key] = build().materialize()
         return _DATASETS[key]
 
 
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
-                      recipe_payload: str, objective: str) -> str:
+                      recipe_payload: str, objective: str, anchor: CheckpointRef | None = None) -> str:
     payload = json.dumps([data.fingerprint, init.fingerprint, block_size, teacher.fingerprint if teacher else None,
-                          recipe_payload, objective, CODE_VERSION], sort_keys=True)
+                          recipe_payload, objective, CODE_VERSION] + ([anchor.fingerprint] if anchor else []),
+                         sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
-
-
-def checkpoint_ref(path: str | Path) -> CheckpointRef:
-    """A CheckpointRef for an existing HF directory (bard.json when present, else a content hash)."""
-    path = Path(path).resolve()
-    meta_file = path / "bard.json"
-    if meta_file.exists():
-        meta = json.loads(meta_file.read_text())
-        return CheckpointRef(str(path), meta.get("block_size"), meta.get("step", 0), meta.get("parent"),
-                             meta["fingerprint"])
-    digest = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
-        digest.update(f.name.encode())
-        digest.update(hashlib.sha256(f.read_bytes()).digest())
-    return CheckpointRef(str(path), None, 0, None, digest.hexdigest()[:20])
 
 
 def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_name: str = "tiny",
               overrides: dict | None = None, *, block_size: int | None = None, teacher: CheckpointRef | None = None,
-              objective: str = "diffusion", fail_at_step: int | None = None, workers: int | None = None) -> CheckpointRef:
-    """Train one stage with Ray Train and write its checkpoint to `out` (skipped if already there)."""
+              objective: str = "diffusion", fail_at_step: int | None = None, workers: int | None = None,
+              anchor: CheckpointRef | None = None) -> CheckpointRef:
+    """Train one stage with Ray Train and write its checkpoint to `out` (skipped if already there).
+    `anchor`: the AR base for ``train.anchor_weight`` (default: see `resolve_anchor`)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -103,7 +112,8 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     recipe = get_recipe(recipe_name, overrides)
     train = recipe.train
     out = Path(out).resolve()
-    fingerprint = stage_fingerprint(data, init, block_size, teacher, recipe.fingerprint_payload(), objective)
+    anchor = resolve_anchor(init, anchor, train.anchor_weight, objective)
+    fingerprint = stage_fingerprint(data, init, block_size, teacher, recipe.fingerprint_payload(), objective, anchor)
     meta_file = out / "bard.json"
     if meta_file.exists() and json.loads(meta_file.read_text()).get("fingerprint") == fingerprint:
         return checkpoint_ref(out)
@@ -118,9 +128,10 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
             "teacher_block_size": teacher.block_size if teacher else None, "data": data.uri,
             "data_fingerprint": data.fingerprint, "recipe": recipe.name, "phases": phases, "total_steps": total,
             "label_shift": train.label_shift, "prompt_mask": train.prompt_mask, "noise": recipe.noise.kind,
-            "prefix_prob": recipe.noise.prefix_prob}
+            "prefix_prob": recipe.noise.prefix_prob, "anchor": anchor.uri if anchor else None,
+            "anchor_weight": train.anchor_weight if anchor else 0.0}
     config = {
-        "init": init.uri, "teacher": teacher.uri if teacher else None,
+        "init": init.uri, "teacher": teacher.uri if teacher else None, "anchor": anchor.uri if anchor else None,
         "teacher_block_size": teacher.block_size if teacher else None, "block_size": block_size,
         "objective": objective, "phases": phases, "total_steps": total, "train": dataclasses.asdict(train),
         "noise": dataclasses.asdict(recipe.noise), "mask_token_id": recipe.model.mask_token_id, "meta": meta,
@@ -129,7 +140,7 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
         "fail_marker": str(out.with_name(out.name + ".failed-once")),
     }
     init_ray(recipe.ray_address)
-    dataset = training_dataset(data, train.dataset_cache_mb)
+    dataset = training_dataset(data, train.dataset_cache_mb, anchor, train, workers, config["dtype"])
     storage = out.with_name(out.name + ".ray")
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
@@ -160,7 +171,7 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
 @task(name="train-stage", task_run_name="train {objective} B={block_size}")
 def train_stage(data: DatasetRef, init: CheckpointRef, out: str, recipe_name: str = "tiny",
                 overrides: dict | None = None, block_size: int | None = None, teacher: CheckpointRef | None = None,
-                objective: str = "diffusion") -> CheckpointRef:
+                objective: str = "diffusion", anchor: CheckpointRef | None = None) -> CheckpointRef:
     """Prefect task: one Ray Train stage (merge → distill, or the AR objective)."""
     return run_stage(data, init, out, recipe_name, overrides, block_size=block_size, teacher=teacher,
-                     objective=objective)
+                     objective=objective, anchor=anchor)

@@ -1,5 +1,5 @@
-"""The worker side of a Ray Train stage (`tasks/train.py` is the driver side): the loop every worker runs
-and its sample stream.
+"""The worker side of a Ray Train stage (`tasks/train.py` is the driver side): the loop every worker runs,
+its sample stream, and the Ray Data actor that adds the AR anchor's targets to the rows.
 
 This module imports no Prefect and no Ray at import time: Ray unpickles `train_loop_per_worker` in every
 worker process of every `fit()`, so what this module imports is paid once per worker per stage (Prefect
@@ -89,6 +89,61 @@ class EncodedStream:
         yield from buffer
 
 
+def with_anchor_targets(sample, row: dict):
+    """`sample` with the anchor targets of its row (``anchor_ids``/``anchor_probs``, one list per response token)."""
+    import numpy as np
+    import torch
+
+    ids, probs = row.get("anchor_ids"), row.get("anchor_probs")
+    if ids is None or probs is None or len(ids) != sample.response_ids.numel() or len(probs) != len(ids):
+        raise RuntimeError(f"row {row.get('sample_id')}: its anchor targets do not match its encoded response "
+                           f"({None if ids is None else len(ids)} vs {sample.response_ids.numel()} tokens)")
+    sample.anchor_ids = torch.as_tensor(np.stack([np.asarray(x, dtype=np.int32) for x in ids]))
+    sample.anchor_probs = torch.as_tensor(np.stack([np.asarray(x, dtype=np.float32) for x in probs]))
+    return sample
+
+
+class AnchorTargets:
+    """Ray Data `map_batches` callable (an actor): adds the AR anchor's targets to every row, as
+    ``anchor_ids`` and ``anchor_probs`` (per response token, the AR base's top-K next-token ids and
+    renormalised probabilities), or nulls for a row that does not encode (the worker rejects it too)."""
+
+    def __init__(self, anchor: str, max_tokens: int, top_k: int, temperature: float, dtype: str = "float32",
+                 batch_size: int = 16):
+        import torch
+
+        from bard_core import stages
+        from bard_core.config import EOS_TOKEN
+
+        self.model, self.processor, _ = stages.load(anchor)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(device, getattr(torch, dtype)).eval()
+        tok = self.processor.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(EOS_TOKEN)
+        self.max_tokens, self.top_k, self.temperature, self.batch_size = max_tokens, top_k, temperature, batch_size
+
+    def __call__(self, table):
+        import pyarrow as pa
+
+        from bard_core.inputs import RejectedSample, encode_sample
+        from bard_core.train import anchor_targets
+
+        encoded = []
+        for row in table.select(["images", "messages"]).to_pylist():
+            try:
+                encoded.append(encode_sample(row, self.processor, self.max_tokens))
+            except RejectedSample:
+                encoded.append(None)
+        usable = [s for s in encoded if s is not None]
+        for start in range(0, len(usable), self.batch_size):
+            anchor_targets(self.model, usable[start:start + self.batch_size], self.pad_id, self.top_k,
+                           self.temperature)
+        ids = [None if s is None else s.anchor_ids.tolist() for s in encoded]
+        probs = [None if s is None else s.anchor_probs.tolist() for s in encoded]
+        return (table.append_column("anchor_ids", pa.array(ids, pa.list_(pa.list_(pa.int32()))))
+                .append_column("anchor_probs", pa.array(probs, pa.list_(pa.list_(pa.float32())))))
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker (see module docstring)."""
     import ray.train
@@ -147,9 +202,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     def encode(row):
         try:
-            return encode_sample({"images": row["images"], "messages": row["messages"]}, processor, train.max_tokens)
+            sample = encode_sample({"images": row["images"], "messages": row["messages"]}, processor, train.max_tokens)
         except RejectedSample:
             return None
+        if config["anchor"]:  # the AR anchor's targets, a column the driver added (AnchorTargets)
+            return with_anchor_targets(sample, row)
+        return sample
 
     stream = EncodedStream(ray.train.get_dataset_shard("train"), encode, train.seed + 1000 * rank + state["step"],
                            train.encode_cache_mb << 20)
@@ -190,7 +248,7 @@ def train_loop_per_worker(config: dict) -> None:
             metrics = train_step(runner, batch, optimizer, train, teacher=phase_teacher, scheduler=scheduler)
             state["step"] += 1
             state["history"].append({"step": state["step"], "phase": phase["name"], "loss": metrics["loss"],
-                                     **({"kd": metrics["kd"]} if "kd" in metrics else {}),
+                                     **{k: metrics[k] for k in ("ce", "kd", "anchor") if k in metrics},
                                      "data_s": round(fetched - started, 4),
                                      "step_s": round(time.perf_counter() - fetched, 4)})
             last = state["step"] == config["total_steps"]

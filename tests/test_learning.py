@@ -82,6 +82,10 @@ def test_progressive_local_chains_stages_with_their_own_steps_and_reuses_finishe
     assert b4["steps"] == {"merge": 3, "distill": 0} and b4["teacher"] is None
     assert b8["steps"] == {"merge": 2, "distill": 2} and b8["parent"] == b8["teacher"] == str(results[0].path)
     assert b8["label_shift"] is True and "kd" in b8["metrics"]["distill"]
+    # the tiny recipe's AR anchor: the base's targets, computed once, in every phase; the caller's pool untouched
+    assert b4["anchor"] == b8["anchor"] == str(tiny_model_dir) and cfg.anchor_weight > 0
+    assert "anchor" in b4["metrics"]["merge"] and "anchor" in b8["metrics"]["distill"]
+    assert all(s.anchor_ids is None for s in pool)
     stamp = (results[1].path / "model.safetensors").stat().st_mtime_ns
     lines.clear()
     again = stages.progressive_local(tiny_model_dir, pool, tmp_path, cfg, NoiseConfig(), steps=[(3, 0), (2, 2)],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -295,6 +296,83 @@ def test_distillation_step_leaves_the_teacher_untouched(kit):
     assert all(p.grad is None for p in teacher_model.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher_model.state_dict().items())
     assert not teacher_model.training
+
+
+def test_ar_view_gives_an_ar_models_own_logits_at_each_blocks_first_token(kit):
+    # the anchor's targets: at the positions ar_exact() marks (a block's first token, read from the prompt or
+    # the previous clean block), the AR view must give exactly what a separate causal forward gives
+    from bard_core.train import ar_logits
+
+    processor, model, spec = kit
+    samples = [sample(processor, 60, "extract"), sample(processor, 61, "mcq"), sample(processor, 62, "extract")]
+    B = 4
+    batch = pack(samples, model, B, spec, label_shift=True, generator=torch.Generator().manual_seed(3))
+    exact = batch.ar_exact()
+    P = torch.tensor(batch.prompt_lens)[batch.loss_sample]
+    R = torch.tensor(batch.response_lens)[batch.loss_sample]
+    r = torch.where(batch.loss_pos < P + R, batch.loss_pos - P + 1, batch.loss_pos - P - R + 1)  # label index
+    assert torch.equal(exact, r % B == 0) and 0 < int(exact.sum()) < exact.numel()
+    view = batch.ar_view(exact)
+    assert view.input_ids.shape[1] == max(batch.prompt_lens[n] + batch.response_lens[n] for n in range(3))
+    with torch.no_grad():
+        ours = packed_logits(model, view)
+        arb = ar_batch(samples, spec.pad_id)
+        theirs = ar_logits(model, dataclasses.replace(arb, loss_sample=view.loss_sample, loss_pos=view.loss_pos))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="prompt or the clean copy"):
+        batch.ar_view(~exact)  # noisy-copy positions have no AR context
+    unshifted = pack(samples, model, B, spec, generator=torch.Generator().manual_seed(3))
+    assert not unshifted.ar_exact().any()
+
+
+def test_anchor_step_distils_the_frozen_ar_base_at_ar_positions_only(kit):
+    from bard_core.tiny import build_model
+
+    processor, model, spec = kit
+    student = build_model(ModelConfig(seed=1), processor.tokenizer)
+    base = build_model(ModelConfig(seed=2), processor.tokenizer)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    batch = pack([sample(processor, 70), sample(processor, 71, "count")], student, 8, spec, label_shift=True,
+                 generator=torch.Generator().manual_seed(0))
+    exact = batch.ar_exact()
+    with torch.no_grad():
+        expected = distill_kd(packed_logits(student, batch)[exact], packed_logits(base, batch.ar_view(exact))).loss
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True, anchor_weight=2.0)
+    metrics = train_step(student, batch, build_optimizer(student, cfg), cfg, anchor=base)
+    assert metrics["anchor"] == pytest.approx(expected.item(), rel=1e-5) and metrics["anchor"] > 0
+    assert metrics["loss"] == pytest.approx(metrics["ce"] + 2.0 * metrics["anchor"], rel=1e-5)
+    assert all(p.grad is None for p in base.parameters()) and not base.training
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    off = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)  # anchor_weight 0: no anchor forward
+    assert "anchor" not in train_step(student, batch, build_optimizer(student, off), off, anchor=base)
+
+
+def test_precomputed_anchor_targets_give_the_live_anchors_loss(kit):
+    # the Ray path computes the anchor's targets once per row (anchor_targets), the local path live from an
+    # AR view of each batch: the same loss, whatever the batch's padding and the block size
+    import copy
+
+    from bard_core.tiny import build_model
+    from bard_core.train import anchor_targets, compute_loss
+
+    processor, model, spec = kit
+    base = build_model(ModelConfig(seed=5), processor.tokenizer)
+    samples = [sample(processor, 80, "extract"), sample(processor, 81, "mcq"), sample(processor, 82, "count")]
+    targeted = anchor_targets(base, copy.deepcopy(samples), spec.pad_id, 16)
+    assert all(t.anchor_ids.shape == (s.response_ids.numel(), 16) == t.anchor_probs.shape
+               for s, t in zip(samples, targeted))
+    assert all(torch.allclose(t.anchor_probs.sum(-1), torch.ones(len(t.anchor_probs))) for t in targeted)
+    cfg = TrainConfig(label_shift=True, anchor_weight=1.0)
+    for B in (4, 8):
+        live = pack(samples, model, B, spec, label_shift=True, generator=torch.Generator().manual_seed(B))
+        pre = pack(targeted, model, B, spec, label_shift=True, generator=torch.Generator().manual_seed(B))
+        assert live.anchor_ids is None and pre.anchor_ids.shape[0] == int(pre.ar_exact().sum()) > 0
+        with torch.no_grad():
+            _, m_live = compute_loss(model, live, cfg, anchor=base)
+            _, m_pre = compute_loss(model, pre, cfg)  # no anchor model needed
+        assert m_pre["anchor"] == pytest.approx(m_live["anchor"], rel=1e-4)
+    with pytest.raises(ValueError, match="lack the anchor targets"):
+        pack([targeted[0], samples[1]], model, 4, spec, label_shift=True)
 
 
 def test_an_lr_override_moves_the_vision_tower_and_distillation_with_it(kit):

@@ -44,7 +44,12 @@ def test_a_short_stage_learns_and_writes_a_loadable_checkpoint(stage_b4, data_re
     assert stage_b4.block_size == 4 and stage_b4.step == 40 == meta["step"] == meta["total_steps"]
     assert meta["parent"] == str(Path(tiny_model_dir).resolve()) and meta["data_fingerprint"] == data_ref.fingerprint
     assert meta["objective"] == "diffusion" and [p["name"] for p in meta["phases"]] == ["merge"]
-    losses = [h["loss"] for h in meta["history"]]
+    # the tiny recipe's AR anchor: the first stage's init is the AR base, so it is the anchor
+    assert meta["anchor"] == meta["parent"] and meta["anchor_weight"] > 0
+    assert all(h["anchor"] > 0 for h in meta["history"])
+    losses = [h["ce"] for h in meta["history"]]  # the block-diffusion CE (the total adds the anchor's KD)
+    assert all(h["loss"] == pytest.approx(h["ce"] + meta["anchor_weight"] * h["anchor"], rel=1e-4)
+               for h in meta["history"])
     assert [h["step"] for h in meta["history"]] == list(range(1, 41))
     assert all(h["data_s"] >= 0 and h["step_s"] > 0 for h in meta["history"])  # where a step's time went
     assert sum(losses[-8:]) / 8 < 0.7 * sum(losses[:8]) / 8, losses
@@ -79,6 +84,8 @@ def test_distillation_keeps_the_teacher_frozen_and_resumes_after_a_worker_dies(s
     assert {h["phase"] for h in meta["history"] if h["step"] > 40} == {"distill"}
     assert all(h["kd"] > 0 for h in meta["history"] if h["phase"] == "distill")
     assert meta["teacher"] == stage_b4.uri and meta["teacher_block_size"] == 4
+    assert meta["anchor"] == _meta(stage_b4)["anchor"]  # the chain's one AR base, found from B4's bard.json
+    assert all(h["anchor"] > 0 for h in meta["history"])  # in the merge and the distill phase
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
             for p in Path(stage_b4.uri).iterdir() if p.is_file()} == teacher_files
 
@@ -103,6 +110,61 @@ def test_bad_stage_arguments_are_refused(data_ref, tiny_model_dir, stage_b4, tmp
         run_stage(data_ref, stage_b4, tmp_path / "y", "tiny", SHORT, block_size=6, teacher=stage_b4)
     with pytest.raises(ValueError, match="objective"):
         run_stage(data_ref, stage_b4, tmp_path / "z", "tiny", SHORT, block_size=8, objective="rl")
+
+
+def test_the_anchor_is_the_chains_ar_base_unless_given(stage_b4, tiny_model_dir, tmp_path):
+    from tasks.refs import CheckpointRef, checkpoint_ref, resolve_anchor
+
+    base = checkpoint_ref(tiny_model_dir)
+    assert resolve_anchor(base, None, 2.0, "diffusion") == base  # B4 from the AR base
+    assert resolve_anchor(stage_b4, None, 2.0, "diffusion") == base  # later stages: recorded by their init
+    other = CheckpointRef(str(tmp_path), None, 0, None, "f" * 20)
+    assert resolve_anchor(stage_b4, other, 2.0, "diffusion") == other  # an explicit one wins
+    assert resolve_anchor(base, None, 0.0, "diffusion") is None and resolve_anchor(base, None, 2.0, "ar") is None
+    with pytest.raises(ValueError, match="no anchor term"):
+        resolve_anchor(base, base, 0.0, "diffusion")
+    with pytest.raises(ValueError, match="must be an AR checkpoint"):
+        resolve_anchor(base, stage_b4, 2.0, "diffusion")
+    unrecorded = tmp_path / "B8"
+    unrecorded.mkdir()
+    (unrecorded / "bard.json").write_text(json.dumps({"block_size": 8, "fingerprint": "x"}))
+    with pytest.raises(ValueError, match="records no anchor"):
+        resolve_anchor(checkpoint_ref(unrecorded), None, 2.0, "diffusion")
+    (unrecorded / "bard.json").write_text(json.dumps({"block_size": 8, "fingerprint": "x",
+                                                      "anchor": str(tmp_path / "moved")}))
+    with pytest.raises(ValueError, match="is gone"):
+        resolve_anchor(checkpoint_ref(unrecorded), None, 2.0, "diffusion")
+
+
+def test_anchor_targets_are_a_column_per_row_that_the_worker_attaches(data_ref, tiny_model_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from bard_core import stages
+    from bard_core.inputs import encode_sample
+    from tasks.train_worker import AnchorTargets, with_anchor_targets
+
+    table = pq.read_table(sorted((Path(data_ref.uri) / "data").glob("*.parquet"))[0]).slice(0, 5)
+    rows = table.to_pylist()
+    empty = {**rows[0], "messages": rows[0]["messages"][:-1] + [{"role": "assistant", "content": [
+        {"type": "text", "text": " "}]}]}  # encodes to nothing: a null, not a lost row
+    table = pa.Table.from_pylist(rows + [empty], schema=table.schema)
+    out = AnchorTargets(str(tiny_model_dir), 512, 16, 1.0)(table)
+    assert out.num_rows == 6 and out.column("anchor_ids")[5].as_py() is None
+    model, processor, _ = stages.load(tiny_model_dir)
+    for row in out.slice(0, 5).to_pylist():
+        sample = encode_sample(row, processor, 512)
+        got = with_anchor_targets(sample, row)
+        assert got.anchor_ids.shape == (sample.response_ids.numel(), 16)
+        with torch.no_grad():  # the AR model's own next-token choice at the answer's first token
+            first = model(input_ids=sample.prompt_ids[None], pixel_values=sample.pixel_values,
+                          attention_mask=torch.ones(1, sample.prompt_ids.numel(), dtype=torch.long),
+                          image_grid_thw=sample.image_grid_thw,
+                          mm_token_type_ids=sample.prompt_mm_types[None]).logits[0, -1].argmax()
+        assert int(got.anchor_ids[0, 0]) == int(first)
+        with pytest.raises(RuntimeError, match="do not match"):
+            with_anchor_targets(sample, {**row, "anchor_ids": row["anchor_ids"][:-1]})
 
 
 def test_fsdp_sharding_matches_ddp_step_for_step(tiny_model_dir, tmp_path):
@@ -150,6 +212,7 @@ def test_an_fsdp_stage_distills_checkpoints_and_resumes_after_a_worker_dies(stag
     assert meta["parallel"] == "fsdp" and ref.step == 24 == meta["step"] and meta["resumed_from"] == [8]
     assert [h["step"] for h in meta["history"]] == list(range(1, 25))
     assert all(h["kd"] > 0 for h in meta["history"] if h["phase"] == "distill")
+    assert all(h["anchor"] > 0 for h in meta["history"])  # the sharded AR anchor
     model = AutoModelForImageTextToText.from_pretrained(ref.uri)
     teacher = AutoModelForImageTextToText.from_pretrained(stage_b4.uri)
     changed = [n for (n, p), q in zip(model.named_parameters(), teacher.parameters()) if not torch_equal(p, q)]
@@ -162,7 +225,7 @@ def torch_equal(a, b) -> bool:
     return a.shape == b.shape and torch.equal(a, b)
 
 
-def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_ref, tmp_path):
+def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_ref, tiny_model_dir, tmp_path):
     """`training_dataset`: the chain's stages share one materialized copy of small data (same object,
     every row); other data replaces it; over `cache_mb` the data streams from its files."""
     import dataclasses
@@ -178,3 +241,11 @@ def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_re
     assert training_dataset(other, 512) is not first and len(_DATASETS) == 1
     streamed = training_dataset(data_ref, 0)  # the data is over a 0 MB budget
     assert not isinstance(streamed, MaterializedDataset) and streamed.count() == data_ref.num_rows
+    from bard_core.config import get_recipe
+    from tasks.train import checkpoint_ref
+
+    train = get_recipe("tiny").train
+    anchored = training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), train, workers=1)
+    assert isinstance(anchored, MaterializedDataset) and anchored.count() == data_ref.num_rows
+    assert {"anchor_ids", "anchor_probs"} <= set(anchored.schema().names)  # computed once, for every stage
+    assert training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), train, workers=1) is anchored
