@@ -38,9 +38,12 @@ mcq answers in every run). What the default run depends on, each found with this
 `--seed` builds another shapes world (sources and benchmark items) to check that a split is not tuned
 to one. At 300 items a benchmark's paired standard error is up to ~1.5 points, and two runs of the
 same settings differ (Ray's streaming split hands rows to workers dynamically: B4 mcq on world 11 came
-out 0.947 and 0.923), so a 3-point line is crossed by chance now and then. mcq is the tightest: on world
+out 0.947 and 0.923), so a 3-point line is crossed by chance now and then. Before the anchor mcq was the tightest: on world
 12 the defaults passed once and once missed by one mcq item at B32. `--lr 2.5e-4,1.5e-4,1.5e-4,1.5e-4`
 kept mcq there (drops ≤ 1.7) but B16/B32 then lost 3.3/3.9 points of extract: the later stages need 2e-4.
+With the anchor the tightest is B32 extract on world 12 (0.967–0.989 across runs): the defaults passed
+world 13 in 421 s and missed world 12 by one extract item in 427 s; B32 at 480+60 steps fixed that
+(0.988) but took 487 s in a run where this machine was ~10% slower. Wall time swings that much too.
 
 The last line printed is one JSON object.
 """
