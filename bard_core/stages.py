@@ -42,14 +42,13 @@ def batches(pool: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
 
 def train_phase(model, batch_iter: Iterator, steps: int, cfg: TrainConfig, *, lr: float, min_ratio: float,
                 warmup: int, teacher: Teacher | None = None, on_step: Callable[[int, dict], None] | None = None,
-                start_step: int = 0, optimizer=None, scheduler=None, anchor=None) -> dict:
+                start_step: int = 0, optimizer=None, scheduler=None) -> dict:
     """Run `steps` optimisation steps; returns the mean metrics of the last 10% of steps."""
     optimizer = optimizer or build_optimizer(model, cfg, lr)
     scheduler = scheduler or build_scheduler(optimizer, steps, min(warmup, steps // 2), min_ratio)
     tail: list[dict] = []
     for step in range(start_step, steps):
-        metrics = train_step(model, next(batch_iter), optimizer, cfg, teacher=teacher, scheduler=scheduler,
-                             anchor=anchor)
+        metrics = train_step(model, next(batch_iter), optimizer, cfg, teacher=teacher, scheduler=scheduler)
         tail = (tail + [metrics])[-max(1, steps // 10):]
         if on_step is not None:
             on_step(step + 1, metrics)
@@ -110,7 +109,7 @@ def weights_digest(path: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def with_anchor_targets(pool: list[EncodedSample], base: str | Path, spec: NoiseSpec, cfg: TrainConfig,
+def anchored_pool(pool: list[EncodedSample], base: str | Path, spec: NoiseSpec, cfg: TrainConfig,
                         chunk: int = 32) -> list[EncodedSample]:
     """Copies of the pool's samples carrying the AR anchor's targets from the model at `base`."""
     model, _, _ = load(base)
@@ -153,7 +152,7 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
         model, processor, _ = load(parent)
         spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, prefix_prob=noise.prefix_prob)
         if cfg.anchor_weight > 0 and not anchored:  # the base's targets, once for every stage of the chain
-            pool = with_anchor_targets(pool, base, spec, cfg)
+            pool = anchored_pool(pool, base, spec, cfg)
             anchored = True
         it = batches(pool, model, B, spec, cfg, seed + B)
         metrics = {"merge": train_phase(model, it, merge_steps, cfg, lr=cfg.lr, min_ratio=cfg.min_lr_ratio,
