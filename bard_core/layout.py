@@ -144,9 +144,14 @@ def _corrupt(x0: torch.Tensor, block_size: int, spec: NoiseSpec, generator, real
 
 
 def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, *, prompt_mask: str = "causal",
-         label_shift: bool = False, pad_loss_weight: float = 0.0, generator: torch.Generator | None = None,
-         duplicate_prompt: bool = False) -> PackedBatch:
-    """Build a training batch; `duplicate_prompt=True` builds the vanilla layout instead."""
+         label_shift: bool = False, pad_loss_weight: float = 0.0, keep_loss_weight: float = 0.0,
+         generator: torch.Generator | None = None, duplicate_prompt: bool = False) -> PackedBatch:
+    """Build a training batch; `duplicate_prompt=True` builds the vanilla layout instead.
+
+    Loss positions are the corrupted response tokens (masked or substituted), at weight 1/t (padding
+    beyond the real response at `pad_loss_weight`/t). With `keep_loss_weight` > 0 the noise's *kept* real
+    tokens are loss positions too, at `keep_loss_weight`/t: a visible token is then sometimes right
+    and sometimes a substitute, as it is when decoding, instead of always wrong (see `TrainConfig`)."""
     rows, positions, types, meta = [], [], [], []
     loss_sample, loss_pos, labels, weights, levels = [], [], [], [], []
     have = [s.anchor_ids is not None for s in samples]
@@ -174,8 +179,10 @@ def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
         rows.append(ids), types.append(typ), positions.append(pos), meta.append((P, R))
 
         real = sample.response_ids.numel()
-        r = torch.nonzero(xt != x0).flatten()  # corrupted response indices
-        w = torch.where(r < real, 1.0, pad_loss_weight) / t[r]
+        corrupted = xt != x0
+        kept = ~corrupted & (torch.arange(R) < real) if keep_loss_weight > 0 else torch.zeros_like(corrupted)
+        r = torch.nonzero(corrupted | kept).flatten()  # loss positions, in response order
+        w = torch.where(kept[r], keep_loss_weight, torch.where(r < real, 1.0, pad_loss_weight)) / t[r]
         r, w = r[w > 0], w[w > 0]
         if label_shift:  # read one earlier; a block's first token from the previous clean token (P-1 for r=0)
             where = torch.where(r % block_size != 0, noisy_start + r - 1, P + r - 1)

@@ -37,7 +37,8 @@ def batches(pool: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
             rng.shuffle(order)
         chosen, order = order[: cfg.batch_size], order[cfg.batch_size:]
         yield pack([pool[i] for i in chosen], model, block_size, spec, prompt_mask=cfg.prompt_mask,
-                   label_shift=cfg.label_shift, pad_loss_weight=cfg.pad_loss_weight, generator=generator)
+                   label_shift=cfg.label_shift, pad_loss_weight=cfg.pad_loss_weight,
+                   keep_loss_weight=cfg.keep_loss_weight, generator=generator)
 
 
 def train_phase(model, batch_iter: Iterator, steps: int, cfg: TrainConfig, *, lr: float, min_ratio: float,
@@ -139,7 +140,7 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
     for B, (merge_steps, distill_steps) in zip(cfg.block_sizes, steps):
         key = fingerprint(str(parent), weights_digest(parent), B, merge_steps, distill_steps, cfg.lr,
                           cfg.distill_lr_scale, cfg.vision_lr_scale, cfg.label_shift, cfg.batch_size, noise.kind,
-                          noise.t_min, noise.prefix_prob, seed, len(pool), cfg.anchor_weight)
+                          noise.t_min, noise.prefix_prob, seed, len(pool), cfg.anchor_weight, cfg.keep_loss_weight)
         target = out_dir / f"B{B}"
         meta_path = target / "bard.json"
         if meta_path.exists() and json.loads(meta_path.read_text()).get("fingerprint") == key:
@@ -169,7 +170,8 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
                 "steps": {"merge": merge_steps, "distill": distill_steps if parent_block else 0},
                 "metrics": metrics, "seconds": round(seconds, 1), "fingerprint": key, "objective": "diffusion",
                 "label_shift": cfg.label_shift, "prompt_mask": cfg.prompt_mask, "noise": noise.kind,
-                "prefix_prob": noise.prefix_prob, "anchor": str(base) if anchored else None}
+                "prefix_prob": noise.prefix_prob, "anchor": str(base) if anchored else None,
+                "keep_loss_weight": cfg.keep_loss_weight}
         save_checkpoint(model, processor, target, meta)
         log(f"stage B={B}: {json.dumps(metrics)} in {seconds:.0f}s -> {target}")
         results.append(StageResult(target, B, metrics, seconds))

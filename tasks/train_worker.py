@@ -219,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
             return to_device(ar_batch(samples, spec.pad_id), device)
         return to_device(pack(samples, model, config["block_size"], spec, prompt_mask=train.prompt_mask,
                               label_shift=train.label_shift, pad_loss_weight=train.pad_loss_weight,
-                              generator=generator), device)
+                              keep_loss_weight=train.keep_loss_weight, generator=generator), device)
 
     done_before = 0
     for phase in config["phases"]:

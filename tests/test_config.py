@@ -36,6 +36,7 @@ from bard_core.config import (
         (TrainConfig, {"block_sizes": ()}, "block_sizes"),
         (TrainConfig, {"prompt_mask": "bidirectional"}, "prompt_mask"),
         (TrainConfig, {"pad_loss_weight": 0.3}, "pad_loss_weight"),
+        (TrainConfig, {"keep_loss_weight": -1.0}, "keep_loss_weight"),
         (TrainConfig, {"lr": -1.0}, "lr"),
         (TrainConfig, {"ce_weight": 0.0, "kd_weight": 0.0}, "ce_weight"),
         (TrainConfig, {"vision_lr_scale": -0.1}, "vision_lr_scale"),

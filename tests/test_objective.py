@@ -216,6 +216,30 @@ def test_padding_positions_get_half_weight_when_asked(kit):
     torch.testing.assert_close(batch.weights[~beyond], 1.0 / batch.t[~beyond])
 
 
+def test_kept_tokens_are_loss_positions_only_when_weighted(kit):
+    # METHOD.md §3's loss positions are the corrupted tokens; keep_loss_weight adds the noise's kept real
+    # tokens (input == label) at weight w/t, leaving the corrupted positions and their weights as they were
+    processor, model, spec = kit
+    enc = sample(processor, 34, "extract")
+    real, B = enc.response_ids.numel(), 8
+    for seed in range(4):
+        off = pack([enc], model, B, spec, pad_loss_weight=0.5, generator=torch.Generator().manual_seed(seed))
+        on = pack([enc], model, B, spec, pad_loss_weight=0.5, keep_loss_weight=0.25,
+                  generator=torch.Generator().manual_seed(seed))
+        P, R = on.prompt_lens[0], on.response_lens[0]
+        assert torch.equal(on.input_ids, off.input_ids)  # the same noise
+        assert bool((off.input_ids[0, off.loss_pos] != off.labels).all())
+        r = on.loss_pos - (P + R)
+        assert bool((r[1:] > r[:-1]).all())  # response order, each position once
+        kept = on.input_ids[0, on.loss_pos] == on.labels
+        assert kept.any() and bool((r[kept] < real).all())  # padding is never a kept loss position
+        torch.testing.assert_close(on.weights[kept], 0.25 / on.t[kept])
+        assert torch.equal(on.loss_pos[~kept], off.loss_pos) and torch.equal(on.weights[~kept], off.weights)
+        xt = on.input_ids[0, P + R:P + 2 * R]
+        visible_real = torch.nonzero((xt != spec.mask_token_id) & (torch.arange(R) < real)).flatten()
+        assert set(visible_real.tolist()) <= set(r.tolist())  # every visible real token is read
+
+
 def test_label_shift_reads_each_prediction_one_position_earlier(kit):
     processor, model, spec = kit
     enc = sample(processor, 32)
@@ -363,9 +387,11 @@ def test_precomputed_anchor_targets_give_the_live_anchors_loss(kit):
                for s, t in zip(samples, targeted))
     assert all(torch.allclose(t.anchor_probs.sum(-1), torch.ones(len(t.anchor_probs))) for t in targeted)
     cfg = TrainConfig(label_shift=True, anchor_weight=1.0)
-    for B in (4, 8):
-        live = pack(samples, model, B, spec, label_shift=True, generator=torch.Generator().manual_seed(B))
-        pre = pack(targeted, model, B, spec, label_shift=True, generator=torch.Generator().manual_seed(B))
+    for B, keep in ((4, 0.0), (8, 0.0), (8, 1.0)):  # kept block-first tokens are read from the clean copy too
+        live = pack(samples, model, B, spec, label_shift=True, keep_loss_weight=keep,
+                    generator=torch.Generator().manual_seed(B))
+        pre = pack(targeted, model, B, spec, label_shift=True, keep_loss_weight=keep,
+                   generator=torch.Generator().manual_seed(B))
         assert live.anchor_ids is None and pre.anchor_ids.shape[0] == int(pre.ar_exact().sum()) > 0
         with torch.no_grad():
             _, m_live = compute_loss(model, live, cfg, anchor=base)
