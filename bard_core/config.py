@@ -191,6 +191,11 @@ class TrainConfig:
     # skip encoding what is kept (every epoch still reads the shard: see tasks/train_worker.EncodedStream);
     # 0 turns it off
     encode_cache_mb: int = 1024
+    # batches of similar lengths (`layout.length_grouped`, over a window of 16 batches): every row of a
+    # batch is padded to its longest, and random batches of the tiny chain were 48–65% real tokens.
+    # Grouped, its steps took 19–30% less time (stage_budget, world 12: 450 s → 362 s for the same steps)
+    # and every benchmark scored the same or better
+    group_by_length: bool = True
     # driver: a curated dataset up to this size on disk is read once per Ray session into the object store
     # and shared by every stage trained on it (each fit() then skips the read pipeline's start, ~4 s on 2
     # cores); a larger one streams from its files in every stage; 0 turns it off

@@ -98,6 +98,23 @@ def rope_positions(model, ids: torch.Tensor, mm_types: torch.Tensor, grid: torch
     return positions[:, 0]
 
 
+def packed_length(sample: EncodedSample) -> int:
+    """A sample's row length in `pack`'s layout, before its response is padded to whole blocks."""
+    return sample.prompt_ids.numel() + 2 * sample.response_ids.numel()
+
+
+def length_grouped(samples: list, batch_size: int, rng) -> list:
+    """`samples` reordered so that each run of `batch_size` has similar `packed_length`s: sorted, cut into
+    batches, the full batches in random order (`rng`: a `random.Random`), a partial one last. `pack`
+    pads every row to the batch's longest, so a random batch of short and long samples is about half
+    padding (tiny chain: 48–65% of a batch's tokens were real) and costs as much as a full one."""
+    ordered = sorted(samples, key=packed_length)
+    cut = len(ordered) - len(ordered) % batch_size
+    full = [ordered[i:i + batch_size] for i in range(0, cut, batch_size)]
+    rng.shuffle(full)
+    return [s for batch in full for s in batch] + ordered[cut:]
+
+
 def padded_response(sample: EncodedSample, block_size: int, eos_id: int) -> torch.Tensor:
     real = sample.response_ids
     n = -(-real.numel() // block_size) * block_size

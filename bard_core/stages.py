@@ -22,21 +22,26 @@ import torch
 
 from bard_core.config import NoiseConfig, TrainConfig
 from bard_core.inputs import EncodedSample
-from bard_core.layout import NoiseSpec, noise_spec_for, pack
+from bard_core.layout import NoiseSpec, length_grouped, noise_spec_for, pack
 from bard_core.train import Teacher, anchor_targets, build_optimizer, build_scheduler, train_step
 
 
 def batches(pool: list[EncodedSample], model, block_size: int, spec: NoiseSpec, cfg: TrainConfig,
             seed: int) -> Iterator:
-    """Endless packed batches drawn from `pool` (shuffled epochs, fresh noise every time)."""
+    """Endless packed batches drawn from `pool` (shuffled epochs, fresh noise every time; with
+    ``cfg.group_by_length`` each window of 16 batches is grouped by length, see `length_grouped`)."""
     rng, generator = random.Random(seed), torch.Generator().manual_seed(seed)
-    order: list[int] = []
+    order: list[EncodedSample] = []
     while True:
         if len(order) < cfg.batch_size:
-            order = list(range(len(pool)))
+            order = list(pool)
             rng.shuffle(order)
+            if cfg.group_by_length:
+                window = 16 * cfg.batch_size
+                order = [s for i in range(0, len(order), window)
+                         for s in length_grouped(order[i:i + window], cfg.batch_size, rng)]
         chosen, order = order[: cfg.batch_size], order[cfg.batch_size:]
-        yield pack([pool[i] for i in chosen], model, block_size, spec, prompt_mask=cfg.prompt_mask,
+        yield pack(chosen, model, block_size, spec, prompt_mask=cfg.prompt_mask,
                    label_shift=cfg.label_shift, pad_loss_weight=cfg.pad_loss_weight,
                    keep_loss_weight=cfg.keep_loss_weight, generator=generator)
 

@@ -36,11 +36,12 @@ class EncodedStream:
     samples per epoch as its shard has rows. Ray's equal split gives every worker the same number of
     rows, so all workers end each epoch at the same step even when their rejects differ (a worker with
     more rejects would otherwise reach the next epoch's barrier steps ahead of the others: the same
-    deadlock).
+    deadlock). With `group` (the worker's batch size), every flushed buffer is ordered by
+    `length_grouped` instead of shuffled: consecutive runs of `group` samples have similar lengths.
     """
 
-    def __init__(self, shard, encode, seed: int, cache_bytes: int, buffer: int = 256):
-        self.shard, self.encode, self.cache_bytes, self.buffer = shard, encode, cache_bytes, buffer
+    def __init__(self, shard, encode, seed: int, cache_bytes: int, buffer: int = 256, group: int = 0):
+        self.shard, self.encode, self.cache_bytes, self.buffer, self.group = shard, encode, cache_bytes, buffer, group
         self.rng = random.Random(seed)
         self.skipped, self.epochs = 0, 0
         self.cache: dict = {}  # sample_id -> encoded sample, or None for a rejected row
@@ -80,13 +81,19 @@ class EncodedStream:
                 owed = 0
             buffer.append(sample)
             if len(buffer) >= self.buffer:
-                self.rng.shuffle(buffer)
-                yield from buffer
+                yield from self._order(buffer)
                 buffer = []
         if usable == 0:
             raise RuntimeError(f"the training shard has no usable rows ({self.skipped} rejected by encoding)")
+        yield from self._order(buffer)
+
+    def _order(self, buffer: list) -> list:
+        if self.group > 1:
+            from bard_core.layout import length_grouped
+
+            return length_grouped(buffer, self.group, self.rng)
         self.rng.shuffle(buffer)
-        yield from buffer
+        return buffer
 
 
 def with_anchor_targets(sample, row: dict):
@@ -210,7 +217,7 @@ def train_loop_per_worker(config: dict) -> None:
         return sample
 
     stream = EncodedStream(ray.train.get_dataset_shard("train"), encode, train.seed + 1000 * rank + state["step"],
-                           train.encode_cache_mb << 20)
+                           train.encode_cache_mb << 20, group=per_worker if train.group_by_length else 0)
     samples_iter = iter(stream)
 
     def next_batch():

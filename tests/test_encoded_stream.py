@@ -100,3 +100,49 @@ def test_a_shard_without_usable_rows_is_an_error_not_a_hang():
     stream = EncodedStream(Shard([{"sample_id": "x", "id": 0, "bad": True}]), Encoder(), seed=0, cache_bytes=1 << 20)
     with pytest.raises(RuntimeError, match="no usable rows"):
         next(iter(stream))
+
+
+def _sized(i: int, response: int) -> EncodedSample:
+    ids = torch.full((3,), i)
+    return EncodedSample(ids, torch.zeros(3, dtype=torch.long), torch.full((response,), i), None, None)
+
+
+def _disjoint(batches) -> bool:
+    """Each batch is a run of the length-sorted order: their length ranges do not interleave."""
+    spans = sorted((min(b), max(b)) for b in batches)
+    return all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+
+
+def test_length_grouped_batches_are_runs_of_the_sorted_order_in_random_order():
+    import random
+
+    from bard_core.layout import length_grouped, packed_length
+
+    samples = [_sized(i, 1 + (i * 7) % 23) for i in range(30)]
+    orders = [length_grouped(samples, 4, random.Random(seed)) for seed in range(3)]
+    for order in orders:
+        assert sorted(int(s.prompt_ids[0]) for s in order) == list(range(30))  # a permutation
+        lengths = [packed_length(s) for s in order]
+        assert _disjoint([lengths[i:i + 4] for i in range(0, 28, 4)])
+        assert lengths[28:] == sorted(packed_length(s) for s in samples)[28:]  # the partial batch last
+    ids = [[int(s.prompt_ids[0]) for s in order] for order in orders]
+    assert ids[0] != ids[1] or ids[0] != ids[2]  # the batches' order is random
+
+
+class SizedEncoder(Encoder):
+    def __call__(self, row):
+        self.calls += 1
+        return None if row["bad"] else _sized(row["id"], 1 + (row["id"] * 5) % 13)
+
+
+def test_a_grouped_stream_yields_batches_of_similar_lengths_and_still_every_sample_each_epoch():
+    from bard_core.layout import packed_length
+
+    stream = EncodedStream(Shard(ROWS), SizedEncoder(), seed=3, cache_bytes=1 << 20, buffer=16, group=4)
+    it = iter(stream)
+    for _ in range(3):
+        epoch = list(itertools.islice(it, len(ROWS)))
+        check([int(s.prompt_ids[0]) for s in epoch])
+        lengths = [packed_length(s) for s in epoch[:16]]  # the first buffer: four batches of four
+        assert _disjoint([lengths[i:i + 4] for i in range(0, 16, 4)])
+        assert len({max(lengths[i:i + 4]) for i in range(0, 16, 4)}) > 1
