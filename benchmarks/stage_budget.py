@@ -56,10 +56,10 @@ row: before the anchor, mcq (world 12 passed once and once missed by one mcq ite
 anchor, B32 extract on world 12 (0.967–0.989 across runs, one miss by one item in 427 s); with the
 kept-token loss and grouped batches, B4 mcq on world 12, at 2.0–2.3 points. The defaults, measured:
 
-    world  train s  worst drop (stage, benchmark)
-    11     356      1.3 (B32 count)          350 B4 steps
-    12     375      2.0 (B4 mcq)             450 B4 steps (350: 362 s, 2.3)
-    13     372      1.0 (B16 yesno)          350 B4 steps
+    world  train s  worst drop (stage, benchmark)   with 350 B4 steps
+    11     362      1.3 (B4 yesno)                  356 s, 1.3
+    12     375      2.0 (B4 mcq)                    362 s, 2.3
+    13     378      0.7 (B4 count)                  372 s, 1.0
 
 Wall time swings ±8–10% from run to run on this machine; the defaults leave ~100 s of the 480.
 
