@@ -61,7 +61,10 @@ kept-token loss and grouped batches, B4 mcq on world 12, at 2.0–2.3 points. Th
     12     375      2.0 (B4 mcq)                    362 s, 2.3
     13     378      0.7 (B4 count)                  372 s, 1.0
 
-Wall time swings ±8–10% from run to run on this machine; the defaults leave ~100 s of the 480.
+Then the workers' grouped batches were put in one length order on every rank (one stream seed), so
+neither waits at the all-reduce for the other's longer batch: world 12 took 351 s (step compute −8 to
+−17%), worst drop 2.3 (B16 mcq). Wall time swings ±8–10% from run to run on this machine; the
+defaults leave 100–130 s of the 480.
 
 The last line printed is one JSON object.
 """

@@ -37,7 +37,8 @@ class EncodedStream:
     rows, so all workers end each epoch at the same step even when their rejects differ (a worker with
     more rejects would otherwise reach the next epoch's barrier steps ahead of the others: the same
     deadlock). With `group` (the worker's batch size), every flushed buffer is ordered by
-    `length_grouped` instead of shuffled: consecutive runs of `group` samples have similar lengths.
+    `length_grouped` instead of shuffled: consecutive runs of `group` samples have similar lengths, and
+    streams with one seed over shards of one size put their buffers' batches in the same length order.
     """
 
     def __init__(self, shard, encode, seed: int, cache_bytes: int, buffer: int = 256, group: int = 0):
@@ -216,8 +217,12 @@ def train_loop_per_worker(config: dict) -> None:
             return with_anchor_targets(sample, row)
         return sample
 
-    stream = EncodedStream(ray.train.get_dataset_shard("train"), encode, train.seed + 1000 * rank + state["step"],
-                           train.encode_cache_mb << 20, group=per_worker if train.group_by_length else 0)
+    # grouped, the stream's generator only orders each buffer's batches; one seed on every rank puts the
+    # workers' k-th shortest batches on the same step, so none waits at the all-reduce for a longer one
+    group = per_worker if train.group_by_length else 0
+    stream = EncodedStream(ray.train.get_dataset_shard("train"), encode,
+                           train.seed + (0 if group else 1000 * rank) + state["step"], train.encode_cache_mb << 20,
+                           group=group)
     samples_iter = iter(stream)
 
     def next_batch():

@@ -146,3 +146,21 @@ def test_a_grouped_stream_yields_batches_of_similar_lengths_and_still_every_samp
         lengths = [packed_length(s) for s in epoch[:16]]  # the first buffer: four batches of four
         assert _disjoint([lengths[i:i + 4] for i in range(0, 16, 4)])
         assert len({max(lengths[i:i + 4]) for i in range(0, 16, 4)}) > 1
+
+
+def test_grouped_streams_with_one_seed_put_their_kth_shortest_batches_on_the_same_step():
+    # DDP workers read different shards; with one seed, each step's batches are of the same length rank on
+    # every worker, so no worker waits at the all-reduce for another's longer batch
+    from bard_core.layout import packed_length
+
+    def batch_ranks(rows, seed):
+        stream = EncodedStream(Shard(rows), SizedEncoder(), seed=seed, cache_bytes=1 << 20, buffer=16, group=4)
+        first = list(itertools.islice(iter(stream), 16))  # one buffer
+        lengths = [max(packed_length(s) for s in first[i:i + 4]) for i in range(0, 16, 4)]
+        return [sorted(lengths).index(x) for x in lengths]
+
+    good = [i for i in range(200) if i % 7 != 3][:40]
+    shard_a = [{"sample_id": f"s{i}", "id": i, "bad": False} for i in good[:16]]
+    shard_b = [{"sample_id": f"s{i}", "id": i, "bad": False} for i in good[16:32]]
+    assert batch_ranks(shard_a, 5) == batch_ranks(shard_b, 5)
+    assert any(batch_ranks(shard_a, 5) != batch_ranks(shard_a, seed) for seed in range(6, 12))
