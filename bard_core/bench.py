@@ -11,16 +11,12 @@ import pyarrow.parquet as pq
 
 from bard_core.config import DecodeConfig
 from bard_core.decode import TokenIds, ar_generate_cached, generate
-from bard_core.inputs import EncodedSample, conversation, encode_sample
+from bard_core.inputs import EncodedSample, context_messages, encode_prompt
 from bard_core.shapes import metrics
+from bard_core.shapes.synth import BENCHMARKS
 
-PRIMARY = {  # benchmark -> (process function, primary metric)
-    "shapes_mcq": (metrics.process_mcq, "exact_match"),
-    "shapes_yesno": (metrics.process_yesno, "acc"),
-    "shapes_count": (metrics.process_count, "relaxed_accuracy"),
-    "shapes_ocr": (metrics.process_exact, "exact_match"),
-    "shapes_extract": (metrics.process_extract, "field_f1"),
-}
+# benchmark -> (process function, primary metric), from the shapes benchmarks' one table
+PRIMARY = {name: (getattr(metrics, process), names[0]) for name, (_, process, names) in BENCHMARKS.items()}
 
 
 def load_items(benchmarks_dir: str | Path, name: str, limit: int | None = None) -> list[dict]:
@@ -34,13 +30,9 @@ def load_items(benchmarks_dir: str | Path, name: str, limit: int | None = None) 
     return rows[:limit] if limit else rows
 
 
-def prompts_for(items: list[dict], processor, max_tokens: int = 4096) -> list[EncodedSample]:
-    prompts = []
-    for item in items:
-        enc = encode_sample(conversation(item["question"], "x", [item["image"]["bytes"]]), processor, max_tokens)
-        enc.response_ids = enc.response_ids[:0]
-        prompts.append(enc)
-    return prompts
+def prompts_for(items: list[dict], processor) -> list[EncodedSample]:
+    return [encode_prompt(context_messages(item["question"], 1), [item["image"]["bytes"]], processor)
+            for item in items]
 
 
 def _process(name: str, items: list[dict], predictions: list[str]) -> list[dict]:
@@ -72,11 +64,6 @@ def score(name: str, items: list[dict], predictions: list[str]) -> dict[str, flo
     return _aggregate(name, _process(name, items, predictions))
 
 
-def token_ids(tokenizer) -> TokenIds:
-    return TokenIds(mask=tokenizer.mask_token_id, eos=tokenizer.eos_token_id,
-                    pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
-
-
 @dataclass
 class Measured:
     accuracy: dict[str, float]
@@ -99,8 +86,8 @@ def _decode_text(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def run_ar(model, processor, name: str, items: list[dict], prompts, max_new_tokens: int, batch_size: int) -> Measured:
-    ids = token_ids(processor.tokenizer)
+def run_ar(model, processor, name: str, items: list[dict], prompts, max_new_tokens: int, batch_size: int,
+           ids: TokenIds) -> Measured:
     gens, start = [], time.perf_counter()
     for i in range(0, len(prompts), batch_size):
         gens += ar_generate_cached(model, prompts[i:i + batch_size], max_new_tokens, ids)
@@ -110,8 +97,8 @@ def run_ar(model, processor, name: str, items: list[dict], prompts, max_new_toke
                     _primary(name, per_item))
 
 
-def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: DecodeConfig) -> Measured:
-    ids = token_ids(processor.tokenizer)
+def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: DecodeConfig,
+                  ids: TokenIds) -> Measured:
     gens, start = [], time.perf_counter()
     for i in range(0, len(prompts), cfg.batch_size):
         gens += generate(model, prompts[i:i + cfg.batch_size], cfg, ids)

@@ -311,9 +311,20 @@ class GateConfig:
     speed_benchmark: str = "shapes_extract"
     min_tpf: dict[int, float] = field(default_factory=lambda: {4: 1.5, 8: 2.0, 16: 2.5, 32: 3.0})
     limit: int | None = None  # items per benchmark (None: all)
+    # decoding thresholds evaluated per stage; the gate promotes the passing one with the most tokens per
+    # forward and writes it into the promoted checkpoint (bard.json "decode")
+    thresholds: tuple[float, ...] = (0.9,)
+    speed_items: int = 32  # items of the speed benchmark decoded at batch 1 (AR beside); batch N: 4 batches
+    # 0: a stage passes when its paired drop is within tolerance; > 0: when drop + z·se is (one-sided
+    # non-inferiority, e.g. 1.645 for 95%), which needs far more items than a CPU evaluation has
+    z: float = 0.0
 
     def __post_init__(self) -> None:
         c = "GateConfig"
+        try:  # block sizes arrive as strings from JSON overrides (CLI, UI forms)
+            object.__setattr__(self, "min_tpf", {int(b): float(v) for b, v in self.min_tpf.items()})
+        except (TypeError, ValueError):
+            _fail(c, "min_tpf", self.min_tpf, "a map of block size -> minimum tokens per forward")
         if not self.benchmarks:
             _fail(c, "benchmarks", self.benchmarks, "at least one benchmark")
         unknown = set(self.tolerance) - set(self.benchmarks)
@@ -323,6 +334,12 @@ class GateConfig:
             _fail(c, "tolerance", self.tolerance, "non-negative tolerances")
         if self.speed_benchmark not in self.benchmarks:
             _fail(c, "speed_benchmark", self.speed_benchmark, f"one of {list(self.benchmarks)}")
+        if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
+            _fail(c, "thresholds", self.thresholds, "one or more decoding thresholds in (0, 1)")
+        if self.limit is not None and self.limit < 1:
+            _fail(c, "limit", self.limit, "None (every item) or a positive int")
+        if self.speed_items < 1 or self.z < 0:
+            _fail(c, "speed_items/z", (self.speed_items, self.z), "speed_items >= 1 and z >= 0")
 
     def tolerance_for(self, benchmark: str) -> float:
         return self.tolerance.get(benchmark, self.default_tolerance)
@@ -394,7 +411,7 @@ def tiny() -> Recipe:
                           batch_size=32, merge_steps=200, distill_steps=60, checkpoint_every=50, label_shift=True,
                           anchor_weight=2.0, keep_loss_weight=1.0),
         decode=DecodeConfig(max_new_tokens=96, batch_size=32),
-        gate=GateConfig(limit=None),
+        gate=GateConfig(limit=None, thresholds=(0.9, 0.7, 0.5)),
         data=DataConfig(max_tokens=512, min_image_side=32),
     )
 

@@ -40,7 +40,7 @@ from bard_core.layout import rope_positions
 
 @dataclass(frozen=True)
 class TokenIds:
-    mask: int
+    mask: int | None  # None only for AR decoding of a model with no mask token (bard_core.checkpoint.token_ids)
     eos: int
     pad: int
 
@@ -207,6 +207,9 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
     """Block-diffusion decoding of a batch of prompts (see module docstring)."""
     from transformers import DynamicCache
 
+    if ids.mask is None:
+        raise ValueError("block-diffusion decoding needs a mask token id (bard.json token_ids or the recipe's "
+                         "model.mask_token_id)")
     model.eval()
     device = next(model.parameters()).device
     B = cfg.block_size
@@ -335,7 +338,8 @@ def ar_generate_cached(model, prompts: list[EncodedSample], max_new_tokens: int,
     last = h[:, -1]
     while True:
         logits = model.lm_head(last).float()
-        logits[:, ids.mask] = float("-inf")
+        if ids.mask is not None:
+            logits[:, ids.mask] = float("-inf")
         token = logits.argmax(dim=-1).cpu()
         for i, t in enumerate(token.tolist()):
             g = out[int(active[i])]

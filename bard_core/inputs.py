@@ -57,6 +57,43 @@ def _text(message: dict) -> str:
     return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
 
 
+def encode_prompt(messages: list[dict], images: list, processor) -> EncodedSample:
+    """The prompt of a conversation whose last turn is the user's, ready to decode (an empty response)."""
+    pictures = [_pil(im) for im in images]
+    n_image_parts = sum(1 for m in messages for p in (m["content"] if isinstance(m["content"], list) else [])
+                        if p.get("type") == "image")
+    if n_image_parts != len(pictures):
+        raise ValueError(f"the prompt has {n_image_parts} image parts and {len(pictures)} images")
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=pictures or None, return_tensors="pt")
+    return EncodedSample(prompt_ids=enc["input_ids"][0], prompt_mm_types=enc["mm_token_type_ids"][0].long(),
+                         response_ids=torch.zeros(0, dtype=torch.long), pixel_values=enc.get("pixel_values"),
+                         image_grid_thw=enc.get("image_grid_thw"))
+
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def context_messages(context: str, n_images: int) -> list[dict]:
+    """One user turn from a benchmark context whose ``<image>`` placeholders mark where its images go
+    (lm-eval's convention); a context without placeholders gets its images first, as the chat templates
+    of Qwen-VL models place them."""
+    pieces = context.split(IMAGE_PLACEHOLDER)
+    holes = len(pieces) - 1
+    if holes == 0:
+        parts = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+    elif holes == n_images:
+        parts = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                parts.append({"type": "text", "text": piece})
+            if k < holes:
+                parts.append({"type": "image"})
+    else:
+        raise ValueError(f"the context has {holes} {IMAGE_PLACEHOLDER} placeholders for {n_images} images")
+    return [{"role": "user", "content": parts}]
+
+
 def encode_sample(sample: dict, processor, max_tokens: int) -> EncodedSample:
     """Tokenise one conversation; raises RejectedSample (reason) when it cannot be used."""
     messages = sample["messages"]

@@ -296,15 +296,13 @@ def ar_batch(samples: list[EncodedSample], pad_id: int) -> ARBatch:
 
 def noise_spec_for(tokenizer, kind: str, t_min: float, mask_token_id: int | None = None,
                    prefix_prob: float = 0.0) -> NoiseSpec:
-    """Token ids from the tokenizer; every added/special token (the mask included) is excluded from substitution."""
-    from bard_core.config import EOS_TOKEN, MASK_TOKEN
+    """Token ids as every reader resolves them (`checkpoint.token_ids`); every added/special token (the
+    mask included) is excluded from substitution."""
+    from bard_core.checkpoint import token_ids
     from bard_core.noise import ordinary_token_ids
 
-    mask_id = tokenizer.convert_tokens_to_ids(MASK_TOKEN) if mask_token_id is None else mask_token_id
-    if mask_id is None or mask_id == tokenizer.unk_token_id:
-        raise ValueError(f"the tokenizer has no {MASK_TOKEN} token; set model.mask_token_id")
-    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder) | {mask_id}
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.convert_tokens_to_ids(EOS_TOKEN)
-    return NoiseSpec(kind=kind, t_min=t_min, mask_token_id=mask_id,
+    ids = token_ids(tokenizer, mask_id=mask_token_id)
+    specials = set(tokenizer.all_special_ids) | set(tokenizer.added_tokens_decoder) | {ids.mask}
+    return NoiseSpec(kind=kind, t_min=t_min, mask_token_id=ids.mask,
                      substitute_ids=ordinary_token_ids(len(tokenizer), specials),
-                     eos_id=tokenizer.convert_tokens_to_ids(EOS_TOKEN), pad_id=pad_id, prefix_prob=prefix_prob)
+                     eos_id=ids.eos, pad_id=ids.pad, prefix_prob=prefix_prob)

@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 
 from bard_core.ar import ar_generate
+from bard_core.checkpoint import save_checkpoint
 from bard_core.config import ModelConfig, TrainConfig
 from bard_core.inputs import encode_sample
 from bard_core.layout import ar_batch
 from bard_core.shapes import metrics, world
 from bard_core.shapes.data import FORMATS, conversations
-from bard_core.stages import save_checkpoint
 from bard_core.train import build_optimizer, train_step
 
 FAMILY_SCORES = {  # family -> (metric function, metric name): the benchmark metric of that family

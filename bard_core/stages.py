@@ -12,7 +12,6 @@ import copy
 import hashlib
 import json
 import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bard_core.checkpoint import load, save_checkpoint, weights_digest
 from bard_core.config import NoiseConfig, TrainConfig
 from bard_core.inputs import EncodedSample
 from bard_core.layout import NoiseSpec, length_grouped, noise_spec_for, pack
@@ -70,49 +70,8 @@ class StageResult:
     seconds: float
 
 
-def save_checkpoint(model, processor, out: Path, meta: dict, meta_name: str = "bard.json",
-                    state_dict: dict | None = None) -> Path:
-    """Write an HF directory atomically (temp dir, then rename) with its metadata file.
-
-    `state_dict` replaces the model's own tensors (a sharded model passes its gathered full state).
-    """
-    out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
-
-
-def load(path: str | Path):
-    """(model, processor, bard.json or {}) of a checkpoint directory."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import bard_core  # noqa: F401  (registers the processor)
-
-    path = Path(path)
-    meta_path = path / "bard.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path), meta
-
-
 def fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def weights_digest(path: str | Path) -> str:
-    """Content hash of a checkpoint's weight files: a retrained parent at the same path is a new parent."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def anchored_pool(pool: list[EncodedSample], base: str | Path, spec: NoiseSpec, cfg: TrainConfig,
@@ -176,7 +135,8 @@ def progressive_local(base: str | Path, pool: list[EncodedSample], out_dir: str 
                 "metrics": metrics, "seconds": round(seconds, 1), "fingerprint": key, "objective": "diffusion",
                 "label_shift": cfg.label_shift, "prompt_mask": cfg.prompt_mask, "noise": noise.kind,
                 "prefix_prob": noise.prefix_prob, "anchor": str(base) if anchored else None,
-                "keep_loss_weight": cfg.keep_loss_weight}
+                "keep_loss_weight": cfg.keep_loss_weight,
+                "token_ids": {"mask": spec.mask_token_id, "eos": spec.eos_id, "pad": spec.pad_id}}
         save_checkpoint(model, processor, target, meta)
         log(f"stage B={B}: {json.dumps(metrics)} in {seconds:.0f}s -> {target}")
         results.append(StageResult(target, B, metrics, seconds))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bard_core import bench, stages  # noqa: E402
+from bard_core import bench, checkpoint, stages  # noqa: E402
 from bard_core.config import DecodeConfig, NoiseConfig, get_recipe  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def stage_checkpoints(args, log) -> dict[int, Path]:
     from bard_core.inputs import encode_sample
     from bard_core.shapes.data import conversations
 
-    _, processor, _ = stages.load(args.ar_model)
+    _, processor, _ = checkpoint.load(args.ar_model)
     pool = [encode_sample(s, processor, 512) for s in conversations(args.train_pool, seed=123)]
     recipe = get_recipe("tiny")
     cfg = recipe.train
@@ -89,16 +89,18 @@ def main() -> None:
     items = bench.load_items(bench_dir, args.benchmark, args.limit)
 
     checkpoints = stage_checkpoints(args, log)
-    ar_model, processor, _ = stages.load(args.ar_model)
+    ar_model, processor, ar_meta = checkpoint.load(args.ar_model)
     prompts = bench.prompts_for(items, processor)
-    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size)
+    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
+                      checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False))
     rows = []
     for B, path in checkpoints.items():
-        model, _, meta = stages.load(path)
+        model, _, meta = checkpoint.load(path)
         for tau in thresholds:
             cfg = DecodeConfig(block_size=B, threshold=tau, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, label_shift=bool(meta.get("label_shift", False)))
-            d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg)
+            d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
+                                    checkpoint.token_ids(processor.tokenizer, meta))
             rows.append({"block_size": B, "threshold": tau, "checkpoint": str(path),
                          "accuracy": d.accuracy["accuracy"], "scores": d.accuracy, "tokens": d.tokens, "nfe": d.nfe,
                          "tpf": d.tpf, "tok_s": d.tok_s, "edits": d.edits, "speedup": d.tok_s / ar.tok_s})

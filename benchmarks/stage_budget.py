@@ -82,22 +82,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bard_core import bench, stages  # noqa: E402
+from bard_core import bench, checkpoint  # noqa: E402
 from bard_core.config import DecodeConfig, get_recipe  # noqa: E402
 
 
 def evaluate(path: Path, block_size: int | None, benchmarks_dir: Path, limit: int, threshold: float) -> dict:
-    model, processor, meta = stages.load(path)
+    model, processor, meta = checkpoint.load(path)
     scores = {}
     for name in bench.PRIMARY:
         items = bench.load_items(benchmarks_dir, name, limit)
         prompts = bench.prompts_for(items, processor)
         if block_size is None:
-            m = bench.run_ar(model, processor, name, items, prompts, 96, 32)
+            m = bench.run_ar(model, processor, name, items, prompts, 96, 32,
+                             checkpoint.token_ids(processor.tokenizer, meta, require_mask=False))
         else:
             m = bench.run_diffusion(model, processor, name, items, prompts,
                                     DecodeConfig(block_size=block_size, threshold=threshold, max_new_tokens=96,
-                                                 batch_size=32, label_shift=bool(meta.get("label_shift", False))))
+                                                 batch_size=32, label_shift=bool(meta.get("label_shift", False))),
+                                    checkpoint.token_ids(processor.tokenizer, meta))
         scores[name] = {"accuracy": m.accuracy["accuracy"], "tpf": m.tpf, "per_item": m.per_item}
     return scores
 

@@ -18,8 +18,9 @@ PIPELINE_STAGES = (
     ("curate", "Ray Data curation of both sources (filter, dedup, decontaminate, mix)", True),
     ("base", "the pretrained tiny AR base (bard pretrain-tiny)", True),
     ("stages", "Ray Train block-diffusion stages 4 -> 8 -> 16 -> 32 with distillation (bard train)", True),
-    ("evaluate", "lm-eval benchmarks + decode speed, AR baseline in the same run", False),
-    ("gate", "stage gates, promotion registry and reports", False),
+    ("evaluate", "lm-eval benchmarks + decode speed, AR baseline in the same run (bard eval)", True),
+    ("gate", "stage gates, promotion registry and reports (bard gate, bard registry)", True),
+    ("pipeline", "the Prefect flow that chains them all (bard pipeline)", False),
 )
 
 
@@ -151,11 +152,9 @@ def _existing_dir(path: str, command: str, what: str) -> Path:
 def cmd_generate(args) -> int:
     from PIL import Image
 
-    from bard_core import stages
-    from bard_core.bench import token_ids
-    from bard_core.config import DecodeConfig
+    from bard_core import checkpoint
     from bard_core.decode import ar_generate_cached, generate
-    from bard_core.inputs import conversation, encode_sample
+    from bard_core.inputs import context_messages, encode_prompt
 
     model_dir = _existing_dir(args.model, "generate", "--model")
     images = []
@@ -165,25 +164,25 @@ def cmd_generate(args) -> int:
                 images.append(im.convert("RGB"))
         except (OSError, ValueError) as exc:
             raise UsageError(f"bard generate: cannot read image {path!r}: {exc}") from None
-    model, processor, meta = stages.load(model_dir)
-    block_size = args.block_size or meta.get("block_size")
-    try:
-        cfg = DecodeConfig(block_size=block_size or 1, threshold=args.threshold, max_new_tokens=args.max_new_tokens,
-                           mode=args.mode, tokens_per_step=args.tokens_per_step, temperature=args.temperature,
-                           top_p=args.top_p, edit_threshold=args.edit_threshold, fallback=args.fallback,
-                           sure_eos=args.sure_eos, label_shift=bool(meta.get("label_shift", False)))
+    model, processor, meta = checkpoint.load(model_dir)
+    ar = args.ar or (args.block_size is None and not meta.get("block_size"))
+    try:  # the checkpoint's promoted decode setting, then the flags that were given
+        cfg = checkpoint.decode_config(meta, None, block_size=args.block_size, threshold=args.threshold,
+                                       max_new_tokens=args.max_new_tokens, mode=args.mode,
+                                       tokens_per_step=args.tokens_per_step, temperature=args.temperature,
+                                       top_p=args.top_p, edit_threshold=args.edit_threshold, fallback=args.fallback,
+                                       sure_eos=args.sure_eos)
+        ids = checkpoint.token_ids(processor.tokenizer, meta, require_mask=not ar)
+        enc = encode_prompt(context_messages(args.prompt, len(images)), images, processor)
     except ValueError as exc:
         raise UsageError(f"bard generate: {exc}") from None
-    enc = encode_sample(conversation(args.prompt, "x", images), processor, 1 << 20)
-    enc.response_ids = enc.response_ids[:0]
-    ids = token_ids(processor.tokenizer)
-    if block_size is None or args.ar:
-        (g,) = ar_generate_cached(model, [enc], args.max_new_tokens, ids)
+    if ar:
+        (g,) = ar_generate_cached(model, [enc], cfg.max_new_tokens, ids)
         decoder = "ar"
     else:
         (g,) = generate(model, [enc], cfg, ids)
-        decoder = f"block-diffusion B={block_size} tau={args.threshold} fallback={args.fallback}"
-        decoder += "" if args.sure_eos else " unsure-eos"
+        decoder = f"block-diffusion B={cfg.block_size} tau={cfg.threshold:g} fallback={cfg.fallback}"
+        decoder += "" if cfg.sure_eos else " unsure-eos"
     text = processor.tokenizer.decode(g.token_ids, skip_special_tokens=True)
     payload = {"text": text, "decoder": decoder, "tokens": g.tokens, "nfe": g.nfe, "tpf": g.tpf,
                "seconds": g.seconds, "tok_s": g.tokens / max(g.seconds, 1e-9), "edits": g.edits}
@@ -193,8 +192,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench_decode(args) -> int:
-    from bard_core import bench, stages
-    from bard_core.config import DecodeConfig
+    from bard_core import bench, checkpoint
 
     model_dir = _existing_dir(args.model, "bench-decode", "--model")
     ar_dir = _existing_dir(args.ar_model, "bench-decode", "--ar-model")
@@ -203,19 +201,21 @@ def cmd_bench_decode(args) -> int:
         items = bench.load_items(args.benchmarks_dir, args.benchmark, args.limit)
     except ValueError as exc:
         raise UsageError(f"bard bench-decode: {exc}") from None
-    model, processor, meta = stages.load(model_dir)
+    model, processor, meta = checkpoint.load(model_dir)
     block_size = args.block_size or meta.get("block_size")
     if block_size is None:
         raise UsageError("bard bench-decode: --model has no bard.json block size; pass --block-size")
-    ar_model, _, _ = stages.load(ar_dir)
+    ar_model, _, ar_meta = checkpoint.load(ar_dir)
     prompts = bench.prompts_for(items, processor)
-    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size)
+    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
+                      checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False))
     rows = [{"decoder": "ar", "block_size": None, "threshold": None, "accuracy": ar.accuracy, "tokens": ar.tokens,
              "nfe": ar.nfe, "tpf": ar.tpf, "tok_s": ar.tok_s, "speedup": 1.0}]
     for tau in thresholds:
-        cfg = DecodeConfig(block_size=block_size, threshold=tau, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, label_shift=bool(meta.get("label_shift", False)))
-        d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg)
+        cfg = checkpoint.decode_config(meta, None, block_size=block_size, threshold=tau,
+                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
+                                checkpoint.token_ids(processor.tokenizer, meta))
         rows.append({"decoder": "diffusion", "block_size": block_size, "threshold": tau, "accuracy": d.accuracy,
                      "tokens": d.tokens, "nfe": d.nfe, "tpf": d.tpf, "tok_s": d.tok_s, "speedup": d.tok_s / ar.tok_s})
     lines = [f"{args.benchmark}: {len(items)} items, batch {args.batch_size}",
@@ -338,7 +338,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bard_core.config import CONVERSATION_FORMATS
+    from bard_core.config import CONVERSATION_FORMATS, DECODE_FALLBACKS, DECODE_MODES
 
     parser = _Parser(prog="bard", description="AR Qwen3-VL -> block-diffusion VLM pipeline (BARD-VL).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -392,19 +392,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory (block size from its bard.json)")
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--edit-threshold", type=float, default=0.95)
-    p.add_argument("--mode", choices=["dynamic", "static"], default="dynamic")
-    p.add_argument("--fallback", choices=["leftmost", "confident"], default="leftmost",
-                   help="dynamic mode, when no position clears the threshold: take the leftmost or the most confident")
-    p.add_argument("--sure-eos", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's (bard.json)")
+    defaults = "default: the setting the gate promoted the checkpoint with (bard.json), else DecodeConfig's"
+    p.add_argument("--threshold", type=float, default=None, help=defaults)
+    p.add_argument("--edit-threshold", type=float, default=None, help=defaults)
+    p.add_argument("--mode", choices=list(DECODE_MODES), default=None, help=defaults)
+    p.add_argument("--fallback", choices=list(DECODE_FALLBACKS), default=None,
+                   help="dynamic mode, when no position clears the threshold: take the leftmost or the most "
+                        f"confident ({defaults})")
+    p.add_argument("--sure-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="dynamic mode: propose <|im_end|> only above the threshold (an unsure one gives way to the "
-                        "position's next best token), since it ends the answer for good")
-    p.add_argument("--tokens-per-step", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+                        f"position's next best token), since it ends the answer for good ({defaults})")
+    p.add_argument("--tokens-per-step", type=int, default=None, help=defaults)
+    p.add_argument("--temperature", type=float, default=None, help=defaults)
+    p.add_argument("--top-p", type=float, default=None, help=defaults)
+    p.add_argument("--max-new-tokens", type=int, default=None, help=defaults)
     p.add_argument("--ar", action="store_true", help="decode autoregressively (one token per forward)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -439,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ModelConfig field")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pretrain_tiny)
+
+    from flows.cli_eval import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -452,5 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m flows.cli`: run the importable module, whose UsageError cli_eval raises
+    from flows.cli import main as _main
+
+    sys.exit(_main())

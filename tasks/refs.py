@@ -1,4 +1,5 @@
-"""Small, frozen, JSON-serialisable references passed between tasks (DESIGN.md §2). Standard library only."""
+"""Small, frozen, JSON-serialisable references passed between tasks (DESIGN.md §2). Standard library only;
+the evaluation and gate refs are defined beside the gate that reads them (`bard_core.gate`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from bard_core.gate import EvalReport, GateResult  # noqa: F401  (refs of the evaluate and gate tasks)
 
 _PACKAGES = [Path(__file__).resolve().parents[1] / p for p in ("bard_core", "tasks")]
 
@@ -47,22 +50,6 @@ class CheckpointRef:
     step: int
     parent: str | None
     fingerprint: str
-
-
-@dataclass(frozen=True)
-class EvalReport:
-    checkpoint: str
-    scores: dict
-    speed: dict
-    decode: dict
-
-
-@dataclass(frozen=True)
-class GateResult:
-    stage: str
-    passed: bool
-    reasons: tuple[str, ...]
-    promoted_uri: str | None
 
 
 def checkpoint_ref(path: str | Path) -> CheckpointRef:

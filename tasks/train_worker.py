@@ -120,10 +120,10 @@ class AnchorTargets:
                  batch_size: int = 16):
         import torch
 
-        from bard_core import stages
+        from bard_core import checkpoint
         from bard_core.config import EOS_TOKEN
 
-        self.model, self.processor, _ = stages.load(anchor)
+        self.model, self.processor, _ = checkpoint.load(anchor)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(device, getattr(torch, dtype)).eval()
         tok = self.processor.tokenizer
@@ -158,7 +158,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch
     from ray.train.torch import get_device, prepare_model
 
-    from bard_core import stages
+    from bard_core import checkpoint
     from bard_core.inputs import RejectedSample, encode_sample
     from bard_core.layout import ar_batch, noise_spec_for, pack
     from bard_core.parallel import full_state, load_optimizer_state, shard
@@ -180,12 +180,12 @@ def train_loop_per_worker(config: dict) -> None:
     state = {"step": 0, "history": [], "resumed_from": []}
     if resume is not None:
         with resume.as_directory() as d:
-            model, processor, meta = stages.load(d)
+            model, processor, meta = checkpoint.load(d)
             state = {"step": meta["step"], "history": meta["history"],
                      "resumed_from": meta.get("resumed_from", []) + [meta["step"]]}
             optimizer_state = torch.load(Path(d) / "optimizer.pt", weights_only=False)
     else:
-        model, processor, _ = stages.load(config["init"])
+        model, processor, _ = checkpoint.load(config["init"])
         optimizer_state = None
     device, dtype, fsdp = get_device(), getattr(torch, config["dtype"]), train.parallel == "fsdp"
     if fsdp:  # fp32 master weights, sharded; compute in `dtype`
@@ -195,7 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
         runner = prepare_model(LogitsAtLossPositions(model), parallel_strategy_kwargs={"find_unused_parameters": True})
     teacher = None
     if config["teacher"]:
-        teacher_model, _, _ = stages.load(config["teacher"])
+        teacher_model, _, _ = checkpoint.load(config["teacher"])
         for p in teacher_model.parameters():
             p.requires_grad_(False)
         teacher_model.eval()
@@ -205,6 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
         else:
             teacher = Teacher(teacher_model.to(device, dtype), config["teacher_block_size"])
     spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, config["mask_token_id"], noise.prefix_prob)
+    token_ids = {"mask": spec.mask_token_id, "eos": spec.eos_id, "pad": spec.pad_id}  # every reader's (bard.json)
     per_worker = max(1, train.batch_size // world)
     generator = torch.Generator().manual_seed(train.seed + rank + 7919 * state["step"])
 
@@ -272,8 +273,8 @@ def train_loop_per_worker(config: dict) -> None:
                     with tempfile.TemporaryDirectory() as tmp:
                         meta = {**config["meta"], "step": state["step"], "history": state["history"],
                                 "phase": phase["name"], "final": last, "resumed_from": state["resumed_from"],
-                                "parallel": train.parallel}
-                        stages.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta, state_dict=model_state)
+                                "parallel": train.parallel, "token_ids": token_ids}
+                        checkpoint.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta, state_dict=model_state)
                         torch.save({"phase": phase["name"], "optimizer": optim_state},
                                    Path(tmp) / "ckpt" / "optimizer.pt")
                         ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))

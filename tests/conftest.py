@@ -9,8 +9,13 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("LMEVAL_HASHMM", "0")  # as tasks/lm_model.py sets it, whichever module imports lm-eval first
 
 import pytest  # noqa: E402
+
+# a short Ray Train stage: enough steps to learn something, few enough for CI
+SHORT = {"train.merge_steps": "40", "train.distill_steps": "8", "train.base_steps": "24",
+         "train.checkpoint_every": "8", "train.batch_size": "16", "train.warmup_steps": "4"}
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +55,24 @@ def local_ray():
     init_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def data_ref(world_dir, tiny_model_dir, tmp_path_factory, local_ray):
+    """The small shapes world curated by the real Ray Data flow."""
+    from bard_core.config import get_recipe
+    from tasks.curate import run_curation
+
+    out = tmp_path_factory.mktemp("train_data") / "curated"
+    return run_curation({"llava_ov": str(world_dir / "sources/llava_ov"),
+                         "finevision": str(world_dir / "sources/finevision")}, out, get_recipe("tiny").data,
+                        str(tiny_model_dir), str(world_dir / "benchmarks"))
+
+
+@pytest.fixture(scope="session")
+def stage_b4(data_ref, tiny_model_dir, tmp_path_factory):
+    """A B=4 block-diffusion checkpoint made by the Ray Train stage task (`bard train`'s code path)."""
+    from tasks.train import checkpoint_ref, run_stage
+
+    out = tmp_path_factory.mktemp("stages") / "B4"
+    return run_stage(data_ref, checkpoint_ref(tiny_model_dir), out, "tiny", SHORT, block_size=4, workers=2)

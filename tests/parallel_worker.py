@@ -38,7 +38,7 @@ def run(rank: int, world: int, model_dir: str, out: str, port: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from bard_core import stages
+    from bard_core import checkpoint
     from bard_core.config import TrainConfig
     from bard_core.parallel import full_state, load_optimizer_state, shard
     from bard_core.train import LogitsAtLossPositions, build_optimizer, train_step
@@ -49,7 +49,7 @@ def run(rank: int, world: int, model_dir: str, out: str, port: int) -> None:
     cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)
     results = {}
     for strategy in ("ddp", "fsdp"):
-        model, processor, _ = stages.load(model_dir)
+        model, processor, _ = checkpoint.load(model_dir)
         batches = _batches(processor, model, rank)
         if strategy == "ddp":
             runner = torch.nn.parallel.DistributedDataParallel(LogitsAtLossPositions(model),

@@ -22,7 +22,8 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for command in ("demo", "synth", "tiny-model", "pretrain-tiny", "curate", "train", "generate", "bench-decode"):
+    for command in ("demo", "synth", "tiny-model", "pretrain-tiny", "curate", "train", "generate", "bench-decode",
+                    "eval", "gate", "registry"):
         assert command in out.stdout
 
 
@@ -41,7 +42,7 @@ def test_demo_says_what_is_not_built_and_fails():
     out = run("demo", "--json")
     assert out.returncode != 0
     result = json.loads(out.stdout)
-    assert result["ok"] is False and "evaluate" in result["not_built"] and "curate" not in result["not_built"]
+    assert result["ok"] is False and result["not_built"] == ["pipeline"]
     text = run("demo")
     assert "NOT BUILT" in text.stdout and text.returncode != 0
 
@@ -84,6 +85,27 @@ def test_new_commands_reject_bad_arguments_in_one_line(tmp_path):
         out = run(*args)
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+
+
+def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir):
+    model = str(tiny_model_dir)
+    for args, message in {
+        ("eval", "--model", str(tmp_path), "--out", "o"): "not a model directory",
+        ("eval", "--model", model, "--limit", "0", "--out", "o"): "--limit must be positive",
+        ("eval", "--model", model, "--include-path", str(tmp_path / "nope"), "--out", "o"): "not a directory",
+        ("eval", "--model", model, "--threshold", "high", "--out", "o"): "--threshold",
+        ("eval", "--model", model, "--recipe", "huge", "--out", "o"): "unknown recipe",
+        ("gate", "--candidate", model, "--baseline", model, "--out", "o"): "not a block-diffusion checkpoint",
+        ("gate", "--candidate", model, "--baseline", model, "--set", "gate.z=-1", "--out", "o"): "z",
+    }.items():
+        out = run(*args)
+        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+
+
+def test_registry_lists_nothing_before_a_promotion(tmp_path):
+    out = run("registry", "--root", str(tmp_path), "--json")
+    assert out.returncode == 0 and json.loads(out.stdout) == {"root": str(tmp_path.resolve()), "recipes": {}}
 
 
 def test_train_dry_run_shows_the_parallel_plan_of_each_recipe(tmp_path):

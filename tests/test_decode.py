@@ -196,12 +196,12 @@ def test_cached_equals_uncached_fused_equals_separate_batch_equals_single(real):
 
 def test_ar_baseline_matches_transformers_generate(real):
     """On the shipped (trained, confident) base: a random model's near-ties flip under float noise."""
-    from bard_core import stages
+    from bard_core import checkpoint
     from bard_core.ar import ar_generate
     from bard_core.assets import shipped_base
 
     _, _, ids, samples, _ = real
-    model, processor, _ = stages.load(shipped_base())
+    model, processor, _ = checkpoint.load(shipped_base())
     prompts = []
     for s in samples:
         enc = encode_sample(s, processor, 512)

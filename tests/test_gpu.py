@@ -136,15 +136,15 @@ def test_fsdp_mixed_precision_step_on_cuda(kit):
 def test_generate_on_cuda_equals_cpu(fallback):
     """Block-diffusion decoding (cache, fallback, correction, fused commit) and the AR baseline give the
     same tokens and forward counts on CUDA as on the CPU, with the shipped base in fp32."""
-    from bard_core import bench, stages
+    from bard_core import checkpoint
     from bard_core.assets import shipped_base
     from bard_core.config import DecodeConfig
     from bard_core.decode import ar_generate_cached, generate
     from bard_core.inputs import encode_sample
     from bard_core.shapes.data import conversations
 
-    model, processor, _ = stages.load(shipped_base())
-    ids = bench.token_ids(processor.tokenizer)
+    model, processor, meta = checkpoint.load(shipped_base())
+    ids = checkpoint.token_ids(processor.tokenizer, meta)
     prompts = []
     for s in conversations(6, seed=5, families=["extract", "count", "mcq"]):
         enc = encode_sample(s, processor, 512)

@@ -67,12 +67,12 @@ def test_layout_memory_benchmark_prints_a_table_and_a_json_line():
 def test_progressive_local_chains_stages_with_their_own_steps_and_reuses_finished_ones(tiny_model_dir, tmp_path):
     import dataclasses
 
-    from bard_core import stages
+    from bard_core import checkpoint, stages
     from bard_core.config import NoiseConfig, get_recipe
     from bard_core.inputs import encode_sample
     from bard_core.shapes.data import conversations
 
-    _, processor, _ = stages.load(tiny_model_dir)
+    _, processor, _ = checkpoint.load(tiny_model_dir)
     pool = [encode_sample(s, processor, 512) for s in conversations(8, seed=3)]
     cfg = dataclasses.replace(get_recipe("tiny").train, block_sizes=(4, 8), batch_size=4, warmup_steps=1)
     lines: list[str] = []
@@ -95,7 +95,7 @@ def test_progressive_local_chains_stages_with_their_own_steps_and_reuses_finishe
     base = tmp_path / "base"  # a base retrained in place is a new parent: the chain is retrained
     shutil.copytree(tiny_model_dir, base)
     first = stages.progressive_local(base, pool, tmp_path / "chain", cfg, NoiseConfig(), steps=[(1, 0), (1, 0)])
-    model, _, _ = stages.load(base)
+    model, _, _ = checkpoint.load(base)
     with torch.no_grad():
         model.lm_head.weight.mul_(0.5)
     model.save_pretrained(base)

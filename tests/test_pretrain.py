@@ -39,13 +39,13 @@ def test_pretrain_command_runs_end_to_end_and_lowers_the_loss(tmp_path):
 def test_source_formats_cover_what_curation_emits_and_all_encode(tiny_model_dir):
     """`formats="sources"` draws the shapes of the synthetic sources' rows (so a base can learn them);
     the default single-turn stream is unchanged (the recorded evaluations depend on it)."""
-    from bard_core import stages
+    from bard_core import checkpoint
     from bard_core.inputs import encode_sample
     from bard_core.shapes import world
     from bard_core.shapes.data import conversations
 
     samples = conversations(240, seed=5, formats="sources")
-    _, processor, _ = stages.load(tiny_model_dir)
+    _, processor, _ = checkpoint.load(tiny_model_dir)
     encoded = [encode_sample(s, processor, 512) for s in samples]  # every one is a valid training sample
     assert len(encoded) == 240
     pairs = [s for s in samples if len(s["images"]) == 2]
@@ -108,13 +108,13 @@ def test_a_base_from_another_world_is_refused(tmp_path):
 def test_shipped_base_meets_the_targets_on_a_fresh_seed():
     """Re-scored greedily on 100 unseen items per family (a seed neither training nor the recorded
     evaluation used): every short-answer family >= 0.95, the listing F1 >= 0.90 and EM >= 0.60."""
-    from bard_core import stages
+    from bard_core import checkpoint
     from bard_core.assets import check_shipped_base, shipped_base
     from bard_core.pretrain import TARGETS, eval_set, meets_targets, score_families
 
     info = check_shipped_base()
     assert info["meets_targets"]
-    model, processor, _ = stages.load(shipped_base())
+    model, processor, _ = checkpoint.load(shipped_base())
     fresh = score_families(model, processor, eval_set(seed=2027, per_family=100))
     short = {f: v for f, v in fresh.items() if f not in ("extract", "extract_em")}
     assert min(short.values()) >= TARGETS["short"], fresh

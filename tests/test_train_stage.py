@@ -8,44 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import SHORT
+
 pytestmark = pytest.mark.slow
 
-SHORT = {"train.merge_steps": "40", "train.distill_steps": "8", "train.base_steps": "24",
-         "train.checkpoint_every": "8", "train.batch_size": "16", "train.warmup_steps": "4"}
 
-
-@pytest.fixture(scope="module")
-def data_ref(world_dir, tiny_model_dir, tmp_path_factory, local_ray):
-    from bard_core.config import get_recipe
-    from tasks.curate import run_curation
-
-    out = tmp_path_factory.mktemp("train_data") / "curated"
-    return run_curation({"llava_ov": str(world_dir / "sources/llava_ov"),
-                         "finevision": str(world_dir / "sources/finevision")}, out, get_recipe("tiny").data,
-                        str(tiny_model_dir), str(world_dir / "benchmarks"))
-
-
-@pytest.fixture(scope="module")
-def stage_b4(data_ref, tiny_model_dir, tmp_path_factory):
-    from tasks.train import checkpoint_ref, run_stage
-
-    out = tmp_path_factory.mktemp("stages") / "B4"
-    return run_stage(data_ref, checkpoint_ref(tiny_model_dir), out, "tiny", SHORT, block_size=4, workers=2)
-
-
-def _fixed_batch_ce(checkpoint, data_ref, objective: str = "diffusion") -> float:
-    """The block-diffusion CE (B=4, fixed noise) or the next-token CE (`objective="ar"`) of `checkpoint` on
+def _fixed_batch_ce(ckpt, data_ref, objective: str = "diffusion") -> float:
+    """The block-diffusion CE (B=4, fixed noise) or the next-token CE (`objective="ar"`) of `ckpt` on
     the first 24 usable curated rows."""
     import pyarrow.parquet as pq
     import torch
 
-    from bard_core import stages
+    from bard_core import checkpoint
     from bard_core.config import TrainConfig
     from bard_core.inputs import RejectedSample, encode_sample
     from bard_core.layout import ar_batch, noise_spec_for, pack
     from bard_core.train import compute_loss
 
-    model, processor, _ = stages.load(checkpoint)
+    model, processor, _ = checkpoint.load(ckpt)
     samples = []
     for row in pq.read_table(str(Path(data_ref.uri) / "data")).to_pylist():
         try:
@@ -174,7 +154,7 @@ def test_anchor_targets_are_a_column_per_row_that_the_worker_attaches(data_ref, 
     import pyarrow.parquet as pq
     import torch
 
-    from bard_core import stages
+    from bard_core import checkpoint
     from bard_core.inputs import encode_sample
     from tasks.train_worker import AnchorTargets, with_anchor_targets
 
@@ -185,7 +165,7 @@ def test_anchor_targets_are_a_column_per_row_that_the_worker_attaches(data_ref, 
     table = pa.Table.from_pylist(rows + [empty], schema=table.schema)
     out = AnchorTargets(str(tiny_model_dir), 512, 16, 1.0)(table)
     assert out.num_rows == 6 and out.column("anchor_ids")[5].as_py() is None
-    model, processor, _ = stages.load(tiny_model_dir)
+    model, processor, _ = checkpoint.load(tiny_model_dir)
     for row in out.slice(0, 5).to_pylist():
         sample = encode_sample(row, processor, 512)
         got = with_anchor_targets(sample, row)
@@ -222,9 +202,9 @@ def test_fsdp_sharding_matches_ddp_step_for_step(tiny_model_dir, tmp_path):
     assert results["ddp"]["losses"] == pytest.approx(results["fsdp"]["losses"], rel=1e-4)
     assert results["fsdp"]["optimizer_entries"] == results["ddp"]["optimizer_entries"] > 0
     assert results["fsdp"]["restored_equal"] and results["ddp"]["restored_equal"]  # load_optimizer_state round trip
-    from bard_core import stages
+    from bard_core import checkpoint
 
-    init = stages.load(tiny_model_dir)[0].state_dict()
+    init = checkpoint.load(tiny_model_dir)[0].state_dict()
     moved = max(float((ddp[k] - init[k]).abs().max()) for k in ddp)
     gap = max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp)
     assert moved > 1e-3  # the steps did change the weights (≈ lr per step under AdamW)

@@ -13,12 +13,23 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+from bard_core.eval_docs import open_image
+
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _LETTER = re.compile(r"\b([A-D])\b")
 
 
 def normalise(text: str) -> str:
     return " ".join(text.strip().lower().rstrip(".").split())
+
+
+def doc_to_text(doc: dict) -> str:
+    """The prompt lm-eval sends: the image, then the question."""
+    return "<image>" + doc["question"]
+
+
+def doc_to_image(doc: dict) -> list:
+    return [open_image(doc["image"])]
 
 
 def _prediction(results: list[str]) -> str:

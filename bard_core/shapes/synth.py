@@ -247,9 +247,10 @@ def _yaml(name: str, process: str, metrics: list[str], data_file: Path, max_toke
         f"    test: {data_file.resolve()}\n"
         "test_split: test\n"
         "output_type: generate_until\n"
-        "doc_to_image: [image]\n"
-        'doc_to_text: "<image>{{question}}"\n'
-        'doc_to_target: "{{answer}}"\n'
+        "process_docs: !function metrics.lazy_images\n"
+        "doc_to_image: !function metrics.doc_to_image\n"
+        "doc_to_text: !function metrics.doc_to_text\n"  # a function: lm-eval compiles a Jinja template per item
+        "doc_to_target: answer\n"
         "generation_kwargs:\n"
         '  until: ["<|im_end|>"]\n'
         f"  max_gen_toks: {max_tokens}\n"
@@ -262,8 +263,9 @@ def _yaml(name: str, process: str, metrics: list[str], data_file: Path, max_toke
 
 
 METRICS_SHIM = '"""lm-eval entry points of this benchmark; the code lives in bard_core.shapes.metrics."""\n' \
-    "from bard_core.shapes.metrics import agg_acc_plus, process_count, process_exact, process_extract, " \
-    "process_mcq, process_yesno  # noqa: F401\n"
+    "from bard_core.eval_docs import lazy_images  # noqa: F401\n" \
+    "from bard_core.shapes.metrics import agg_acc_plus, doc_to_image, doc_to_text, process_count, process_exact, " \
+    "process_extract, process_mcq, process_yesno  # noqa: F401\n"
 
 
 def write_benchmarks(out: Path, suites: dict[str, list[dict]]) -> dict[str, int]:

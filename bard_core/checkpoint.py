@@ -1,0 +1,112 @@
+"""Checkpoint directories: an HF model directory plus ``bard.json`` (what the stage that wrote it knew).
+
+``bard.json`` carries what every reader must match: block size, label shift, prompt mask, the token
+ids the stage trained with (``token_ids``: mask, eos, pad) and, once the gate has promoted it, the
+decode setting it was promoted with (``decode``). Readers take their token ids and decode defaults
+from here (`token_ids`, `decode_config`), never from the tokenizer alone: the hub's Qwen3-VL
+tokenizers have no mask token (the recipe's id is an unused embedding row).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from bard_core.config import EOS_TOKEN, MASK_TOKEN, DecodeConfig
+from bard_core.decode import TokenIds
+
+META = "bard.json"
+
+
+def read_meta(path: str | Path) -> dict:
+    """The checkpoint's ``bard.json`` ({} for a directory without one, e.g. a hub model or the shipped base)."""
+    meta_file = Path(path) / META
+    return json.loads(meta_file.read_text()) if meta_file.exists() else {}
+
+
+def save_checkpoint(model, processor, out: Path, meta: dict, meta_name: str = META,
+                    state_dict: dict | None = None) -> Path:
+    """Write an HF directory atomically (temp dir, then rename) with its metadata file.
+
+    `state_dict` replaces the model's own tensors (a sharded model passes its gathered full state).
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+    processor.save_pretrained(tmp)
+    (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load(path: str | Path):
+    """(model, processor, bard.json or {}) of a checkpoint directory."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import bard_core  # noqa: F401  (registers the processor)
+
+    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path), read_meta(path)
+
+
+def weights_digest(path: str | Path) -> str:
+    """Content hash of a checkpoint's weight files: a retrained parent at the same path is a new parent."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).glob("*.safetensors")):
+        h.update(f.name.encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def mask_token_id(tokenizer, explicit: int | None = None, *, required: bool = True) -> int | None:
+    """`explicit` (bard.json or the recipe's ``model.mask_token_id``), else the tokenizer's <|mask|>."""
+    if explicit is not None:
+        if explicit < 0:  # above the tokenizer's ids is fine: Qwen3-VL's is an unused embedding row
+            raise ValueError(f"mask token id {explicit} is negative")
+        return int(explicit)
+    found = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if found is None or found == tokenizer.unk_token_id:
+        if required:
+            raise ValueError(f"the tokenizer has no {MASK_TOKEN} token and no mask id was given: set the recipe's "
+                             "model.mask_token_id (Qwen3-VL: 151671) or use a checkpoint whose bard.json names it")
+        return None
+    return int(found)
+
+
+def token_ids(tokenizer, meta: dict | None = None, mask_id: int | None = None, *,
+              require_mask: bool = True) -> TokenIds:
+    """The ids a decoder needs: from ``bard.json`` (``token_ids``) when the checkpoint recorded them,
+    else the explicit `mask_id` (the recipe's) or the tokenizer's <|mask|>; EOS is <|im_end|>, pad the
+    tokenizer's pad (EOS without one). `require_mask=False` (AR decoding) allows a model with none."""
+    recorded = (meta or {}).get("token_ids")
+    if recorded:
+        return TokenIds(mask=recorded["mask"], eos=recorded["eos"], pad=recorded["pad"])
+    eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
+    if eos is None or eos == tokenizer.unk_token_id:
+        raise ValueError(f"the tokenizer has no {EOS_TOKEN} token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return TokenIds(mask=mask_token_id(tokenizer, mask_id, required=require_mask), eos=int(eos), pad=int(pad))
+
+
+def decode_config(meta: dict, base: DecodeConfig | None = None, **overrides) -> DecodeConfig:
+    """Decode settings for a checkpoint: `base` (a recipe's, else the defaults), then the setting the gate
+    promoted it with (``bard.json`` ``decode``), its block size and label shift, then explicit
+    `overrides` (None values are ignored: a flag the user did not set)."""
+    cfg = base or DecodeConfig()
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)}
+    promoted = {k: v for k, v in (meta.get("decode") or {}).items() if k in fields}
+    from_meta = {"label_shift": bool(meta.get("label_shift", False))}
+    if meta.get("block_size"):
+        from_meta["block_size"] = int(meta["block_size"])
+    given = {k: v for k, v in overrides.items() if v is not None}
+    unknown = set(given) - fields
+    if unknown:
+        raise ValueError(f"unknown decode setting(s) {sorted(unknown)}; valid: {', '.join(sorted(fields))}")
+    return dataclasses.replace(cfg, **{**promoted, **from_meta, **given})

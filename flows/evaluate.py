@@ -1,0 +1,141 @@
+"""The evaluate and gate flows.
+
+``evaluate_flow``: one checkpoint through lm-eval (any tasks) and the decode-speed measurement, a
+summary artifact. ``gate_flow``: the AR baseline and the candidate evaluated in the same run, same
+harness, same prompts; the candidate at every threshold of the recipe's sweep; the gate; promotion of
+the chosen setting into the registry when it passes; the report either way. A failed gate ends the
+flow run Failed, its reasons in the message (`GateFailed`), with the report and artifacts written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from pydantic import BaseModel, Field
+
+from bard_core.config import get_recipe
+from bard_core.gate import EvalReport, GateResult, select
+from tasks import registry
+from tasks.evaluate import Suite, evaluate_task
+from tasks.refs import checkpoint_ref
+from tasks.report import StageOutcome, publish_gate, publish_report, write_report
+
+
+class GateFailed(RuntimeError):
+    """A stage did not pass its gate; the message lists every reason, `report` is the report written."""
+
+    def __init__(self, message: str, report: str | None = None):
+        super().__init__(message)
+        self.report = report
+
+
+class EvalParams(BaseModel):
+    """Shown as a form in the Prefect UI."""
+
+    model: str = Field(description="checkpoint directory (an HF directory, bard.json when trained here)")
+    out: str = Field(description="output directory (eval.json and per-item samples per decode setting)")
+    tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names (default: the recipe's "
+                                                               "gate benchmarks)")
+    include_paths: list[str] = Field(default_factory=list, description="directories with more lm-eval task YAMLs")
+    mode: str | None = Field(None, description="ar | diffusion (default: diffusion for a block-diffusion checkpoint)")
+    ar_model: str | None = Field(None, description="AR base whose decode speed is measured beside the model's")
+    recipe: str = Field("tiny", description="named recipe: decode defaults, gate benchmarks, mask token id")
+    limit: int | None = Field(None, description="items per benchmark (default: the recipe's gate.limit)")
+    thresholds: list[float] = Field(default_factory=list, description="decode thresholds to evaluate (default: the "
+                                                                      "checkpoint's own setting)")
+    decode: dict[str, str] = Field(default_factory=dict, description="DecodeConfig fields, e.g. block_size=8")
+    speed_benchmark: str | None = Field(None, description="long-output benchmark for the speed figures "
+                                                          "(default: the recipe's, when it is among the tasks)")
+
+
+def _summary(report: EvalReport) -> dict:
+    return {"label": report.label, "mode": report.mode, "decode": report.decode, "scores": report.scores,
+            "metrics": report.metrics, "speed": report.speed, "harness": report.harness,
+            "samples": report.samples_uri}
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: EvalParams) -> dict:
+    recipe = get_recipe(params.recipe)
+    names = tuple(params.tasks) or recipe.gate.benchmarks
+    speed = params.speed_benchmark or (recipe.gate.speed_benchmark if recipe.gate.speed_benchmark in names else None)
+    suite = Suite(names, tuple(params.include_paths), params.limit or recipe.gate.limit, speed,
+                  recipe.gate.speed_items)
+    mode = params.mode or ("diffusion" if checkpoint_ref(params.model).block_size else "ar")
+    reports = evaluate_task(params.model, suite, params.out, mode, tuple(params.thresholds) or None, params.ar_model,
+                            params.recipe, params.decode or None)
+    lines = [f"# Evaluation of `{params.model}` ({mode})", "", "| setting | " + " | ".join(names) + " | TPF | tok/s b1 |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for r in reports:
+        batch1 = (r.speed.get("batch") or {}).get("1", {}).get("tok_s")
+        lines.append(f"| {r.label} | " + " | ".join(f"{r.scores[n]:.3f}" for n in names)
+                     + f" | {r.speed.get('tpf', float('nan')):.2f} | {batch1 or float('nan'):.0f} |")
+    create_markdown_artifact("\n".join(lines), key="evaluation", description=f"evaluation of {params.model}")
+    result = {"model": params.model, "mode": mode, "reports": [_summary(r) for r in reports]}
+    result.update({k: result["reports"][0][k] for k in ("scores", "speed", "harness")})
+    (Path(params.out) / "evaluation.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+class GateParams(BaseModel):
+    """Shown as a form in the Prefect UI."""
+
+    candidate: str = Field(description="the stage's checkpoint (block size from its bard.json)")
+    baseline: str = Field(description="the AR base, evaluated in the same run as the candidate")
+    out: str = Field(description="run directory: evaluations, report.md, report.json, tradeoff.png")
+    recipe: str = Field("tiny", description="named recipe: its gate policy (benchmarks, tolerances, minimum TPF, "
+                                            "threshold sweep)")
+    overrides: dict[str, str] = Field(default_factory=dict, description="dotted recipe overrides, e.g. gate.limit=100")
+    include_paths: list[str] = Field(default_factory=list, description="directories with the gate's task YAMLs")
+    stage: str | None = Field(None, description="stage name (default: B<block size>)")
+    promote: bool = Field(True, description="promote into the registry when the gate passes")
+    registry: str | None = Field(None, description="registry root (default: $BARD_REGISTRY or ./registry)")
+
+
+@task(name="gate")
+def gate_task(candidates: list[EvalReport], baseline: EvalReport, recipe: str, overrides: dict, stage: str,
+              block_size: int | None) -> GateResult:
+    return select(candidates, baseline, get_recipe(recipe, overrides).gate, stage, block_size)
+
+
+@task(name="promote")
+def promote_task(root: str, recipe: str, result: GateResult, candidate: str, report: EvalReport,
+                 baseline: EvalReport, block_size: int | None, run: str | None) -> dict:
+    return registry.promote(root, recipe, result, candidate, report, baseline, block_size=block_size, run=run)
+
+
+@flow(name="gate", log_prints=True)
+def gate_flow(params: GateParams) -> dict:
+    from prefect.runtime import flow_run
+
+    recipe = get_recipe(params.recipe, params.overrides)
+    block_size = checkpoint_ref(params.candidate).block_size
+    if block_size is None:
+        raise ValueError(f"{params.candidate} is not a block-diffusion checkpoint (no block size in bard.json)")
+    stage = params.stage or f"B{block_size}"
+    suite = Suite.of_gate(recipe.gate, tuple(params.include_paths))
+    out = Path(params.out)
+    (baseline,) = evaluate_task(params.baseline, suite, str(out / "AR"), "ar", None, None, params.recipe, None)
+    candidates = evaluate_task(params.candidate, suite, str(out / stage), "diffusion", recipe.gate.thresholds,
+                               params.baseline, params.recipe, None)
+    result = gate_task(candidates, baseline, params.recipe, params.overrides, stage, block_size)
+    entry = None
+    if result.passed and params.promote:
+        chosen = next(c for c in candidates if c.decode == result.decode)
+        root = params.registry or str(registry.default_root())
+        entry = promote_task(root, recipe.name, result, params.candidate, chosen, baseline, block_size,
+                             str(flow_run.get_id() or ""))
+        result = dataclasses.replace(result, promoted_uri=entry["uri"])
+    outcome = StageOutcome(stage, block_size, str(Path(params.candidate).resolve()), result, candidates)
+    paths = write_report(out, recipe.name, baseline, [outcome])
+    publish_gate(outcome, baseline)
+    publish_report(paths)
+    print(f"gate {stage}: {'PASSED' if result.passed else 'FAILED'}; report {paths['report_md']}")
+    if not result.passed:
+        raise GateFailed(f"stage {stage} failed its gate: " + "; ".join(result.reasons), paths["report_md"])
+    return {"stage": stage, "passed": True, "decode": result.decode, "promoted": entry,
+            "report": paths["report_md"], "tradeoff": paths["tradeoff"]}

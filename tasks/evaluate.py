@@ -1,0 +1,211 @@
+"""The evaluate task: a checkpoint through lm-eval with the ``bard`` model, plus decode speed.
+
+``evaluate(lm, suite, out)`` runs ``lm_eval.simple_evaluate`` on the suite's benchmarks (any lm-eval
+task or group: ours in `tasks/lm_tasks`, lm-eval's built-ins, or YAMLs under the suite's include
+paths) and returns an `EvalReport`:
+
+- ``scores`` / ``items``: per benchmark, the mean of its primary per-item metric (`lm_tasks.PRIMARY`)
+  and every item's value, by item id, so two evaluations can be compared item by item (paired);
+  ``metrics``: what lm-eval reported; ``samples_uri``: one jsonl per benchmark with every item's answer,
+  metrics and decode statistics.
+- ``speed``: tokens per forward over the whole long-output benchmark (``tpf``), and tokens/s measured
+  on its first ``speed_items`` items at batch 1 and on four batches' worth at batch N (``batch``) —
+  beside the AR base (``ar``) in the same engine, in the same run, tokens counted through EOS; the AR
+  base is measured once per threshold sweep.
+- ``harness``: lm-eval's wall time against the engine's own decode time (``overhead``, see docs/).
+
+``evaluate_checkpoint`` loads a checkpoint once and evaluates it at every threshold of a sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+
+from bard_core.config import GateConfig
+from bard_core.gate import EvalReport
+from tasks.lm_model import BardLM
+from tasks.lm_tasks import BUILTIN_DIRS, PRIMARY, TASKS_DIR
+
+
+@dataclass(frozen=True)
+class Suite:
+    """What an evaluation runs: benchmarks (lm-eval task or group names) and where to find their YAMLs."""
+
+    benchmarks: tuple[str, ...]
+    include_paths: tuple[str, ...] = ()
+    limit: int | None = None  # items per benchmark (per subtask of a group)
+    speed_benchmark: str | None = None
+    speed_items: int = 32
+
+    @classmethod
+    def of_gate(cls, gate: GateConfig, include_paths: tuple[str, ...] = ()) -> Suite:
+        return cls(tuple(gate.benchmarks), tuple(include_paths), gate.limit, gate.speed_benchmark, gate.speed_items)
+
+
+_MANAGERS: dict = {}
+
+
+def task_manager(include_paths: tuple[str, ...], names: tuple[str, ...]):
+    """An lm-eval TaskManager that knows `names`: ours, the built-ins we use and the include paths are
+    indexed in milliseconds; lm-eval's whole task tree (~15 s to index) only when a name needs it."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    for path in include_paths:
+        if not Path(path).is_dir():
+            raise ValueError(f"include path {path} is not a directory")
+    builtin = Path(lm_eval.__file__).parent / "tasks"
+    paths = [str(TASKS_DIR), *(str(builtin / d) for d in BUILTIN_DIRS), *map(str, include_paths)]
+    for everything in (False, True):
+        key = (tuple(paths), everything)
+        if key not in _MANAGERS:
+            _MANAGERS[key] = TaskManager(include_path=paths, include_defaults=everything)
+        manager = _MANAGERS[key]
+        unknown = [n for n in names if n not in manager.all_tasks]
+        if not unknown:
+            return manager
+    raise ValueError(f"unknown lm-eval task(s) {unknown}: not built in, not ours, and not under "
+                     f"{', '.join(map(str, include_paths)) or 'any include path'}")
+
+
+def _leaves(results: dict, name: str) -> list[str]:
+    children = results.get("group_subtasks", {}).get(name)
+    if not children:
+        return [name]
+    return [leaf for child in children for leaf in _leaves(results, child)]
+
+
+def _items(results: dict, name: str) -> tuple[dict[str, float], list[tuple[str, str, dict]]]:
+    """(item id -> primary metric, [(item id, task, sample)]) of a benchmark (a task, or a group's leaves)."""
+    leaves = _leaves(results, name)
+    samples = [(leaf, s) for leaf in leaves for s in results["samples"].get(leaf, [])]
+    if not samples:
+        raise ValueError(f"lm-eval returned no samples for {name}")
+    first = samples[0][1]
+    metric = PRIMARY.get(name) or next((m for m in first["metrics"] if isinstance(first[m], (int, float))), None)
+    if metric is None:
+        raise ValueError(f"{name}: no numeric per-item metric to judge ({first['metrics']})")
+    triples = [(str(s["doc_id"]) if leaves == [name] else f"{leaf}/{s['doc_id']}", leaf, s) for leaf, s in samples]
+    return {key: float(s[metric]) for key, _, s in triples}, triples
+
+
+def _reported(results: dict, name: str) -> dict[str, float]:
+    out = {}
+    for key, value in results["results"].get(name, {}).items():
+        metric, _, _ = key.partition(",")
+        if "," in key and "stderr" not in metric and isinstance(value, (int, float)):
+            out[metric] = float(value)
+    return out
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _write_samples(path: Path, triples: list[tuple[str, str, dict]], stats: dict) -> None:
+    with path.open("w") as fh:
+        for key, task_name, s in triples:
+            record = {"id": key, "task": task_name, "doc_id": s["doc_id"], "target": str(s["target"]),
+                      "response": s["filtered_resps"][0] if s["filtered_resps"] else None,
+                      "metrics": {m: _jsonable(s[m]) for m in s["metrics"]},
+                      "decode": (stats.get((task_name, s["doc_id"])) or [None])[0]}
+            fh.write(json.dumps(record, default=str) + "\n")
+
+
+def measure_speed(lm: BardLM, requests: list[tuple], items: int, batch_size: int) -> dict:
+    """Tokens (through EOS), forwards, engine seconds, TPF and tokens/s at batch 1 (the first `items`
+    requests) and at `batch_size` (four batches' worth, so one batch's noise does not decide the figure)."""
+    out = {}
+    for size, chunk in ((1, requests[:items]), (batch_size, requests[:max(items, 4 * batch_size)])):
+        before = lm.engine_seconds
+        _, stats = lm.decode_contexts(chunk, size)
+        seconds = lm.engine_seconds - before
+        tokens, nfe = sum(s["tokens"] for s in stats), sum(s["nfe"] for s in stats)
+        out[str(size)] = {"items": len(chunk), "tokens": tokens, "nfe": nfe, "seconds": round(seconds, 4),
+                          "tpf": tokens / max(1, nfe), "tok_s": tokens / max(seconds, 1e-9)}
+    return out
+
+
+def evaluate(lm: BardLM, suite: Suite, out: str | Path, ar: BardLM | None = None, ar_speed: dict | None = None,
+             label: str = "") -> EvalReport:
+    """One evaluation (see module docstring). `ar`: the AR base, whose speed is measured beside this
+    model's (or `ar_speed`, measured earlier in the same run, is reused)."""
+    import lm_eval
+
+    out = Path(out)
+    (out / "samples").mkdir(parents=True, exist_ok=True)
+    names = tuple(suite.benchmarks)
+    manager = task_manager(tuple(suite.include_paths), names)
+    lm.stats.clear()
+    lm.requests.clear()
+    lm.engine_seconds = lm.encode_seconds = 0.0
+    started = time.perf_counter()
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(names), task_manager=manager, limit=suite.limit,
+                                      log_samples=True, bootstrap_iters=0)
+    total = time.perf_counter() - started
+    harness = {"total_s": round(total, 3), "engine_s": round(lm.engine_seconds, 3),
+               "encode_s": round(lm.encode_seconds, 3),
+               "overhead": (total - lm.engine_seconds - lm.encode_seconds) / max(lm.engine_seconds, 1e-9)}
+    scores, items, metrics = {}, {}, {}
+    for name in names:
+        items[name], triples = _items(results, name)
+        values = list(items[name].values())
+        scores[name] = sum(values) / len(values) if values else math.nan
+        metrics[name] = _reported(results, name)
+        _write_samples(out / "samples" / f"{name}.jsonl", triples, lm.stats)
+    speed = _speed(lm, suite, results, ar, ar_speed) if suite.speed_benchmark in names else {}
+    report = EvalReport(checkpoint=lm.pretrained, mode=lm.mode, decode=lm.describe(), scores=scores, items=items,
+                        metrics=metrics, speed=speed, harness=harness, samples_uri=str((out / "samples").resolve()),
+                        label=label)
+    (out / "eval.json").write_text(json.dumps(dataclasses.asdict(report), indent=1, default=str))
+    return report
+
+
+def _speed(lm: BardLM, suite: Suite, results: dict, ar: BardLM | None, ar_speed: dict | None) -> dict:
+    name = suite.speed_benchmark
+    leaves = set(_leaves(results, name))
+    records = [r for (task_name, _), rs in lm.stats.items() if task_name in leaves for r in rs]
+    tokens, nfe = sum(r["tokens"] for r in records), sum(r["nfe"] for r in records)
+    requests = [lm.requests[(leaf, s["doc_id"])] for leaf in _leaves(results, name) for s in results["samples"][leaf]]
+    speed = {"benchmark": name, "items": len(records), "tokens": tokens, "nfe": nfe, "tpf": tokens / max(1, nfe)}
+    if ar is not None and ar_speed is None:
+        ar_speed = measure_speed(ar, requests, suite.speed_items, lm.decode.batch_size)
+    speed["batch"] = measure_speed(lm, requests, suite.speed_items, lm.decode.batch_size)
+    if ar_speed is not None:
+        speed["ar"] = ar_speed
+        speed["speedup"] = {k: v["tok_s"] / max(ar_speed[k]["tok_s"], 1e-9) for k, v in speed["batch"].items()
+                            if k in ar_speed}
+    return speed
+
+
+def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *, mode: str = "diffusion",
+                        thresholds: tuple[float, ...] | None = None, ar_model: str | Path | None = None,
+                        recipe: str | None = None, decode: dict | None = None) -> list[EvalReport]:
+    """Evaluate a checkpoint (loaded once) at each threshold of `thresholds` (None: its own decode setting);
+    `ar_model`: the AR base whose decode speed is measured beside it, once for the sweep."""
+    lm = BardLM(str(model_dir), mode=mode, recipe=recipe, **(decode or {}))
+    ar = BardLM(str(ar_model), mode="ar", recipe=recipe) if ar_model else None
+    settings = [None] if mode == "ar" or not thresholds else list(thresholds)
+    reports, ar_speed = [], None
+    for tau in settings:
+        variant = lm if tau is None else lm.variant(threshold=tau)
+        label = "ar" if mode == "ar" else f"tau-{variant.decode.threshold:g}"
+        reports.append(evaluate(variant, suite, Path(out) / label, ar=ar, ar_speed=ar_speed, label=label))
+        ar_speed = reports[-1].speed.get("ar")
+    return reports
+
+
+@task(name="evaluate", task_run_name="evaluate {mode} {model_dir}")
+def evaluate_task(model_dir: str, suite: Suite, out: str, mode: str = "diffusion",
+                  thresholds: tuple[float, ...] | None = None, ar_model: str | None = None,
+                  recipe: str | None = None, decode: dict | None = None) -> list[EvalReport]:
+    """Prefect task: `evaluate_checkpoint`."""
+    return evaluate_checkpoint(model_dir, suite, out, mode=mode, thresholds=thresholds, ar_model=ar_model,
+                               recipe=recipe, decode=decode)

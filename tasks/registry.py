@@ -1,0 +1,104 @@
+"""The promotion registry (DESIGN.md §5): ``<root>/<recipe>/promoted.json`` and one directory per
+promoted stage.
+
+``promote`` copies the candidate checkpoint into the registry (weights hard-linked when the file system
+allows, ``bard.json`` rewritten with the decode setting the gate chose and the promotion record), then
+appends the promotion to ``promoted.json``. Both writes go to a temporary name first and are renamed
+into place, under an exclusive lock on ``<root>/<recipe>/.lock``: two runs promoting at once land one
+after the other in the history, and a failure before a rename leaves the previous promotion untouched
+(a stage directory that never made it into ``promoted.json`` is not a promotion). A failed gate never
+calls it, so its registry stays byte-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+from bard_core.gate import EvalReport, GateResult
+
+PROMOTED = "promoted.json"
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("BARD_REGISTRY", "registry")).resolve()
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read(root: str | Path, recipe: str) -> dict:
+    """``promoted.json`` of a recipe (an empty history when nothing was promoted yet)."""
+    path = Path(root) / recipe / PROMOTED
+    return json.loads(path.read_text()) if path.exists() else {"recipe": recipe, "history": [], "current": {}}
+
+
+def recipes(root: str | Path) -> list[str]:
+    root = Path(root)
+    return sorted(p.parent.name for p in root.glob(f"*/{PROMOTED}")) if root.is_dir() else []
+
+
+def promote(root: str | Path, recipe: str, result: GateResult, candidate: str | Path, report: EvalReport,
+            baseline: EvalReport | None = None, *, block_size: int | None = None, run: str | None = None) -> dict:
+    """Promote a checkpoint that passed its gate; returns the history entry (its ``uri`` is the promoted
+    directory). Refuses a failed gate."""
+    if not result.passed:
+        raise ValueError(f"stage {result.stage} did not pass its gate: {'; '.join(result.reasons)}")
+    candidate = Path(candidate).resolve()
+    meta = json.loads((candidate / "bard.json").read_text()) if (candidate / "bard.json").exists() else {}
+    directory = Path(root).resolve() / recipe
+    with _locked(directory):  # the entry's time is taken under the lock: the history is in time order
+        now = datetime.datetime.now(datetime.timezone.utc)
+        name = f"{result.stage}-{meta.get('fingerprint') or now.strftime('%Y%m%dT%H%M%S%f')}"
+        entry = {"stage": result.stage, "block_size": block_size, "uri": str(directory / name),
+                 "source": str(candidate), "fingerprint": meta.get("fingerprint"), "parent": meta.get("parent"),
+                 "decode": dict(result.decode), "scores": dict(report.scores),
+                 "baseline_scores": dict(baseline.scores) if baseline else None,
+                 "speed": {k: report.speed[k] for k in ("benchmark", "tpf", "batch", "speedup") if k in report.speed},
+                 "checks": [dataclasses.asdict(c) for c in result.checks],
+                 "time": now.isoformat(timespec="milliseconds"), "run": run}
+        target = directory / name
+        promoted_meta = {**meta, "decode": dict(result.decode),
+                         "promoted": {k: entry[k] for k in ("stage", "source", "time", "run")}}
+        if not target.exists():
+            tmp = directory / f".{name}.{os.getpid()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(candidate, tmp, copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns("bard.json", "optimizer.pt"))
+            _write_json(tmp / "bard.json", promoted_meta)
+            os.replace(tmp, target)
+        else:  # the same weights promoted again: its bard.json takes this promotion's decode setting
+            _write_json(target / "bard.json", promoted_meta)
+        state = read(Path(root).resolve(), recipe)
+        state["history"].append(entry)
+        state["current"][result.stage] = entry
+        state["latest"] = entry
+        _write_json(directory / PROMOTED, state)
+    return entry

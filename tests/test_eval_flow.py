@@ -1,0 +1,124 @@
+"""The evaluate and gate flows on a real Prefect server: verdicts, promotion, reports and artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+# small and lenient: the tiny random base and a 40-step stage are near chance, so these gates judge plumbing
+PASSING = {"gate.limit": "4", "gate.thresholds": "[0.9, 0.4]", "gate.speed_items": "2", "gate.default_tolerance": "1",
+           "gate.min_tpf": '{"4": 0.5}'}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _artifacts(flow_run_id) -> dict:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[flow_run_id])))
+    return {a.key: a for a in found}
+
+
+@pytest.fixture(scope="module")
+def registry_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="module")
+def passed_gate(prefect_server, stage_b4, tiny_model_dir, world_dir, registry_root, tmp_path_factory):
+    from flows.evaluate import GateParams, gate_flow
+
+    out = tmp_path_factory.mktemp("gate_pass")
+    params = GateParams(candidate=stage_b4.uri, baseline=str(tiny_model_dir), out=str(out), overrides=PASSING,
+                        include_paths=[str(world_dir / "benchmarks")], registry=str(registry_root))
+    state = gate_flow(params, return_state=True)
+    return state, out
+
+
+def test_a_passing_stage_is_promoted_with_the_fastest_passing_threshold(passed_gate, registry_root):
+    from bard_core import checkpoint
+    from tasks import registry
+
+    state, out = passed_gate
+    assert state.is_completed(), state.message
+    result = state.result()
+    report = json.loads((out / "report.json").read_text())
+    (stage,) = report["stages"]
+    assert report["schema"] == 1 and report["passed"] and report["promoted"] == [4]
+    assert [s["threshold"] for s in stage["sweep"]] == [0.9, 0.4] and all(s["passed"] for s in stage["sweep"])
+    fastest = max(stage["sweep"], key=lambda s: (s["tpf"], s["threshold"]))
+    assert result["decode"]["threshold"] == fastest["threshold"] == stage["decode"]["threshold"]
+    entry = registry.read(registry_root, "tiny")["current"]["B4"]
+    promoted = checkpoint.read_meta(entry["uri"])
+    assert promoted["decode"]["threshold"] == fastest["threshold"] and entry["uri"] == stage["promoted_uri"]
+    assert checkpoint.decode_config(promoted).threshold == fastest["threshold"]  # what bard generate/eval will use
+    assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| B4 | ✅ promoted |" in (out / "report.md").read_text()
+    assert set(report["baseline"]["scores"]) == {c["benchmark"] for c in stage["checks"]}
+
+
+def test_the_gate_publishes_its_verdict_checks_and_the_report_as_artifacts(passed_gate):
+    state, _ = passed_gate
+    found = _artifacts(state.state_details.flow_run_id)
+    assert {"gate-b4", "gate-b4-checks", "stage-gate-report"} <= set(found)
+    assert found["gate-b4"].data.startswith("# Gate B4: PASSED")
+    assert "data:image/png;base64," in found["stage-gate-report"].data
+    rows = json.loads(found["gate-b4-checks"].data)
+    assert {r["benchmark"] for r in rows} >= {"shapes_mcq", "shapes_extract"} and all(r["passed"] for r in rows)
+
+
+def test_generate_uses_the_promoted_decode_setting_by_default(passed_gate, registry_root, capsys):
+    from flows.cli import main
+    from tasks import registry
+
+    entry = registry.read(registry_root, "tiny")["current"]["B4"]
+    assert main(["generate", "--model", entry["uri"], "--prompt", "Hi", "--max-new-tokens", "4", "--json"]) == 0
+    decoder = json.loads(capsys.readouterr().out)["decoder"]
+    assert decoder.startswith(f"block-diffusion B=4 tau={entry['decode']['threshold']:g} ")
+    assert main(["generate", "--model", entry["uri"], "--prompt", "Hi", "--max-new-tokens", "4", "--threshold", "0.6",
+                 "--json"]) == 0
+    assert "tau=0.6 " in json.loads(capsys.readouterr().out)["decoder"]  # a flag still wins
+
+
+def test_a_failed_gate_fails_the_run_with_its_reasons_and_leaves_the_registry_alone(
+        passed_gate, stage_b4, tiny_model_dir, world_dir, registry_root, tmp_path):
+    from flows.evaluate import GateParams, gate_flow
+
+    before = _snapshot(registry_root)
+    params = GateParams(candidate=stage_b4.uri, baseline=str(tiny_model_dir), out=str(tmp_path), stage="B4-strict",
+                        overrides={**PASSING, "gate.min_tpf": '{"4": 99}'}, include_paths=[str(world_dir / "benchmarks")],
+                        registry=str(registry_root))
+    state = gate_flow(params, return_state=True)
+    assert state.is_failed()
+    assert "shapes_extract TPF" in state.message and "< minimum 99.00 for B=4" in state.message
+    assert _snapshot(registry_root) == before
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["passed"] is False and report["stages"][0]["promoted_uri"] is None
+    assert "❌ failed" in (tmp_path / "report.md").read_text()
+    assert _artifacts(state.state_details.flow_run_id)["gate-b4-strict"].data.startswith("# Gate B4-strict: FAILED")
+
+
+def test_bard_eval_takes_any_task_and_prints_scores_and_speed(prefect_server, stage_b4, tiny_model_dir, world_dir,
+                                                             tmp_path, capsys):
+    from flows.cli import main
+
+    code = main(["eval", "--model", stage_b4.uri, "--ar-model", str(tiny_model_dir), "--tasks",
+                 "shapes_count,shapes_extract", "--include-path", str(world_dir / "benchmarks"), "--limit", "3",
+                 "--threshold", "0.9,0.5", "--out", str(tmp_path), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["scores"]) == {"shapes_count", "shapes_extract"} and result["mode"] == "diffusion"
+    assert result["speed"]["benchmark"] == "shapes_extract" and set(result["speed"]["batch"]) == {"1", "32"}
+    assert [r["label"] for r in result["reports"]] == ["tau-0.9", "tau-0.5"]
+    assert (tmp_path / "tau-0.5" / "samples" / "shapes_count.jsonl").exists()
+    assert main(["eval", "--model", stage_b4.uri, "--tasks", "no_such_task", "--out", str(tmp_path)]) == 2
+    assert "unknown lm-eval task(s) ['no_such_task']" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""The promotion registry: atomic, locked, and untouched by anything but a passed gate."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from bard_core.gate import EvalReport, GateResult
+from tasks import registry
+
+REPORT = EvalReport("ckpt", "diffusion", {"threshold": 0.7}, {"mcq": 0.9}, speed={"benchmark": "extract", "tpf": 2.5})
+
+
+def _candidate(path: Path, fingerprint: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(os.urandom(256))
+    (path / "config.json").write_text("{}")
+    (path / "bard.json").write_text(json.dumps({"fingerprint": fingerprint, "block_size": 4, "label_shift": True}))
+    return path
+
+
+def _passed(stage: str = "B4", threshold: float = 0.7) -> GateResult:
+    return GateResult(stage, True, (), decode={"engine": "diffusion", "threshold": threshold, "block_size": 4})
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_promotion_copies_the_stage_with_its_decode_setting_and_records_it(tmp_path):
+    candidate = _candidate(tmp_path / "run" / "B4", "abc")
+    entry = registry.promote(tmp_path / "reg", "tiny", _passed(), candidate, REPORT, block_size=4, run="r1")
+    promoted = Path(entry["uri"])
+    assert promoted.parent == (tmp_path / "reg" / "tiny").resolve() and promoted.name == "B4-abc"
+    meta = json.loads((promoted / "bard.json").read_text())
+    assert meta["decode"]["threshold"] == 0.7 and meta["label_shift"] is True and meta["promoted"]["run"] == "r1"
+    assert os.path.samefile(promoted / "model.safetensors", candidate / "model.safetensors")  # weights linked
+    assert json.loads((candidate / "bard.json").read_text()).get("decode") is None  # the candidate is not changed
+    state = registry.read(tmp_path / "reg", "tiny")
+    assert [e["stage"] for e in state["history"]] == ["B4"] and state["current"]["B4"]["uri"] == entry["uri"]
+    assert state["latest"]["speed"]["tpf"] == 2.5 and registry.recipes(tmp_path / "reg") == ["tiny"]
+
+
+def test_a_failed_gate_is_refused_and_leaves_the_registry_byte_identical(tmp_path):
+    root = tmp_path / "reg"
+    registry.promote(root, "tiny", _passed(), _candidate(tmp_path / "a", "a1"), REPORT)
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match="did not pass"):
+        registry.promote(root, "tiny", GateResult("B8", False, ("mcq too low",)), _candidate(tmp_path / "b", "b1"),
+                         REPORT)
+    assert _snapshot(root) == before
+
+
+def test_a_failure_between_write_and_rename_keeps_the_previous_promotion(tmp_path, monkeypatch):
+    root = tmp_path / "reg"
+    registry.promote(root, "tiny", _passed("B4"), _candidate(tmp_path / "a", "a1"), REPORT)
+    promoted_json = (root / "tiny" / registry.PROMOTED).read_bytes()
+    real_replace = os.replace
+
+    def crash_on_promoted_json(src, dst):
+        if str(dst).endswith(registry.PROMOTED):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(registry.os, "replace", crash_on_promoted_json)
+    with pytest.raises(OSError, match="disk full"):
+        registry.promote(root, "tiny", _passed("B8"), _candidate(tmp_path / "b", "b1"), REPORT)
+    assert (root / "tiny" / registry.PROMOTED).read_bytes() == promoted_json
+    assert [e["stage"] for e in registry.read(root, "tiny")["history"]] == ["B4"]
+
+
+def _promote_in_a_process(root: str, candidate: str, stage: str, start) -> None:
+    start.wait()
+    registry.promote(root, "tiny", _passed(stage), candidate, REPORT, run=stage)
+
+
+def test_concurrent_promotions_both_land_in_the_history_in_order(tmp_path):
+    root = tmp_path / "reg"
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Event()
+    workers = [ctx.Process(target=_promote_in_a_process,
+                           args=(str(root), str(_candidate(tmp_path / s, s)), s, start)) for s in ("B4", "B8", "B16")]
+    for w in workers:
+        w.start()
+    start.set()
+    for w in workers:
+        w.join(60)
+        assert w.exitcode == 0
+    history = registry.read(root, "tiny")["history"]
+    assert sorted(e["stage"] for e in history) == ["B16", "B4", "B8"]
+    assert [e["time"] for e in history] == sorted(e["time"] for e in history)
+    assert all(Path(e["uri"], "bard.json").exists() for e in history)
+    assert not list((root / "tiny").glob(".*.tmp"))
