@@ -33,6 +33,22 @@ def _known_tasks(include: list[str], names: tuple[str, ...], command: str) -> No
         raise UsageError(f"bard {command}: {exc}") from None
 
 
+def _check_decode(decode: dict, model: Path, mode: str | None) -> None:
+    """Decode settings are DecodeConfig fields (its ``mode`` as ``decode_mode``); block decoding needs a block size."""
+    import dataclasses
+
+    from bard_core.checkpoint import read_meta
+    from bard_core.config import DecodeConfig
+
+    fields = {f.name for f in dataclasses.fields(DecodeConfig)} - {"mode"} | {"decode_mode"}
+    unknown = sorted(set(decode) - fields)
+    if unknown:
+        raise UsageError(f"bard eval: --set {unknown[0]}: not a decode setting; valid: {', '.join(sorted(fields))}")
+    if mode == "diffusion" and not read_meta(model).get("block_size") and "block_size" not in decode:
+        raise UsageError(f"bard eval: --mode diffusion: {model} is an AR checkpoint; give --set block_size=B to "
+                         "decode it in blocks anyway")
+
+
 def cmd_eval(args) -> int:
     model = _existing_dir(args.model, "eval", "--model")
     if args.ar_model:
@@ -47,6 +63,7 @@ def cmd_eval(args) -> int:
     except ValueError:
         raise UsageError(f"bard eval: --threshold expects comma-separated numbers, got {args.threshold!r}") from None
     decode = _pairs(args.set, "eval", "--set")
+    _check_decode(decode, model, args.mode)
     _known_tasks(include, names, "eval")
     from flows.evaluate import EvalParams, evaluate_flow
 

@@ -95,6 +95,8 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         ("eval", "--model", model, "--include-path", str(tmp_path / "nope"), "--out", "o"): "not a directory",
         ("eval", "--model", model, "--threshold", "high", "--out", "o"): "--threshold",
         ("eval", "--model", model, "--recipe", "huge", "--out", "o"): "unknown recipe",
+        ("eval", "--model", model, "--set", "thresh=0.5", "--out", "o"): "not a decode setting",
+        ("eval", "--model", model, "--mode", "diffusion", "--out", "o"): "is an AR checkpoint",
         ("gate", "--candidate", model, "--baseline", model, "--out", "o"): "not a block-diffusion checkpoint",
         ("gate", "--candidate", model, "--baseline", model, "--set", "gate.z=-1", "--out", "o"): "z",
     }.items():
