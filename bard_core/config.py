@@ -36,6 +36,7 @@ OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static")
 DECODE_FALLBACKS = ("leftmost", "confident")
 DTYPES = ("float32", "bfloat16", "float16")
+STAGE_FIELDS = ("merge_steps", "distill_steps", "lr")  # what `TrainConfig.stages` may set per block size
 
 
 def _fail(cls: str, name: str, value: Any, expected: str) -> None:
@@ -187,6 +188,9 @@ class TrainConfig:
     # Ray path computes them once per chain (tasks.train.training_dataset). 0 turns it off.
     anchor_weight: float = 0.0
     checkpoint_every: int = 100
+    # per block size, the stage's own merge_steps / distill_steps / lr (`for_stage`); an override of one of
+    # those fields (train.lr, ...) sets it for every stage, replacing the per-stage values
+    stages: dict[int, dict[str, float]] = field(default_factory=dict)
     # per Ray Train worker: keep encoded samples in memory up to this size, by sample_id, so later epochs
     # skip encoding what is kept (every epoch still reads the shard: see tasks/train_worker.EncodedStream);
     # 0 turns it off
@@ -212,8 +216,23 @@ class TrainConfig:
     def distill_lr(self) -> float:
         return self.lr * self.distill_lr_scale
 
+    def for_stage(self, block_size: int | None) -> TrainConfig:
+        """The settings of the stage at `block_size` (its entry in `stages` applied)."""
+        return dataclasses.replace(self, stages={}, **self.stages.get(block_size, {}))
+
     def __post_init__(self) -> None:
         c = "TrainConfig"
+        try:  # block sizes and values arrive as strings from JSON overrides (CLI, UI forms)
+            stages = {int(b): {k: (int(v) if k.endswith("_steps") else float(v)) for k, v in entry.items()}
+                      for b, entry in self.stages.items()}
+        except (TypeError, ValueError, AttributeError):
+            _fail(c, "stages", self.stages, "a map of block size -> {merge_steps, distill_steps, lr}")
+        object.__setattr__(self, "stages", stages)
+        bad = {k for entry in stages.values() for k in entry} - set(STAGE_FIELDS)
+        if bad or any(b < 1 for b in stages):
+            _fail(c, "stages", self.stages, f"entries per block size setting only {', '.join(STAGE_FIELDS)}")
+        for entry in stages.values():
+            dataclasses.replace(self, stages={}, **entry)  # each stage's settings are valid settings
         if not self.block_sizes or any(b < 1 for b in self.block_sizes):
             _fail(c, "block_sizes", self.block_sizes, "a non-empty tuple of positive ints")
         if list(self.block_sizes) != sorted(set(self.block_sizes)):
@@ -395,10 +414,6 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def fingerprint_payload(self) -> str:
-        """Canonical JSON of the recipe, the input of content fingerprints."""
-        return json.dumps(self.to_dict(), sort_keys=True, default=str)
-
 
 def tiny() -> Recipe:
     """The embedded default: a tiny Qwen3-VL on the shapes world, 2 CPU cores."""
@@ -407,11 +422,19 @@ def tiny() -> Recipe:
         model=ModelConfig(base="tiny"),
         # label_shift: measured on the shipped base, 300 B4 steps reach 0.72 masked-token accuracy with
         # shifted labels vs 0.47 without (the tiny AR head re-learns an unshifted output slowly).
+        # stages: the budget chain's schedule (benchmarks/stage_budget.py, docs/evaluation.md): B4 learns the
+        # objective, short bridges at B8/B16, the largest share for B32, all at a gentle rate
         train=TrainConfig(lr=1e-3, vision_lr_scale=1.0, distill_lr_scale=0.3, warmup_steps=20, max_tokens=512,
                           batch_size=32, merge_steps=200, distill_steps=60, checkpoint_every=50, label_shift=True,
-                          anchor_weight=2.0, keep_loss_weight=1.0),
+                          anchor_weight=2.0, keep_loss_weight=1.0,
+                          stages={4: {"merge_steps": 450, "distill_steps": 0, "lr": 2.5e-4},
+                                  8: {"merge_steps": 100, "distill_steps": 40, "lr": 2e-4},
+                                  16: {"merge_steps": 100, "distill_steps": 40, "lr": 2e-4},
+                                  32: {"merge_steps": 420, "distill_steps": 60, "lr": 2e-4}}),
         decode=DecodeConfig(max_new_tokens=96, batch_size=32),
-        gate=GateConfig(limit=None, thresholds=(0.9, 0.7, 0.5)),
+        # min_tpf: what the chain reaches today, about one token per forward at every stage (docs/evaluation.md:
+        # B4 1.002, B8 1.003, B16 1.000, B32 0.999 on shapes_extract at τ 0.9); raising it is issue 21's
+        gate=GateConfig(limit=None, thresholds=(0.9, 0.7, 0.5), min_tpf={4: 0.95, 8: 0.95, 16: 0.95, 32: 0.95}),
         data=DataConfig(max_tokens=512, min_image_side=32),
     )
 
@@ -493,8 +516,10 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
         names = [f.name for f in dataclasses.fields(sub)]
         if name not in names:
             raise ValueError(f"override {key!r}: {section} has no field {name!r}; valid: {', '.join(names)}")
-        sub = dataclasses.replace(sub, **{name: _coerce(getattr(sub, name), value, key)})
-        recipe = dataclasses.replace(recipe, **{section: sub})
+        changes = {name: _coerce(getattr(sub, name), value, key)}
+        if section == "train" and name in STAGE_FIELDS:  # one value for every stage: drop the per-stage ones
+            changes["stages"] = {b: {k: v for k, v in e.items() if k != name} for b, e in sub.stages.items()}
+        recipe = dataclasses.replace(recipe, **{section: dataclasses.replace(sub, **changes)})
     return recipe
 
 

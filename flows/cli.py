@@ -11,18 +11,6 @@ import json
 import sys
 from pathlib import Path
 
-# What `bard demo` runs, in order; each entry says whether its stage is built yet.
-PIPELINE_STAGES = (
-    ("synth", "write the shapes world (sources, planted defects, benchmarks)", True),
-    ("tiny-model", "build the tiny Qwen3-VL family (tokenizer, processor, model)", True),
-    ("curate", "Ray Data curation of both sources (filter, dedup, decontaminate, mix)", True),
-    ("base", "the pretrained tiny AR base (bard pretrain-tiny)", True),
-    ("stages", "Ray Train block-diffusion stages 4 -> 8 -> 16 -> 32 with distillation (bard train)", True),
-    ("evaluate", "lm-eval benchmarks + decode speed, AR baseline in the same run (bard eval)", True),
-    ("gate", "stage gates, promotion registry and reports (bard gate, bard registry)", True),
-    ("pipeline", "the Prefect flow that chains them all (bard pipeline)", False),
-)
-
 
 class UsageError(Exception):
     """A bad argument: reported on one line, exit status 2."""
@@ -297,18 +285,19 @@ def cmd_train(args) -> int:
     except ValueError as exc:
         raise UsageError(f"bard train: {exc}") from None
     if args.dry_run:
+        train = recipe.train.for_stage(args.block_size if args.objective == "diffusion" else None)
         payload = {"recipe": recipe.name, "objective": args.objective, "block_size": args.block_size,
-                   "workers": recipe.train.num_workers, "use_gpu": recipe.train.use_gpu,
-                   "parallel": recipe.train.parallel,
-                   "backend": "nccl" if recipe.train.use_gpu else "gloo",
-                   "dtype": recipe.model.dtype if recipe.train.use_gpu else "float32",
-                   "master_weights": "float32" if recipe.train.parallel == "fsdp" or not recipe.train.use_gpu
-                   else recipe.model.dtype, "batch_size": recipe.train.batch_size,
-                   "lr": {"merge": recipe.train.lr, "vision": recipe.train.lr * recipe.train.vision_lr_scale,
-                          "distill": recipe.train.distill_lr if args.teacher else None},
-                   "steps": {"merge": recipe.train.merge_steps, "distill": recipe.train.distill_steps if args.teacher else 0,
-                             "ar": recipe.train.base_steps},
-                   "anchor": {"uri": anchor.uri, "weight": recipe.train.anchor_weight} if anchor else None}
+                   "workers": train.num_workers, "use_gpu": train.use_gpu,
+                   "parallel": train.parallel,
+                   "backend": "nccl" if train.use_gpu else "gloo",
+                   "dtype": recipe.model.dtype if train.use_gpu else "float32",
+                   "master_weights": "float32" if train.parallel == "fsdp" or not train.use_gpu
+                   else recipe.model.dtype, "batch_size": train.batch_size,
+                   "lr": {"merge": train.lr, "vision": train.lr * train.vision_lr_scale,
+                          "distill": train.distill_lr if args.teacher else None},
+                   "steps": {"merge": train.merge_steps, "distill": train.distill_steps if args.teacher else 0,
+                             "ar": train.base_steps},
+                   "anchor": {"uri": anchor.uri, "weight": train.anchor_weight} if anchor else None}
         _emit(payload, args.json, [f"dry run: {json.dumps(payload)}"])
         return 0
     from tasks.refs import DatasetRef
@@ -327,25 +316,11 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
-    missing = [(name, what) for name, what, built in PIPELINE_STAGES if not built]
-    lines = ["bard demo runs the whole pipeline on the shapes world. Stages:"]
-    lines += [f"  [{'built' if built else 'NOT BUILT'}] {name}: {what}" for name, what, built in PIPELINE_STAGES]
-    lines.append(f"The demo cannot run yet: {len(missing)} stage(s) are not built "
-                 f"({', '.join(n for n, _ in missing)}). Nothing was run.")
-    _emit({"ok": False, "not_built": [n for n, _ in missing]}, args.json, lines)
-    return 1
-
-
 def build_parser() -> argparse.ArgumentParser:
     from bard_core.config import CONVERSATION_FORMATS, DECODE_FALLBACKS, DECODE_MODES
 
     parser = _Parser(prog="bard", description="AR Qwen3-VL -> block-diffusion VLM pipeline (BARD-VL).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes world (offline, CPU)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("synth", help="write the shapes world: two sources with planted defects, five benchmarks")
     p.add_argument("--out", required=True, help="output directory")
@@ -442,9 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pretrain_tiny)
 
-    from flows.cli_eval import add_commands
+    from flows import cli_eval, cli_pipeline
 
-    add_commands(sub)
+    cli_pipeline.add_commands(sub)
+    cli_eval.add_commands(sub)
     return parser
 
 

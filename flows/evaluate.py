@@ -67,7 +67,7 @@ def evaluate_flow(params: EvalParams) -> dict:
                   recipe.gate.speed_items)
     mode = params.mode or ("diffusion" if checkpoint_ref(params.model).block_size else "ar")
     reports = evaluate_task(params.model, suite, params.out, mode, tuple(params.thresholds) or None, params.ar_model,
-                            params.recipe, params.decode or None)
+                            params.recipe, None, params.decode or None)
     lines = [f"# Evaluation of `{params.model}` ({mode})", "", "| setting | " + " | ".join(names) + " | TPF | tok/s b1 |",
              "|---|" + "---|" * (len(names) + 2)]
     for r in reports:
@@ -108,6 +108,27 @@ def promote_task(root: str, recipe: str, result: GateResult, candidate: str, rep
     return registry.promote(root, recipe, result, candidate, report, baseline, block_size=block_size, run=run)
 
 
+def judge_stage(stage: str, block_size: int, candidate: str, baseline: EvalReport, baseline_uri: str, suite: Suite,
+                recipe: str, overrides: dict, out: Path, registry_root: str | None, promote: bool = True,
+                run: str | None = None) -> StageOutcome:
+    """A stage's gate inside a flow: the candidate at every threshold of the recipe's sweep (the AR base's
+    speed beside it), the verdict, the promotion of the chosen setting when it passes, the gate artifacts."""
+    thresholds = get_recipe(recipe, overrides).gate.thresholds
+    candidates = evaluate_task(candidate, suite, str(out / stage), "diffusion", thresholds, baseline_uri, recipe,
+                               overrides, None)
+    result = gate_task(candidates, baseline, recipe, overrides, stage, block_size)
+    if result.passed and promote:
+        chosen = next(c for c in candidates if c.decode == result.decode)
+        root = registry_root or str(registry.default_root())
+        entry = promote_task(root, recipe, result, candidate, chosen, baseline, block_size, run)
+        result = dataclasses.replace(result, promoted_uri=entry["uri"])
+    outcome = StageOutcome(stage, block_size, str(Path(candidate).resolve()), result, candidates)
+    publish_gate(outcome, baseline)
+    print(f"gate {stage}: {'PASSED at τ=' + format(result.decode.get('threshold'), 'g') if result.passed else 'FAILED'}"
+          + ("" if result.passed else ": " + "; ".join(result.reasons)))
+    return outcome
+
+
 @flow(name="gate", log_prints=True)
 def gate_flow(params: GateParams) -> dict:
     from prefect.runtime import flow_run
@@ -119,23 +140,16 @@ def gate_flow(params: GateParams) -> dict:
     stage = params.stage or f"B{block_size}"
     suite = Suite.of_gate(recipe.gate, tuple(params.include_paths))
     out = Path(params.out)
-    (baseline,) = evaluate_task(params.baseline, suite, str(out / "AR"), "ar", None, None, params.recipe, None)
-    candidates = evaluate_task(params.candidate, suite, str(out / stage), "diffusion", recipe.gate.thresholds,
-                               params.baseline, params.recipe, None)
-    result = gate_task(candidates, baseline, params.recipe, params.overrides, stage, block_size)
-    entry = None
-    if result.passed and params.promote:
-        chosen = next(c for c in candidates if c.decode == result.decode)
-        root = params.registry or str(registry.default_root())
-        entry = promote_task(root, recipe.name, result, params.candidate, chosen, baseline, block_size,
-                             str(flow_run.get_id() or ""))
-        result = dataclasses.replace(result, promoted_uri=entry["uri"])
-    outcome = StageOutcome(stage, block_size, str(Path(params.candidate).resolve()), result, candidates)
+    (baseline,) = evaluate_task(params.baseline, suite, str(out / "AR"), "ar", None, None, params.recipe,
+                                params.overrides, None)
+    outcome = judge_stage(stage, block_size, params.candidate, baseline, params.baseline, suite, params.recipe,
+                          params.overrides, out, params.registry, params.promote, str(flow_run.get_id() or ""))
     paths = write_report(out, recipe.name, baseline, [outcome])
-    publish_gate(outcome, baseline)
     publish_report(paths)
-    print(f"gate {stage}: {'PASSED' if result.passed else 'FAILED'}; report {paths['report_md']}")
-    if not result.passed:
-        raise GateFailed(f"stage {stage} failed its gate: " + "; ".join(result.reasons), paths["report_md"])
-    return {"stage": stage, "passed": True, "decode": result.decode, "promoted": entry,
+    print(f"report {paths['report_md']}")
+    if not outcome.result.passed:
+        raise GateFailed(f"stage {stage} failed its gate: " + "; ".join(outcome.result.reasons), paths["report_md"])
+    entry = registry.read(params.registry or registry.default_root(), recipe.name)["current"].get(stage) \
+        if outcome.result.promoted_uri else None
+    return {"stage": stage, "passed": True, "decode": outcome.result.decode, "promoted": entry,
             "report": paths["report_md"], "tradeoff": paths["tradeoff"]}

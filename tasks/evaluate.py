@@ -187,11 +187,13 @@ def _speed(lm: BardLM, suite: Suite, results: dict, ar: BardLM | None, ar_speed:
 
 def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *, mode: str = "diffusion",
                         thresholds: tuple[float, ...] | None = None, ar_model: str | Path | None = None,
-                        recipe: str | None = None, decode: dict | None = None) -> list[EvalReport]:
+                        recipe: str | None = None, overrides: dict | None = None,
+                        decode: dict | None = None) -> list[EvalReport]:
     """Evaluate a checkpoint (loaded once) at each threshold of `thresholds` (None: its own decode setting);
-    `ar_model`: the AR base whose decode speed is measured beside it, once for the sweep."""
-    lm = BardLM(str(model_dir), mode=mode, recipe=recipe, **(decode or {}))
-    ar = BardLM(str(ar_model), mode="ar", recipe=recipe) if ar_model else None
+    `ar_model`: the AR base whose decode speed is measured beside it, once for the sweep. `recipe` and its
+    `overrides` give the decode defaults and the mask id; `decode`: explicit DecodeConfig fields."""
+    lm = BardLM(str(model_dir), mode=mode, recipe=recipe, recipe_overrides=overrides, **(decode or {}))
+    ar = BardLM(str(ar_model), mode="ar", recipe=recipe, recipe_overrides=overrides) if ar_model else None
     settings = [None] if mode == "ar" or not thresholds else list(thresholds)
     reports, ar_speed = [], None
     for tau in settings:
@@ -205,7 +207,8 @@ def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *,
 @task(name="evaluate", task_run_name="evaluate {mode} {model_dir}")
 def evaluate_task(model_dir: str, suite: Suite, out: str, mode: str = "diffusion",
                   thresholds: tuple[float, ...] | None = None, ar_model: str | None = None,
-                  recipe: str | None = None, decode: dict | None = None) -> list[EvalReport]:
+                  recipe: str | None = None, overrides: dict | None = None,
+                  decode: dict | None = None) -> list[EvalReport]:
     """Prefect task: `evaluate_checkpoint`."""
     return evaluate_checkpoint(model_dir, suite, out, mode=mode, thresholds=thresholds, ar_model=ar_model,
-                               recipe=recipe, decode=decode)
+                               recipe=recipe, overrides=overrides, decode=decode)

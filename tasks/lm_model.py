@@ -42,19 +42,20 @@ class BardLM(LM):
 
     def __init__(self, pretrained: str, mode: str = "diffusion", recipe: str | None = None,
                  mask_token_id: int | None = None, device: str | None = None, max_batch_size: int | None = None,
-                 _loaded: tuple | None = None, **decode):
+                 recipe_overrides: dict | None = None, _loaded: tuple | None = None, **decode):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"bard: mode={mode!r}; valid: {', '.join(MODES)}")
-        self.pretrained, self.mode, self.recipe = str(pretrained), mode, recipe
+        self.pretrained, self.mode = str(pretrained), mode
+        self.recipe, self.recipe_overrides = recipe, dict(recipe_overrides or {})
         self.model, self.processor, self.meta = _loaded or checkpoint.load(pretrained)
         self._device = torch.device(device or "cpu")
         self.model.to(self._device).eval()
-        base = get_recipe(recipe).decode if recipe else None
-        recipe_mask = get_recipe(recipe).model.mask_token_id if recipe else None
-        self.ids = checkpoint.token_ids(self.processor.tokenizer, self.meta, mask_token_id or recipe_mask,
+        settings = get_recipe(recipe, self.recipe_overrides) if recipe else None
+        self.ids = checkpoint.token_ids(self.processor.tokenizer, self.meta,
+                                        mask_token_id or (settings.model.mask_token_id if settings else None),
                                         require_mask=mode == "diffusion")
-        self.decode = checkpoint.decode_config(self.meta, base, **_typed(decode))
+        self.decode = checkpoint.decode_config(self.meta, settings.decode if settings else None, **_typed(decode))
         if mode == "diffusion" and not self.meta.get("block_size") and "block_size" not in decode:
             raise ValueError(f"bard: {pretrained} is an AR checkpoint (no block size in bard.json); use mode=ar, "
                              "or give block_size= to decode it in blocks anyway")
@@ -71,7 +72,8 @@ class BardLM(LM):
         fields = {**dataclasses.asdict(self.decode), **decode}
         fields["decode_mode"] = fields.pop("mode")
         return BardLM(self.pretrained, mode or self.mode, self.recipe, self.ids.mask, str(self.device),
-                      _loaded=(self.model, self.processor, self.meta), **fields)
+                      recipe_overrides=self.recipe_overrides, _loaded=(self.model, self.processor, self.meta),
+                      **fields)
 
     def describe(self) -> dict:
         """What decoded: the engine and, for diffusion, the whole decode setting (`DecodeConfig` fields)."""

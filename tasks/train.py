@@ -86,6 +86,14 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
         return _DATASETS[key]
 
 
+def training_payload(recipe, block_size: int | None, objective: str = "diffusion") -> str:
+    """What of a recipe a stage's weights depend on: the model, the noise and the stage's training settings
+    (gate and decode settings do not retrain a stage)."""
+    train = recipe.train.for_stage(block_size if objective == "diffusion" else None)
+    return json.dumps({"model": dataclasses.asdict(recipe.model), "noise": dataclasses.asdict(recipe.noise),
+                       "train": dataclasses.asdict(train)}, sort_keys=True, default=str)
+
+
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
                       recipe_payload: str, objective: str, anchor: CheckpointRef | None = None) -> str:
     payload = json.dumps([data.fingerprint, init.fingerprint, block_size, teacher.fingerprint if teacher else None,
@@ -110,10 +118,11 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     if teacher is not None and (teacher.block_size is None or block_size is None or block_size % teacher.block_size):
         raise ValueError(f"teacher block size {teacher.block_size} must divide the stage's block size {block_size}")
     recipe = get_recipe(recipe_name, overrides)
-    train = recipe.train
+    train = recipe.train.for_stage(block_size if objective == "diffusion" else None)
     out = Path(out).resolve()
     anchor = resolve_anchor(init, anchor, train.anchor_weight, objective)
-    fingerprint = stage_fingerprint(data, init, block_size, teacher, recipe.fingerprint_payload(), objective, anchor)
+    fingerprint = stage_fingerprint(data, init, block_size, teacher, training_payload(recipe, block_size, objective),
+                                    objective, anchor)
     meta_file = out / "bard.json"
     if meta_file.exists() and json.loads(meta_file.read_text()).get("fingerprint") == fingerprint:
         return checkpoint_ref(out)

@@ -13,8 +13,9 @@ os.environ.setdefault("LMEVAL_HASHMM", "0")  # as tasks/lm_model.py sets it, whi
 
 import pytest  # noqa: E402
 
-# a short Ray Train stage: enough steps to learn something, few enough for CI
-SHORT = {"train.merge_steps": "40", "train.distill_steps": "8", "train.base_steps": "24",
+# a short Ray Train stage: enough steps to learn something, few enough for CI (one rate for every stage,
+# replacing the tiny recipe's per-stage schedule)
+SHORT = {"train.merge_steps": "40", "train.distill_steps": "8", "train.base_steps": "24", "train.lr": "1e-3",
          "train.checkpoint_every": "8", "train.batch_size": "16", "train.warmup_steps": "4"}
 
 

@@ -19,6 +19,14 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*BARD, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
 
 
+def in_process(capsys, *args: str) -> tuple[int, str]:
+    """`bard ARGS` in this process (the checks before any work need no fresh interpreter): exit code, stderr."""
+    from flows.cli import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
@@ -38,13 +46,21 @@ def test_bad_arguments_give_one_line_and_exit_2():
         assert out.stdout == ""
 
 
-def test_demo_says_what_is_not_built_and_fails():
-    out = run("demo", "--json")
-    assert out.returncode != 0
-    result = json.loads(out.stdout)
-    assert result["ok"] is False and result["not_built"] == ["pipeline"]
-    text = run("demo")
-    assert "NOT BUILT" in text.stdout and text.returncode != 0
+def test_pipeline_and_demo_reject_bad_arguments_before_any_work(tmp_path, capsys):
+    for args, message in {
+        ("pipeline", "--stage-set", "8=train.lr=1"): "B:KEY=VALUE",
+        ("pipeline", "--stage-set", "64:train.lr=1e-4"): "outside the schedule",
+        ("pipeline", "--stage-set", "8:train.lr=-1"): "lr",
+        ("pipeline", "--block-sizes", "4,x"): "comma-separated block sizes",
+        ("pipeline", "--block-sizes", "8,4"): "larger multiple",
+        ("pipeline", "--set", "gate.z=-2"): "z",
+        ("pipeline", "--source", f"llava_ov={tmp_path / 'nope'}"): "no such file",
+        ("pipeline", "--source", f"llava_ov={tmp_path}"): "--include-path",
+        ("demo", "--world-size", "3"): "--world-size",
+    }.items():
+        code, err = in_process(capsys, *args, "--root", str(tmp_path / "runs"))
+        assert code == 2 and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
 def test_synth_and_tiny_model_work_offline(tmp_path):
@@ -87,7 +103,7 @@ def test_new_commands_reject_bad_arguments_in_one_line(tmp_path):
         assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
 
 
-def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir):
+def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir, capsys):
     model = str(tiny_model_dir)
     for args, message in {
         ("eval", "--model", str(tmp_path), "--out", "o"): "not a model directory",
@@ -100,9 +116,9 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         ("gate", "--candidate", model, "--baseline", model, "--out", "o"): "not a block-diffusion checkpoint",
         ("gate", "--candidate", model, "--baseline", model, "--set", "gate.z=-1", "--out", "o"): "z",
     }.items():
-        out = run(*args)
-        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
-        assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+        code, err = in_process(capsys, *args)
+        assert code == 2 and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1, (args, err)
 
 
 def test_registry_lists_nothing_before_a_promotion(tmp_path):

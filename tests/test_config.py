@@ -107,7 +107,26 @@ def test_overrides_coerce_strings_and_validate():
         apply_overrides(recipe, {"train.lr": "fast"})
 
 
-def test_fingerprint_payload_changes_with_the_recipe():
-    a, b = get_recipe("tiny"), get_recipe("tiny", {"train.lr": 0.5})
-    assert a.fingerprint_payload() != b.fingerprint_payload()
-    assert a.fingerprint_payload() == get_recipe("tiny").fingerprint_payload()
+def test_a_stage_is_retrained_for_what_its_weights_depend_on_only():
+    from tasks.train import training_payload
+
+    tiny = training_payload(get_recipe("tiny"), 8)
+    assert tiny == training_payload(get_recipe("tiny"), 8)
+    assert tiny == training_payload(get_recipe("tiny", {"gate.min_tpf": '{"8": 9}', "decode.threshold": 0.5}), 8)
+    assert tiny != training_payload(get_recipe("tiny", {"noise.prefix_prob": 0.25}), 8)
+    assert tiny != training_payload(get_recipe("tiny", {"train.lr": 0.5}), 8)
+    assert tiny != training_payload(get_recipe("tiny"), 4)  # the stages' own schedules differ
+
+
+def test_each_stage_takes_its_own_schedule_unless_a_setting_is_overridden_for_all():
+    tiny = get_recipe("tiny").train
+    assert (tiny.for_stage(4).merge_steps, tiny.for_stage(4).distill_steps, tiny.for_stage(4).lr) == (450, 0, 2.5e-4)
+    assert (tiny.for_stage(32).merge_steps, tiny.for_stage(32).distill_steps) == (420, 60)
+    assert tiny.for_stage(None).lr == tiny.lr and tiny.for_stage(4).stages == {}
+    every = get_recipe("tiny", {"train.merge_steps": "40"}).train
+    assert every.for_stage(4).merge_steps == every.for_stage(32).merge_steps == 40
+    assert every.for_stage(4).lr == 2.5e-4  # the other per-stage settings stay
+    with pytest.raises(ValueError, match="stages"):
+        get_recipe("tiny", {"train.stages": '{"8": {"warmup_steps": 3}}'})
+    with pytest.raises(ValueError, match="lr"):
+        get_recipe("tiny", {"train.stages": '{"8": {"lr": -1}}'})

@@ -1,0 +1,82 @@
+"""The pipeline flow end to end on a minimal recipe: real Prefect server, real local Ray, real lm-eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SHORT
+
+pytestmark = pytest.mark.slow
+
+MINIMAL = {**SHORT, "gate.limit": "4", "gate.thresholds": "[0.9]", "gate.speed_items": "2",
+           "gate.default_tolerance": "1", "gate.min_tpf": '{"4": 0.5, "8": 0.5}'}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _params(world_dir, root, run_name, **kw):
+    from flows.pipeline import PipelineParams
+
+    return PipelineParams(sources={"llava_ov": str(world_dir / "sources/llava_ov"),
+                                   "finevision": str(world_dir / "sources/finevision")},
+                          include_paths=[str(world_dir / "benchmarks")], block_sizes=[4, 8], overrides=MINIMAL,
+                          root=str(root), run_name=run_name, registry=str(root / "registry"), **kw)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_server, local_ray, world_dir, tmp_path_factory):
+    from flows.pipeline import pipeline_flow
+
+    root = tmp_path_factory.mktemp("pipeline")
+    return pipeline_flow(_params(world_dir, root, "first"), return_state=True), root
+
+
+def test_the_pipeline_chains_curation_stages_gates_and_promotions(first_run):
+    from tasks import registry
+
+    state, root = first_run
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["promoted"] == [4, 8] and summary["run"] == "first"
+    report = json.loads((root / "first" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["B4", "B8"] and report["passed"]
+    assert {"world", "curate", "baseline_eval", "B4_train", "B4_eval", "B8_train", "B8_eval", "total"} <= \
+        set(report["timing"])
+    history = registry.read(root / "registry", "tiny")["history"]
+    assert [e["stage"] for e in history] == ["B4", "B8"] and all(e["run"] == "first" for e in history)
+    b8 = json.loads((Path(report["stages"][1]["checkpoint"]) / "bard.json").read_text())
+    b4 = report["stages"][0]["checkpoint"]
+    assert b8["parent"] == b8["teacher"] == b4  # the chain: B8 starts from B4 and distils from it
+    assert Path(b4).parent == root / "cache" / "stages"  # checkpoints are cached by content, outside the run
+
+
+def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
+    from flows.pipeline import pipeline_flow
+
+    state, root = first_run
+    stages = root / "cache" / "stages"
+    before = {p: p.stat().st_mtime_ns for p in stages.rglob("*.safetensors")}
+    again = pipeline_flow(_params(world_dir, root, "second"), return_state=True)
+    assert again.is_completed(), again.message
+    assert {p: p.stat().st_mtime_ns for p in stages.rglob("*.safetensors")} == before
+    report = json.loads((root / "second" / "report.json").read_text())
+    first = json.loads((root / "first" / "report.json").read_text())
+    assert [s["checkpoint"] for s in report["stages"]] == [s["checkpoint"] for s in first["stages"]]
+
+
+def test_a_failed_gate_stops_the_line_and_leaves_the_registry_alone(first_run, world_dir):
+    from flows.pipeline import pipeline_flow
+
+    _, root = first_run
+    before = _snapshot(root / "registry")
+    state = pipeline_flow(_params(world_dir, root, "strict", stage_overrides={4: {"gate.min_tpf": '{"4": 99}'}}),
+                          return_state=True)
+    assert state.is_failed() and "stage B4 failed its gate" in state.message and "minimum 99.00" in state.message
+    assert _snapshot(root / "registry") == before
+    report = json.loads((root / "strict" / "report.json").read_text())
+    assert [s["stage"] for s in report["stages"]] == ["B4"] and report["promoted"] == []  # B8 never ran
