@@ -432,8 +432,8 @@ def tiny() -> Recipe:
                                   16: {"merge_steps": 100, "distill_steps": 40, "lr": 2e-4},
                                   32: {"merge_steps": 420, "distill_steps": 60, "lr": 2e-4}}),
         decode=DecodeConfig(max_new_tokens=96, batch_size=32),
-        # min_tpf: what the chain reaches today, about one token per forward at every stage (docs/evaluation.md:
-        # B4 1.002, B8 1.003, B16 1.000, B32 0.999 on shapes_extract at τ 0.9); raising it is issue 21's
+        # min_tpf: what the chain reaches today, about one token per forward at every stage (docs/evaluation.md);
+        # raising it is issue 21's
         gate=GateConfig(limit=None, thresholds=(0.9, 0.7, 0.5), min_tpf={4: 0.95, 8: 0.95, 16: 0.95, 32: 0.95}),
         data=DataConfig(max_tokens=512, min_image_side=32),
     )
