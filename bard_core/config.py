@@ -1,16 +1,14 @@
-"""Settings as frozen dataclasses plus named recipes (standard library only, so flows import it cheaply).
+"""Settings as frozen dataclasses (standard library only, so flows import it cheaply).
 
-A *recipe* bundles every setting of one pipeline run: the model family, noise, training stages,
-decoding, gates and curation. Recipes are plain functions (`tiny()`, `qwen3_vl_4b()`, ...); variants
-are `dataclasses.replace` of a base, and `get_recipe(name, overrides)` applies dotted overrides such
-as ``{"train.lr": 1e-4}``. Every dataclass checks itself in ``__post_init__`` and raises
-``ValueError`` naming the field and the allowed values.
+A `Recipe` bundles every setting of one pipeline run: the model family, noise, training stages,
+decoding, gates and curation; the named recipes and the override parser are in `bard_core.recipes`.
+Every dataclass checks itself in ``__post_init__`` and raises ``ValueError`` naming the field and the
+allowed values.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -413,117 +411,3 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def tiny() -> Recipe:
-    """The embedded default: a tiny Qwen3-VL on the shapes world, 2 CPU cores."""
-    return Recipe(
-        name="tiny",
-        model=ModelConfig(base="tiny"),
-        # label_shift: measured on the shipped base, 300 B4 steps reach 0.72 masked-token accuracy with
-        # shifted labels vs 0.47 without (the tiny AR head re-learns an unshifted output slowly).
-        # stages: the budget chain's schedule (benchmarks/stage_budget.py, docs/evaluation.md): B4 learns the
-        # objective, short bridges at B8/B16, the largest share for B32, all at a gentle rate
-        train=TrainConfig(lr=1e-3, vision_lr_scale=1.0, distill_lr_scale=0.3, warmup_steps=20, max_tokens=512,
-                          batch_size=32, merge_steps=200, distill_steps=60, checkpoint_every=50, label_shift=True,
-                          anchor_weight=2.0, keep_loss_weight=1.0,
-                          stages={4: {"merge_steps": 450, "distill_steps": 0, "lr": 2.5e-4},
-                                  8: {"merge_steps": 100, "distill_steps": 40, "lr": 2e-4},
-                                  16: {"merge_steps": 100, "distill_steps": 40, "lr": 2e-4},
-                                  32: {"merge_steps": 420, "distill_steps": 60, "lr": 2e-4}}),
-        decode=DecodeConfig(max_new_tokens=96, batch_size=32),
-        # min_tpf: what the chain reaches today, about one token per forward at every stage (docs/evaluation.md);
-        # raising it is issue 21's
-        gate=GateConfig(limit=None, thresholds=(0.9, 0.7, 0.5), min_tpf={4: 0.95, 8: 0.95, 16: 0.95, 32: 0.95}),
-        data=DataConfig(max_tokens=512, min_image_side=32),
-    )
-
-
-def _qwen3_vl(size: str) -> Recipe:
-    # 2B: a bf16 replica plus AdamW state (~16 GB) fits each GPU, so DDP; 4B/8B shard with FSDP (an 8B
-    # student with fp32 master weights and AdamW state is ~128 GB before activations, and distillation
-    # adds the teacher).
-    parallel = "ddp" if size == "2B" else "fsdp"
-    return Recipe(
-        name=f"qwen3-vl-{size.lower()}",
-        model=ModelConfig(base=f"Qwen/Qwen3-VL-{size}-Instruct", dtype="bfloat16",
-                          mask_token_id=QWEN3_VL_MASK_TOKEN_ID),
-        train=TrainConfig(batch_size=256, num_workers=8, use_gpu=True, merge_steps=2000, distill_steps=500,
-                          parallel=parallel),
-        gate=GateConfig(
-            benchmarks=("mmmu_val", "mmmu_pro", "mme", "realworldqa", "mmstar", "ai2d", "chartqa", "ocrbench"),
-            speed_benchmark="chartqa",
-            default_tolerance=0.01,
-        ),
-    )
-
-
-def qwen3_vl_2b() -> Recipe:
-    return _qwen3_vl("2B")
-
-
-def qwen3_vl_4b() -> Recipe:
-    return _qwen3_vl("4B")
-
-
-def qwen3_vl_8b() -> Recipe:
-    return _qwen3_vl("8B")
-
-
-RECIPES = {"tiny": tiny, "qwen3-vl-2b": qwen3_vl_2b, "qwen3-vl-4b": qwen3_vl_4b, "qwen3-vl-8b": qwen3_vl_8b}
-
-
-def _coerce(current: Any, value: Any, key: str) -> Any:
-    """Turn a CLI/UI string into the type of the field it replaces."""
-    if not isinstance(value, str) or isinstance(current, str):
-        return value
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"override {key}={value!r}: expected true/false")
-    if isinstance(current, (int, float)) or current is None:
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            if current is None:
-                return value
-            raise ValueError(f"override {key}={value!r}: expected a number") from None
-    if isinstance(current, (tuple, list, dict)):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"override {key}={value!r}: expected JSON") from None
-        return tuple(parsed) if isinstance(current, tuple) else parsed
-    return value
-
-
-def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
-    """Apply dotted overrides, e.g. ``{"train.lr": 1e-4, "noise.kind": "mask"}``; unknown keys raise."""
-    for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if not name:
-            if section not in {f.name for f in dataclasses.fields(Recipe)} or section in ("model", "noise", "train",
-                                                                                         "decode", "gate", "data"):
-                raise ValueError(f"override {key!r}: expected SECTION.FIELD with SECTION one of "
-                                 "model, noise, train, decode, gate, data")
-            recipe = dataclasses.replace(recipe, **{section: _coerce(getattr(recipe, section), value, key)})
-            continue
-        if not hasattr(recipe, section) or not dataclasses.is_dataclass(getattr(recipe, section)):
-            raise ValueError(f"override {key!r}: unknown section {section!r}")
-        sub = getattr(recipe, section)
-        names = [f.name for f in dataclasses.fields(sub)]
-        if name not in names:
-            raise ValueError(f"override {key!r}: {section} has no field {name!r}; valid: {', '.join(names)}")
-        changes = {name: _coerce(getattr(sub, name), value, key)}
-        if section == "train" and name in STAGE_FIELDS:  # one value for every stage: drop the per-stage ones
-            changes["stages"] = {b: {k: v for k, v in e.items() if k != name} for b, e in sub.stages.items()}
-        recipe = dataclasses.replace(recipe, **{section: dataclasses.replace(sub, **changes)})
-    return recipe
-
-
-def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-    return apply_overrides(RECIPES[name](), overrides)

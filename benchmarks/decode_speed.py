@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from bard_core import bench, checkpoint, stages  # noqa: E402
-from bard_core.config import DecodeConfig, NoiseConfig, get_recipe  # noqa: E402
+from bard_core.config import DecodeConfig, NoiseConfig  # noqa: E402
+from bard_core.recipes import get_recipe  # noqa: E402
 
 
 def stage_checkpoints(args, log) -> dict[int, Path]:

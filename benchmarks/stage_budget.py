@@ -83,7 +83,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bard_core import bench, checkpoint  # noqa: E402
-from bard_core.config import DecodeConfig, get_recipe  # noqa: E402
+from bard_core.config import DecodeConfig  # noqa: E402
+from bard_core.recipes import get_recipe  # noqa: E402
 
 
 def evaluate(path: Path, block_size: int | None, benchmarks_dir: Path, limit: int, threshold: float) -> dict:

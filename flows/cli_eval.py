@@ -1,15 +1,107 @@
-"""`bard eval`, `bard gate` and `bard registry`: the evaluation side of the command line (thin, as
-`flows/cli.py`: parse, check, call one flow)."""
+"""`bard generate`, `bard bench-decode`, `bard eval`, `bard gate` and `bard registry`: the decoding and
+evaluation side of the command line (thin, as `flows/cli.py`: parse, check, call one flow or function)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from flows.cli import UsageError, _emit, _existing_dir, _pairs
 
 
+def _thresholds(text: str, command: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise UsageError(f"bard {command}: --threshold expects comma-separated numbers, got {text!r}") from None
+    if not all(0 <= v <= 1 for v in values):
+        raise UsageError(f"bard {command}: thresholds must lie in [0, 1], got {text!r}")
+    return values
+
+
+def cmd_generate(args) -> int:
+    from PIL import Image
+
+    from bard_core import checkpoint
+    from bard_core.decode import ar_generate_cached, generate
+    from bard_core.inputs import context_messages, encode_prompt
+
+    model_dir = _existing_dir(args.model, "generate", "--model")
+    images = []
+    for path in args.image or []:
+        try:
+            with Image.open(path) as im:
+                images.append(im.convert("RGB"))
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"bard generate: cannot read image {path!r}: {exc}") from None
+    model, processor, meta = checkpoint.load(model_dir)
+    ar = args.ar or (args.block_size is None and not meta.get("block_size"))
+    try:  # the checkpoint's promoted decode setting, then the flags that were given
+        cfg = checkpoint.decode_config(meta, None, block_size=args.block_size, threshold=args.threshold,
+                                       max_new_tokens=args.max_new_tokens, mode=args.mode,
+                                       tokens_per_step=args.tokens_per_step, temperature=args.temperature,
+                                       top_p=args.top_p, edit_threshold=args.edit_threshold, fallback=args.fallback,
+                                       sure_eos=args.sure_eos)
+        ids = checkpoint.token_ids(processor.tokenizer, meta, require_mask=not ar)
+        enc = encode_prompt(context_messages(args.prompt, len(images)), images, processor)
+    except ValueError as exc:
+        raise UsageError(f"bard generate: {exc}") from None
+    if ar:
+        (g,) = ar_generate_cached(model, [enc], cfg.max_new_tokens, ids)
+        decoder = "ar"
+    else:
+        (g,) = generate(model, [enc], cfg, ids)
+        decoder = f"block-diffusion B={cfg.block_size} tau={cfg.threshold:g} fallback={cfg.fallback}"
+        decoder += "" if cfg.sure_eos else " unsure-eos"
+    text = processor.tokenizer.decode(g.token_ids, skip_special_tokens=True)
+    payload = {"text": text, "decoder": decoder, "tokens": g.tokens, "nfe": g.nfe, "tpf": g.tpf,
+               "seconds": g.seconds, "tok_s": g.tokens / max(g.seconds, 1e-9), "edits": g.edits}
+    _emit(payload, args.json, [text, f"-- {decoder}: {g.tokens} tokens, {g.nfe} forwards, TPF {g.tpf:.2f}, "
+                                     f"{payload['tok_s']:.1f} tok/s, {g.edits} edits"])
+    return 0
+
+
+def cmd_bench_decode(args) -> int:
+    from bard_core import bench, checkpoint
+
+    model_dir = _existing_dir(args.model, "bench-decode", "--model")
+    ar_dir = _existing_dir(args.ar_model, "bench-decode", "--ar-model")
+    thresholds = _thresholds(args.threshold, "bench-decode")
+    try:
+        items = bench.load_items(args.benchmarks_dir, args.benchmark, args.limit)
+    except ValueError as exc:
+        raise UsageError(f"bard bench-decode: {exc}") from None
+    model, processor, meta = checkpoint.load(model_dir)
+    block_size = args.block_size or meta.get("block_size")
+    if block_size is None:
+        raise UsageError("bard bench-decode: --model has no bard.json block size; pass --block-size")
+    ar_model, _, ar_meta = checkpoint.load(ar_dir)
+    prompts = bench.prompts_for(items, processor)
+    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
+                      checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False))
+    rows = [{"decoder": "ar", "block_size": None, "threshold": None, "accuracy": ar.accuracy, "tokens": ar.tokens,
+             "nfe": ar.nfe, "tpf": ar.tpf, "tok_s": ar.tok_s, "speedup": 1.0}]
+    for tau in thresholds:
+        cfg = checkpoint.decode_config(meta, None, block_size=block_size, threshold=tau,
+                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
+                                checkpoint.token_ids(processor.tokenizer, meta))
+        rows.append({"decoder": "diffusion", "block_size": block_size, "threshold": tau, "accuracy": d.accuracy,
+                     "tokens": d.tokens, "nfe": d.nfe, "tpf": d.tpf, "tok_s": d.tok_s, "speedup": d.tok_s / ar.tok_s})
+    lines = [f"{args.benchmark}: {len(items)} items, batch {args.batch_size}",
+             f"{'decoder':<10} {'B':>3} {'tau':>5} {'accuracy':>8} {'NFE':>6} {'TPF':>5} {'tok/s':>7} {'speed-up':>8}"]
+    for r in rows:
+        lines.append(f"{r['decoder']:<10} {r['block_size'] or '-':>3} {r['threshold'] if r['threshold'] is not None else '-':>5} "
+                     f"{r['accuracy']['accuracy']:>8.3f} {r['nfe']:>6} {r['tpf']:>5.2f} {r['tok_s']:>7.1f} "
+                     f"{r['speedup']:>8.2f}")
+    _emit({"benchmark": args.benchmark, "items": len(items), "rows": rows}, args.json, lines)
+    return 0
+
+
+
+
 def _recipe(name: str, overrides: dict, command: str):
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
 
     try:
         return get_recipe(name, overrides)
@@ -133,6 +225,44 @@ def cmd_registry(args) -> int:
 
 
 def add_commands(sub) -> None:
+    from bard_core.config import DECODE_FALLBACKS, DECODE_MODES
+
+    p = sub.add_parser("generate", help="answer one prompt (with images) and print decoding stats")
+    p.add_argument("--model", required=True, help="checkpoint directory (block size from its bard.json)")
+    p.add_argument("--image", action="append", help="image file (repeatable)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's (bard.json)")
+    defaults = "default: the setting the gate promoted the checkpoint with (bard.json), else DecodeConfig's"
+    p.add_argument("--threshold", type=float, default=None, help=defaults)
+    p.add_argument("--edit-threshold", type=float, default=None, help=defaults)
+    p.add_argument("--mode", choices=list(DECODE_MODES), default=None, help=defaults)
+    p.add_argument("--fallback", choices=list(DECODE_FALLBACKS), default=None,
+                   help="dynamic mode, when no position clears the threshold: take the leftmost or the most "
+                        f"confident ({defaults})")
+    p.add_argument("--sure-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="dynamic mode: propose <|im_end|> only above the threshold (an unsure one gives way to the "
+                        f"position's next best token), since it ends the answer for good ({defaults})")
+    p.add_argument("--tokens-per-step", type=int, default=None, help=defaults)
+    p.add_argument("--temperature", type=float, default=None, help=defaults)
+    p.add_argument("--top-p", type=float, default=None, help=defaults)
+    p.add_argument("--max-new-tokens", type=int, default=None, help=defaults)
+    p.add_argument("--ar", action="store_true", help="decode autoregressively (one token per forward)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench-decode", help="AR vs block-diffusion decoding on a benchmark, side by side")
+    p.add_argument("--model", required=True, help="block-diffusion checkpoint")
+    p.add_argument("--ar-model", required=True, help="AR checkpoint (the baseline)")
+    p.add_argument("--benchmark", required=True, help="e.g. shapes_extract")
+    p.add_argument("--benchmarks-dir", required=True, help="the benchmarks/ directory written by `bard synth`")
+    p.add_argument("--threshold", default="0.5,0.7,0.9", help="comma-separated thresholds")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench_decode)
+
     p = sub.add_parser("eval", help="evaluate a checkpoint on lm-eval tasks with the bard model, plus decode speed")
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--ar-model", default=None, help="AR base: its decode speed is measured beside the model's")

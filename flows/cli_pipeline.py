@@ -79,7 +79,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
     from flows.pipeline import PipelineParams
 
     overrides = _pairs(args.set, "pipeline", "--set")

@@ -17,8 +17,8 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from bard_core.config import get_recipe
 from bard_core.gate import EvalReport, GateResult, select
+from bard_core.recipes import get_recipe
 from tasks import registry
 from tasks.evaluate import Suite, evaluate_task
 from tasks.refs import checkpoint_ref

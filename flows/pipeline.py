@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect import flow, task
 from pydantic import BaseModel, Field, field_validator
 
-from bard_core.config import get_recipe
+from bard_core.recipes import get_recipe
 from flows.evaluate import GateFailed, judge_stage
 from tasks.curate import curate_sources
 from tasks.evaluate import Suite, evaluate_task

@@ -385,7 +385,7 @@ def default_processor(recipe) -> str:
 def curate_sources(sources: dict[str, str], out: str, recipe_name: str, overrides: dict | None = None,
                    benchmarks_dir: str | None = None, processor: str | None = None) -> DatasetRef:
     """Ray Data curation of the sources into `out` (skipped when the fingerprint is unchanged)."""
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
 
     recipe = get_recipe(recipe_name, overrides)
     return run_curation(sources, out, recipe.data, processor or default_processor(recipe), benchmarks_dir,

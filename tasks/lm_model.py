@@ -28,9 +28,10 @@ from lm_eval.api.model import LM  # noqa: E402
 from lm_eval.api.registry import register_model  # noqa: E402
 
 from bard_core import checkpoint  # noqa: E402
-from bard_core.config import DecodeConfig, get_recipe  # noqa: E402
+from bard_core.config import DecodeConfig  # noqa: E402
 from bard_core.decode import ar_generate_cached, generate  # noqa: E402
 from bard_core.inputs import context_messages, encode_prompt  # noqa: E402
+from bard_core.recipes import get_recipe  # noqa: E402
 
 MODES = ("ar", "diffusion")
 _GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}  # what the engine honours

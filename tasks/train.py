@@ -26,7 +26,8 @@ from pathlib import Path
 
 from prefect import task
 
-from bard_core.config import TrainConfig, get_recipe
+from bard_core.config import TrainConfig
+from bard_core.recipes import get_recipe
 from tasks.curate import init_ray
 from tasks.refs import CODE_VERSION, CheckpointRef, DatasetRef, checkpoint_ref, resolve_anchor
 from tasks.train_worker import AnchorTargets, train_loop_per_worker

@@ -61,7 +61,7 @@ def local_ray():
 @pytest.fixture(scope="session")
 def data_ref(world_dir, tiny_model_dir, tmp_path_factory, local_ray):
     """The small shapes world curated by the real Ray Data flow."""
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
     from tasks.curate import run_curation
 
     out = tmp_path_factory.mktemp("train_data") / "curated"

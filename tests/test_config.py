@@ -7,7 +7,6 @@ import dataclasses
 import pytest
 
 from bard_core.config import (
-    RECIPES,
     DataConfig,
     DecodeConfig,
     GateConfig,
@@ -15,9 +14,8 @@ from bard_core.config import (
     NoiseConfig,
     Recipe,
     TrainConfig,
-    apply_overrides,
-    get_recipe,
 )
+from bard_core.recipes import RECIPES, apply_overrides, get_recipe
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,7 @@ def _turns(q, a):
 
 
 def test_hostile_rows_run_to_completion_with_the_right_reasons(tmp_path, tiny_model_dir, local_ray):
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
     from tasks.curate import run_curation
 
     sixteen = io.BytesIO()
@@ -173,7 +173,7 @@ def test_hostile_rows_run_to_completion_with_the_right_reasons(tmp_path, tiny_mo
 
 
 def test_streamed_source_matches_the_parquet_reader(world_dir, tiny_model_dir, tmp_path, local_ray):
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
     from tasks.curate import run_curation
 
     cfg = get_recipe("tiny").data

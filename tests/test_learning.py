@@ -68,8 +68,9 @@ def test_progressive_local_chains_stages_with_their_own_steps_and_reuses_finishe
     import dataclasses
 
     from bard_core import checkpoint, stages
-    from bard_core.config import NoiseConfig, get_recipe
+    from bard_core.config import NoiseConfig
     from bard_core.inputs import encode_sample
+    from bard_core.recipes import get_recipe
     from bard_core.shapes.data import conversations
 
     _, processor, _ = checkpoint.load(tiny_model_dir)

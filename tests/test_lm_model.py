@@ -167,7 +167,7 @@ def test_token_ids_come_from_the_checkpoint_or_the_recipe_never_the_tokenizer_al
     from transformers import PreTrainedTokenizerFast
 
     from bard_core import checkpoint
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
 
     vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "a": 2, "[UNK]": 3}
     hub_like = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),

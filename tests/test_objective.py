@@ -403,7 +403,7 @@ def test_precomputed_anchor_targets_give_the_live_anchors_loss(kit):
 
 def test_an_lr_override_moves_the_vision_tower_and_distillation_with_it(kit):
     # the vision and distillation rates are multiples of train.lr: lowering train.lr must lower them too
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
 
     _, model, _ = kit
     vision = {id(p) for n, p in model.named_parameters() if ".visual." in f".{n}"}

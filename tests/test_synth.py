@@ -175,7 +175,7 @@ def test_empty_and_overlong_answers(world_dir):
 
 
 def test_low_ratings_are_below_the_recipe_threshold(world_dir):
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
 
     threshold = get_recipe("tiny").data.min_rating
     for record in _planted(world_dir)["low_rating"]:

@@ -254,7 +254,7 @@ def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_re
     assert training_dataset(other, 512) is not first and len(_DATASETS) == 1
     streamed = training_dataset(data_ref, 0)  # the data is over a 0 MB budget
     assert not isinstance(streamed, MaterializedDataset) and streamed.count() == data_ref.num_rows
-    from bard_core.config import get_recipe
+    from bard_core.recipes import get_recipe
     from tasks.train import checkpoint_ref
 
     train = get_recipe("tiny").train
