@@ -12,6 +12,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("LMEVAL_HASHMM", "0")  # as tasks/lm_model.py sets it, whichever module imports lm-eval first
 
 import pytest  # noqa: E402
+from prefect.logging.configuration import ensure_logging_setup  # noqa: E402
+
+# Prefect binds its console log handler to the sys.stderr of the moment it first sets up logging: do it now,
+# under pytest's session-long capture, not first inside a capsys test whose buffer closes after it (every
+# later flow run's log line would then fail, and the error report recurses through Prefect's print patch)
+ensure_logging_setup()
 
 # a short Ray Train stage: enough steps to learn something, few enough for CI (one rate for every stage,
 # replacing the tiny recipe's per-stage schedule)
