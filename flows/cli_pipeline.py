@@ -78,46 +78,56 @@ def cmd_demo(args) -> int:
     return _run(params, args.json)
 
 
-def cmd_pipeline(args) -> int:
+def pipeline_params(args, command: str = "pipeline"):
+    """The PipelineParams of `bard pipeline`'s arguments (shared with `bard ui`); bad ones are usage errors."""
     from bard_core.recipes import get_recipe
     from flows.pipeline import PipelineParams
 
-    overrides = _pairs(args.set, "pipeline", "--set")
+    prefix = f"bard {command}"
+    overrides = _pairs(args.set, command, "--set")
     stage_overrides: dict[int, dict[str, str]] = {}
     for item in args.stage_set or []:
         block, sep, pair = item.partition(":")
         if not sep or not block.isdigit() or "=" not in pair:
-            raise UsageError(f"bard pipeline: --stage-set expects B:KEY=VALUE, got {item!r}")
-        stage_overrides.setdefault(int(block), {}).update(_pairs([pair], "pipeline", "--stage-set"))
+            raise UsageError(f"{prefix}: --stage-set expects B:KEY=VALUE, got {item!r}")
+        stage_overrides.setdefault(int(block), {}).update(_pairs([pair], command, "--stage-set"))
     blocks = args.block_sizes.split(",") if args.block_sizes else []
     if not all(b.strip().isdigit() for b in blocks):
-        raise UsageError(f"bard pipeline: --block-sizes expects comma-separated block sizes, got {args.block_sizes!r}")
+        raise UsageError(f"{prefix}: --block-sizes expects comma-separated block sizes, got {args.block_sizes!r}")
     schedule = [int(b) for b in blocks]
     try:
         recipe = get_recipe(args.recipe, overrides)
         for B in schedule or recipe.train.block_sizes:
             get_recipe(args.recipe, {**overrides, **stage_overrides.get(B, {})})
     except ValueError as exc:
-        raise UsageError(f"bard pipeline: {exc}") from None
-    sources = _pairs(args.source, "pipeline", "--source")
+        raise UsageError(f"{prefix}: {exc}") from None
+    sources = _pairs(args.source, command, "--source")
     for name, uri in sources.items():
         if "://" not in uri and not Path(uri).exists():
-            raise UsageError(f"bard pipeline: source {name}={uri}: no such file or directory")
-    if sources and not args.include_path:
-        raise UsageError("bard pipeline: with --source, give the gate benchmarks' task YAMLs (--include-path)")
+            raise UsageError(f"{prefix}: source {name}={uri}: no such file or directory")
+    sources = {name: uri if "://" in uri else str(Path(uri).resolve()) for name, uri in sources.items()}
+    from bard_core.shapes.synth import BENCHMARKS as SHAPES
+
+    world_benchmarks = [b for b in recipe.gate.benchmarks if b in SHAPES]  # their YAMLs live in a shapes world
+    if sources and world_benchmarks and not args.include_path:
+        raise UsageError(f"{prefix}: with --source, give the task YAMLs of the gate benchmarks "
+                         f"{', '.join(world_benchmarks)} (--include-path WORLD/benchmarks)")
     unknown = set(stage_overrides) - set(schedule or recipe.train.block_sizes)
     if unknown:
-        raise UsageError(f"bard pipeline: --stage-set for block sizes {sorted(unknown)} outside the schedule")
+        raise UsageError(f"{prefix}: --stage-set for block sizes {sorted(unknown)} outside the schedule")
     try:
-        params = PipelineParams(recipe=args.recipe, sources=sources, include_paths=[str(Path(p).resolve())
-                                                                                  for p in args.include_path or []],
-                                block_sizes=schedule, overrides=overrides, stage_overrides=stage_overrides,
-                                root=str(Path(args.root).resolve()), run_name=args.run_name, registry=args.registry,
-                                world=_world(args))
+        return PipelineParams(recipe=args.recipe, sources=sources, include_paths=[str(Path(p).resolve())
+                                                                                for p in args.include_path or []],
+                              block_sizes=schedule, overrides=overrides, stage_overrides=stage_overrides,
+                              root=str(Path(args.root).resolve()), run_name=args.run_name, registry=args.registry,
+                              world=_world(args))
     except ValueError as exc:  # pydantic's validation errors are ValueErrors
         message = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
-        raise UsageError(f"bard pipeline: {message}") from None
-    return _run(params, args.json)
+        raise UsageError(f"{prefix}: {message}") from None
+
+
+def cmd_pipeline(args) -> int:
+    return _run(pipeline_params(args), args.json)
 
 
 def _common(p) -> None:
@@ -137,6 +147,11 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("pipeline", help="the pipeline flow for a recipe: curate, AR base, stages with gates, report")
+    pipeline_arguments(p)
+    p.set_defaults(func=cmd_pipeline)
+
+
+def pipeline_arguments(p) -> None:
     p.add_argument("--recipe", default="tiny")
     p.add_argument("--source", action="append", metavar="NAME=URI", help="llava_ov=URI or finevision=URI "
                                                                          "(default: the shapes world)")
@@ -146,4 +161,3 @@ def add_commands(sub) -> None:
     p.add_argument("--stage-set", action="append", metavar="B:KEY=VALUE", help="override for stage B only")
     p.add_argument("--registry", default=None, help="registry root (default: $BARD_REGISTRY or ./registry)")
     _common(p)
-    p.set_defaults(func=cmd_pipeline)

@@ -34,6 +34,7 @@ from bard_core.curation.normalise import (
     to_table,
 )
 from tasks.refs import CODE_VERSION, DatasetRef
+from tasks.sources import retry_on_hub_io
 
 KINDS = ("llava_ov", "finevision")
 
@@ -257,17 +258,12 @@ def _shuffle_keys(sample_ids: list[str], salt: str) -> list[int]:
 
 
 def _fingerprint(sources: dict[str, str], benchmarks_dir: str | None, cfg: DataConfig, processor_path: str) -> str:
-    h = hashlib.sha256(json.dumps({"cfg": cfg.__dict__, "code": CODE_VERSION, "sources": sources},
-                                  sort_keys=True, default=str).encode())
-    paths = [Path(u.split("://", 1)[-1].split("?")[0]) for u in sources.values()] + ([Path(benchmarks_dir)] if benchmarks_dir else [])
-    paths.append(Path(processor_path) / "tokenizer.json")
-    for root in paths:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for f in files:
-            h.update(str(f.relative_to(root) if f != root else f.name).encode())
-            with open(f, "rb") as fh:
-                h.update(hashlib.file_digest(fh, "sha256").digest())
-    return h.hexdigest()[:20]
+    from tasks.sources import path_digest, sources_digest
+
+    inputs = {"cfg": cfg.__dict__, "code": CODE_VERSION, "sources": sources, "data": sources_digest(sources),
+              "benchmarks": path_digest(Path(benchmarks_dir)) if benchmarks_dir else None,
+              "tokenizer": path_digest(Path(processor_path) / "tokenizer.json")}
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def run_curation(sources: dict[str, str], out: str | Path, cfg: DataConfig, processor_path: str,
@@ -381,7 +377,8 @@ def default_processor(recipe) -> str:
     return recipe.model.base
 
 
-@task(name="curate-sources", task_run_name="curate {out}")
+@task(name="curate-sources", task_run_name="curate {out}", retries=2, retry_delay_seconds=30,
+      retry_condition_fn=retry_on_hub_io)
 def curate_sources(sources: dict[str, str], out: str, recipe_name: str, overrides: dict | None = None,
                    benchmarks_dir: str | None = None, processor: str | None = None) -> DatasetRef:
     """Ray Data curation of the sources into `out` (skipped when the fingerprint is unchanged)."""

@@ -16,6 +16,7 @@ worker runs is `tasks/train_worker.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -106,9 +107,11 @@ def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | N
 def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_name: str = "tiny",
               overrides: dict | None = None, *, block_size: int | None = None, teacher: CheckpointRef | None = None,
               objective: str = "diffusion", fail_at_step: int | None = None, workers: int | None = None,
-              anchor: CheckpointRef | None = None) -> CheckpointRef:
+              anchor: CheckpointRef | None = None, on_progress=None) -> CheckpointRef:
     """Train one stage with Ray Train and write its checkpoint to `out` (skipped if already there).
-    `anchor`: the AR base for ``train.anchor_weight`` (default: see `resolve_anchor`)."""
+    `anchor`: the AR base for ``train.anchor_weight`` (default: see `resolve_anchor`); `on_progress`: called
+    every few seconds with the last step's ``{"step", "total", "phase", "loss"}`` while it trains."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -152,6 +155,8 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     init_ray(recipe.ray_address)
     dataset = training_dataset(data, train.dataset_cache_mb, anchor, train, workers, config["dtype"])
     storage = out.with_name(out.name + ".ray")
+    board = ray.remote(num_cpus=0)(_ProgressBoard).remote() if on_progress else None
+    config["progress"] = board
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=train.use_gpu),
@@ -159,7 +164,8 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
                                        failure_config=ray.train.FailureConfig(max_failures=2),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    with _watching(board, on_progress):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as d:
@@ -178,10 +184,66 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     return checkpoint_ref(out)
 
 
+class _ProgressBoard:
+    """Where rank 0 posts its last step (an actor, so it works when the workers are on other nodes)."""
+
+    def __init__(self):
+        self.value = None
+
+    def set(self, value: dict) -> None:
+        self.value = value
+
+    def get(self) -> dict | None:
+        return self.value
+
+
+@contextlib.contextmanager
+def _watching(board, on_progress, every: float = 2.0):
+    """Poll `board` from a thread while the body (a blocking `fit()`) runs; hand new values to `on_progress`."""
+    import ray
+
+    if board is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def poll():
+        last, stopped = None, False
+        while not stopped:  # one more look after the body ends, for the last steps
+            stopped = stop.wait(every)
+            try:
+                value = ray.get(board.get.remote(), timeout=10)
+                if value is not None and value != last:
+                    last = value
+                    on_progress(value)
+            except Exception:  # noqa: BLE001 - progress is best effort; it never disturbs training
+                continue
+
+    thread = threading.Thread(target=poll, name="stage-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(every + 10)
+
+
 @task(name="train-stage", task_run_name="train {objective} B={block_size}")
 def train_stage(data: DatasetRef, init: CheckpointRef, out: str, recipe_name: str = "tiny",
                 overrides: dict | None = None, block_size: int | None = None, teacher: CheckpointRef | None = None,
                 objective: str = "diffusion", anchor: CheckpointRef | None = None) -> CheckpointRef:
-    """Prefect task: one Ray Train stage (merge → distill, or the AR objective)."""
-    return run_stage(data, init, out, recipe_name, overrides, block_size=block_size, teacher=teacher,
-                     objective=objective, anchor=anchor)
+    """Prefect task: one Ray Train stage (merge → distill, or the AR objective), with a progress artifact
+    fed by its training steps."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    name = f"B{block_size}" if objective == "diffusion" else objective
+    artifact = create_progress_artifact(0.0, key=f"train-{name.lower()}",
+                                        description=f"stage {name}: training steps done (merge, then distill)")
+
+    def on_progress(value: dict) -> None:
+        update_progress_artifact(artifact, round(100.0 * value["step"] / value["total"], 1))
+
+    ref = run_stage(data, init, out, recipe_name, overrides, block_size=block_size, teacher=teacher,
+                    objective=objective, anchor=anchor, on_progress=on_progress)
+    update_progress_artifact(artifact, 100.0)
+    return ref

@@ -265,6 +265,9 @@ def train_loop_per_worker(config: dict) -> None:
                                      "data_s": round(fetched - started, 4),
                                      "step_s": round(time.perf_counter() - fetched, 4)})
             last = state["step"] == config["total_steps"]
+            if rank == 0 and config.get("progress") is not None:  # the driver's progress artifact (fire and forget)
+                config["progress"].set.remote({"step": state["step"], "total": config["total_steps"],
+                                               "phase": phase["name"], "loss": metrics["loss"]})
             if state["step"] % train.checkpoint_every == 0 or state["step"] == end:
                 report = {"step": state["step"], "phase": phase["name"], "loss": metrics["loss"], "skipped": stream.skipped,
                           "final": last}

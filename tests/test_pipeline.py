@@ -54,6 +54,15 @@ def test_the_pipeline_chains_curation_stages_gates_and_promotions(first_run):
     assert b8["parent"] == b8["teacher"] == b4  # the chain: B8 starts from B4 and distils from it
     assert Path(b4).parent == root / "cache" / "stages"  # checkpoints are cached by content, outside the run
 
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:  # each stage's progress artifact, complete
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))
+    progress = {a.key: a.data for a in artifacts if a.type == "progress"}
+    assert progress == {"train-b4": 100.0, "train-b8": 100.0}
+
 
 def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
     from flows.pipeline import pipeline_flow

@@ -88,9 +88,13 @@ def test_distillation_keeps_the_teacher_frozen_and_resumes_after_a_worker_dies(s
 
     teacher_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                      for p in Path(stage_b4.uri).iterdir() if p.is_file()}
+    seen = []
     ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", SHORT, block_size=8, teacher=stage_b4, workers=2,
-                    fail_at_step=12)
+                    fail_at_step=12, on_progress=seen.append)
     meta = _meta(ref)
+    # the progress feed (the pipeline's progress artifact) follows the steps, across the restart too
+    assert seen and all(v["total"] == 48 and 1 <= v["step"] <= 48 for v in seen) and max(v["step"] for v in seen) >= 40
+    assert {v["phase"] for v in seen} <= {"merge", "distill"}
     assert ref.step == 48 == meta["step"]  # 40 merge + 8 distill, despite the failure at step 12
     assert meta["resumed_from"] == [8]  # restarted from the checkpoint at step 8
     assert [h["step"] for h in meta["history"]] == list(range(1, 49))
