@@ -10,7 +10,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo lint bench clean
+.PHONY: setup browser test test-fast demo lint bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+# the UI checks open the Prefect UI in a real browser: Debian's chromium (FACTS.md)
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "make: the UI tests need Debian's chromium: apt-get install chromium" >&2; exit 1; }
+
+test: setup browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q --durations=15
 

@@ -36,6 +36,24 @@ def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
     raise RuntimeError(f"the Prefect server at {url} was not healthy after {timeout:.0f} s")
 
 
+def _wait_served(url: str, name: str, count: int, runner: subprocess.Popen, timeout: float) -> None:
+    """Until the runner has registered its `count` deployments called `name` (then a run can be triggered)."""
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(f"{url}/api/deployments/filter", data=json.dumps(
+        {"deployments": {"name": {"any_": [name]}}}).encode(), headers={"Content-Type": "application/json"})
+    while time.monotonic() < deadline:
+        if runner.poll() is not None:
+            raise RuntimeError(f"the deployment runner exited with status {runner.returncode}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                if len(json.loads(response.read())) >= count:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the deployments were not served after {timeout:.0f} s")
+
+
 def _stop(proc: subprocess.Popen | None, grace: float = 30.0) -> None:
     """SIGTERM to the process group (the runner then cancels its runs and pauses its deployments, the server
     shuts down), SIGKILL after `grace` seconds."""
@@ -90,6 +108,7 @@ def cmd_ui(args) -> int:
         runner = subprocess.Popen([sys.executable, "-m", "flows.deployments", "--config", cfg.model_dump_json()],
                                   env=env, start_new_session=True)
         names = ["pipeline", "curate", "evaluate", "gate"] + (["data-sensor"] if params.sources else [])
+        _wait_served(url, args.name, len(names), runner, args.startup_timeout)
         print(f"Prefect UI: {url}\n  deployments: {', '.join(f'{n}/{args.name}' for n in names)}"
               f"\n  schedule: {cfg.cron or 'none'}; server log: {home / 'server.log'}\n  Ctrl-C stops both", flush=True)
         if args.json:

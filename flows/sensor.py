@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.variables import Variable
 from pydantic import BaseModel, Field, field_validator
@@ -62,4 +63,10 @@ def data_sensor_flow(params: SensorParams) -> dict:
         print(f"watch {params.watch}: {', '.join(changed)} changed; emitted {EVENT}")
     else:
         print(f"watch {params.watch}: unchanged")
+    verdict = "first look" if previous is None else f"changed: {', '.join(changed)}" if changed else "unchanged"
+    rows = [f"| {kind} | `{params.sources[kind]}` | `{digests[kind][:23]}` | {'changed' if kind in changed else '-'} |"
+            for kind in digests]
+    create_markdown_artifact("\n".join([f"# Data sensor `{params.watch}`: {verdict}", "",
+                                         "| source | URI | digest | |", "|---|---|---|---|", *rows]),
+                             key=f"data-sensor-{params.watch.replace('_', '-')}", description="the sources' digests at this look")
     return {"watch": params.watch, "changed": changed, "first": previous is None, "digests": digests}

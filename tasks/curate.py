@@ -33,6 +33,7 @@ from bard_core.curation.normalise import (
     text_of,
     to_table,
 )
+from tasks.locks import locked
 from tasks.refs import CODE_VERSION, DatasetRef
 from tasks.sources import retry_on_hub_io
 
@@ -270,19 +271,29 @@ def run_curation(sources: dict[str, str], out: str | Path, cfg: DataConfig, proc
                  benchmarks_dir: str | None = None, ray_address: str | None = None,
                  workers: int | None = None) -> DatasetRef:
     """Curate `sources` ({"llava_ov": URI, "finevision": URI}) into `out`; returns the DatasetRef."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
     unknown = set(sources) - set(KINDS)
     if unknown:
         raise ValueError(f"unknown source kind(s) {sorted(unknown)}; valid: {', '.join(KINDS)}")
     out = Path(out)
     fingerprint = _fingerprint(sources, benchmarks_dir, cfg, processor_path)
-    manifest_path = out / "manifest.json"
-    if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("fingerprint") == fingerprint:
-            return DatasetRef.from_manifest(out, manifest)
+
+    def finished() -> DatasetRef | None:
+        manifest = json.loads((out / "manifest.json").read_text()) if (out / "manifest.json").exists() else {}
+        return DatasetRef.from_manifest(out, manifest) if manifest.get("fingerprint") == fingerprint else None
+
+    if done := finished():
+        return done
+    # another run curating into the same cache entry: wait for it, then reuse its result
+    with locked(out.with_name(out.name + ".lock")):
+        return finished() or _curate(sources, out, cfg, processor_path, benchmarks_dir, ray_address, workers,
+                                     fingerprint)
+
+
+def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path: str, benchmarks_dir: str | None,
+            ray_address: str | None, workers: int | None, fingerprint: str) -> DatasetRef:
+    import ray
+    from ray.data import ActorPoolStrategy
+
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     init_ray(ray_address)

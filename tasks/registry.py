@@ -12,16 +12,15 @@ calls it, so its registry stays byte-identical.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
 
 from bard_core.gate import EvalReport, GateResult
+from tasks.locks import locked
 
 PROMOTED = "promoted.json"
 
@@ -30,15 +29,8 @@ def default_root() -> Path:
     return Path(os.environ.get("BARD_REGISTRY", "registry")).resolve()
 
 
-@contextlib.contextmanager
 def _locked(directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return locked(directory / ".lock")
 
 
 def _link_or_copy(src: str, dst: str) -> None:

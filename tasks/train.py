@@ -30,6 +30,7 @@ from prefect import task
 from bard_core.config import TrainConfig
 from bard_core.recipes import get_recipe
 from tasks.curate import init_ray
+from tasks.locks import locked
 from tasks.refs import CODE_VERSION, CheckpointRef, DatasetRef, checkpoint_ref, resolve_anchor
 from tasks.train_worker import AnchorTargets, train_loop_per_worker
 
@@ -111,10 +112,6 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     """Train one stage with Ray Train and write its checkpoint to `out` (skipped if already there).
     `anchor`: the AR base for ``train.anchor_weight`` (default: see `resolve_anchor`); `on_progress`: called
     every few seconds with the last step's ``{"step", "total", "phase", "loss"}`` while it trains."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
     if objective == "diffusion" and not block_size:
@@ -128,8 +125,28 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     fingerprint = stage_fingerprint(data, init, block_size, teacher, training_payload(recipe, block_size, objective),
                                     objective, anchor)
     meta_file = out / "bard.json"
-    if meta_file.exists() and json.loads(meta_file.read_text()).get("fingerprint") == fingerprint:
+
+    def finished() -> bool:
+        return meta_file.exists() and json.loads(meta_file.read_text()).get("fingerprint") == fingerprint
+
+    if finished():
         return checkpoint_ref(out)
+    # another run training this very stage (same inputs, same cache entry): wait for it, then reuse its result
+    with locked(out.with_name(out.name + ".lock")):
+        if finished():
+            return checkpoint_ref(out)
+        return _fit(out, fingerprint, data, init, teacher, anchor, recipe, train, objective, block_size, fail_at_step,
+                    workers, on_progress)
+
+
+def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, teacher: CheckpointRef | None,
+         anchor: CheckpointRef | None, recipe, train: TrainConfig, objective: str, block_size: int | None,
+         fail_at_step: int | None, workers: int | None, on_progress) -> CheckpointRef:
+    """The stage's `fit()` and the atomic move of its last checkpoint to `out` (under the stage's lock)."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
 
     phases = _phases(objective, train, teacher is not None)
     total = sum(p["steps"] for p in phases)

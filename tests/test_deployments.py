@@ -147,6 +147,7 @@ def test_new_data_starts_the_pipeline_and_cancelling_it_stops_ray_and_promotes_n
         shutil.copy(original, subset / ("more-" + original.name))
         second = run_deployment("data-sensor/t1", timeout=180)
         assert second.state.is_completed(), second.state
+        _the_browser_shows_the_sensor_artifact(client, second.id, ui)
         (run,) = _wait(pipeline_runs, 90, "the automation to start the pipeline deployment")
 
         # cancel it once its Ray Train stage is running
@@ -167,6 +168,25 @@ def test_new_data_starts_the_pipeline_and_cancelling_it_stops_ray_and_promotes_n
             raise AssertionError(f"{exc}: {_ray_processes(ui['ray_tmp'])}") from None
     registry = ui["base"] / "registry"
     assert not registry.exists() or not any(registry.rglob("*.json")), "a cancelled run promoted something"
+
+
+def _the_browser_shows_the_sensor_artifact(client, flow_run_id, ui) -> None:
+    """The sensor's artifact as a person sees it: Debian's Chromium, headless, on the server's UI."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    sys.path.insert(0, str(ROOT / "deploy"))
+    from ui_check import chromium
+
+    (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+        any_=[flow_run_id])))
+    assert artifact.key == "data-sensor-t1" and "changed: llava_ov" in artifact.data
+    url = f"{ui['info']['url']}/artifacts/artifact/{artifact.id}"
+    dom = chromium(["--dump-dom", url]).stdout
+    assert "Data sensor" in dom and "changed: llava_ov" in dom, dom[-2000:]  # the markdown, rendered by the UI
+    assert "<table" in dom and "finevision" in dom
+    shot = ui["base"] / "sensor-run.png"
+    chromium([f"--screenshot={shot}", f"{ui['info']['url']}/runs/flow-run/{flow_run_id}"])
+    assert shot.stat().st_size > 10_000
 
 
 def test_sigterm_stops_the_server_and_the_runner(ui):

@@ -95,3 +95,22 @@ def test_concurrent_promotions_both_land_in_the_history_in_order(tmp_path):
     assert [e["time"] for e in history] == sorted(e["time"] for e in history)
     assert all(Path(e["uri"], "bard.json").exists() for e in history)
     assert not list((root / "tiny").glob(".*.tmp"))
+
+
+def test_the_cache_and_registry_lock_makes_a_second_process_wait(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from tasks.locks import locked
+
+    lock, held, released = tmp_path / "entry.lock", tmp_path / "held", tmp_path / "released"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import pathlib, time\nfrom tasks.locks import locked\n"
+        f"with locked(pathlib.Path({str(lock)!r})):\n"
+        f"    pathlib.Path({str(held)!r}).touch(); time.sleep(1.0); pathlib.Path({str(released)!r}).touch()\n")])
+    while not held.exists() and child.poll() is None:
+        time.sleep(0.05)
+    with locked(lock):
+        assert released.exists()  # we got the lock only after the holder's body had finished
+    assert child.wait(30) == 0
