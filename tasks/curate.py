@@ -35,7 +35,7 @@ from bard_core.curation.normalise import (
 )
 from tasks.locks import locked
 from tasks.refs import CODE_VERSION, DatasetRef
-from tasks.sources import retry_on_hub_io
+from tasks.sources import open_stream, retry_on_hub_io, source_units
 
 KINDS = ("llava_ov", "finevision")
 
@@ -59,67 +59,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # room for its read tasks next to them (with exactly 2 on 2 cores a 2-worker stage starves).
         ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 1), object_store_memory=2 * 1024**3,
                  include_dashboard=False, ignore_reinit_error=True, log_to_driver=os.environ.get("BARD_RAY_LOGS") == "1")
-
-
-def parse_stream_uri(uri: str) -> dict:
-    """``hf://NAME?subsets=a,b&split=train`` (the hub) or ``stream://PATH?split=train`` (local parquet
-    read through the same streaming `datasets` path) → its parts."""
-    from urllib.parse import parse_qs, urlparse
-
-    parsed = urlparse(uri)
-    query = parse_qs(parsed.query)
-    name = (parsed.netloc + parsed.path) if parsed.scheme == "hf" else parsed.netloc + parsed.path
-    subsets = [s for s in query.get("subsets", [""])[0].split(",") if s] or [None]
-    return {"scheme": parsed.scheme, "name": name, "subsets": subsets, "split": query.get("split", ["train"])[0]}
-
-
-def source_units(kind: str, uri: str) -> list[dict]:
-    """Work units of a source. Local parquet: one per row group, with the row offset in its subset
-    (a directory holds subsets as sub-directories or files; a file is one subset). Streams
-    (``hf://`` or ``stream://``): one unit per subset, read through `datasets` streaming."""
-    if uri.startswith(("hf://", "stream://")):
-        spec = parse_stream_uri(uri)
-        if spec["scheme"] == "stream":
-            root = Path(spec["name"])
-            subsets = sorted({f.parent.name for f in root.rglob("*.parquet")}) if root.is_dir() else [root.stem]
-            return [{"kind": kind, "subset": s, "stream": spec["scheme"], "name": str(root.resolve()),
-                     "split": spec["split"], "file": "", "row_group": -1, "offset": 0, "rows": -1} for s in subsets]
-        return [{"kind": kind, "subset": s or "default", "stream": "hf", "name": spec["name"], "split": spec["split"],
-                 "file": "", "row_group": -1, "offset": 0, "rows": -1} for s in spec["subsets"]]
-    path = Path(uri)
-    if not path.exists():
-        raise ValueError(f"source {kind}={uri}: no such file or directory (hub ids use hf://NAME)")
-    if path.is_file():
-        groups = {path.stem: [path]}
-    else:
-        groups = {}
-        for f in sorted(path.rglob("*.parquet")):
-            subset = f.parent.name if f.parent != path else f.stem
-            groups.setdefault(subset, []).append(f)
-    units = []
-    for subset, files in sorted(groups.items()):
-        offset = 0
-        for f in files:
-            meta = pq.ParquetFile(f).metadata
-            for rg in range(meta.num_row_groups):
-                units.append({"kind": kind, "subset": subset, "stream": "", "name": "", "split": "",
-                              "file": str(f.resolve()), "row_group": rg, "offset": offset,
-                              "rows": meta.row_group(rg).num_rows})
-                offset += meta.row_group(rg).num_rows
-    return units
-
-
-def open_stream(unit: dict):
-    """The rows of a streamed subset, as an iterable of dicts (hub or local parquet via `datasets`)."""
-    from datasets import load_dataset
-
-    if unit["stream"] == "hf":
-        subset = None if unit["subset"] == "default" else unit["subset"]
-        return load_dataset(unit["name"], subset, split=unit["split"], streaming=True)
-    root = Path(unit["name"])
-    files = sorted(str(f) for f in (root.rglob("*.parquet") if root.is_dir() else [root])
-                   if not root.is_dir() or f.parent.name == unit["subset"])
-    return load_dataset("parquet", data_files={unit["split"]: files}, split=unit["split"], streaming=True)
 
 
 def _raw(value):

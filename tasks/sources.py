@@ -1,4 +1,5 @@
-"""What a source holds, as one digest: the curation's cache key and the data sensor's signal are the same.
+"""Sources: their URIs, their work units and streams for curation, and what they hold as one digest (the
+curation's cache key and the data sensor's signal are the same).
 
 Local sources (a parquet file or directory, ``stream://PATH``) are digested by content (file names and
 SHA-256 of their bytes), so the sensor fires exactly when a re-run would curate different data. Hub
@@ -10,9 +11,72 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 
 class HubUnavailable(ConnectionError):
     """The hub could not be asked (network, rate limit, server error): worth a retry, unlike a bad URI."""
+
+
+def parse_stream_uri(uri: str) -> dict:
+    """``hf://NAME?subsets=a,b&split=train`` (the hub) or ``stream://PATH?split=train`` (local parquet
+    read through the same streaming `datasets` path) → its parts."""
+    from urllib.parse import parse_qs, urlparse
+
+    parsed = urlparse(uri)
+    query = parse_qs(parsed.query)
+    name = (parsed.netloc + parsed.path) if parsed.scheme == "hf" else parsed.netloc + parsed.path
+    subsets = [s for s in query.get("subsets", [""])[0].split(",") if s] or [None]
+    return {"scheme": parsed.scheme, "name": name, "subsets": subsets, "split": query.get("split", ["train"])[0]}
+
+
+def source_units(kind: str, uri: str) -> list[dict]:
+    """Work units of a source. Local parquet: one per row group, with the row offset in its subset
+    (a directory holds subsets as sub-directories or files; a file is one subset). Streams
+    (``hf://`` or ``stream://``): one unit per subset, read through `datasets` streaming."""
+    if uri.startswith(("hf://", "stream://")):
+        spec = parse_stream_uri(uri)
+        if spec["scheme"] == "stream":
+            root = Path(spec["name"])
+            subsets = sorted({f.parent.name for f in root.rglob("*.parquet")}) if root.is_dir() else [root.stem]
+            return [{"kind": kind, "subset": s, "stream": spec["scheme"], "name": str(root.resolve()),
+                     "split": spec["split"], "file": "", "row_group": -1, "offset": 0, "rows": -1} for s in subsets]
+        return [{"kind": kind, "subset": s or "default", "stream": "hf", "name": spec["name"], "split": spec["split"],
+                 "file": "", "row_group": -1, "offset": 0, "rows": -1} for s in spec["subsets"]]
+    path = Path(uri)
+    if not path.exists():
+        raise ValueError(f"source {kind}={uri}: no such file or directory (hub ids use hf://NAME)")
+    if path.is_file():
+        groups = {path.stem: [path]}
+    else:
+        groups = {}
+        for f in sorted(path.rglob("*.parquet")):
+            subset = f.parent.name if f.parent != path else f.stem
+            groups.setdefault(subset, []).append(f)
+    units = []
+    for subset, files in sorted(groups.items()):
+        offset = 0
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            for rg in range(meta.num_row_groups):
+                units.append({"kind": kind, "subset": subset, "stream": "", "name": "", "split": "",
+                              "file": str(f.resolve()), "row_group": rg, "offset": offset,
+                              "rows": meta.row_group(rg).num_rows})
+                offset += meta.row_group(rg).num_rows
+    return units
+
+
+def open_stream(unit: dict):
+    """The rows of a streamed subset, as an iterable of dicts (hub or local parquet via `datasets`)."""
+    from datasets import load_dataset
+
+    if unit["stream"] == "hf":
+        subset = None if unit["subset"] == "default" else unit["subset"]
+        return load_dataset(unit["name"], subset, split=unit["split"], streaming=True)
+    root = Path(unit["name"])
+    files = sorted(str(f) for f in (root.rglob("*.parquet") if root.is_dir() else [root])
+                   if not root.is_dir() or f.parent.name == unit["subset"])
+    return load_dataset("parquet", data_files={unit["split"]: files}, split=unit["split"], streaming=True)
 
 
 def path_digest(root: Path) -> str:
@@ -43,8 +107,6 @@ def hub_revision(name: str) -> str:
 
 def source_digest(uri: str) -> str:
     """One source URI → a digest that changes exactly when its data does."""
-    from tasks.curate import parse_stream_uri
-
     if uri.startswith("hf://"):
         return "hf:" + hub_revision(parse_stream_uri(uri)["name"])
     path = Path(parse_stream_uri(uri)["name"]) if uri.startswith("stream://") else Path(uri)
