@@ -122,6 +122,30 @@ def test_the_deployments_schedule_and_new_data_trigger_are_on_the_server(ui):
         assert [a.deployment_id for a in automation.actions] == [pipeline.id]
 
 
+def test_prefect_deploy_creates_every_work_pool_deployment_of_prefect_yaml(ui):
+    import yaml
+
+    env = {**os.environ, "PREFECT_API_URL": ui["info"]["api"], "BARD_HOME": str(ROOT)}
+    for pool, kind in (("bard-local", "process"), ("bard-k8s", "kubernetes")):
+        made = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", pool, "--type", kind], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stdout[-2000:] + made.stderr[-2000:]
+    deployed = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all", "--prefect-file",
+                               "deploy/prefect.yaml"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    declared = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
+    flows = {"pipeline_flow": "pipeline", "curate_flow": "curate", "evaluate_flow": "evaluate", "gate_flow": "gate",
+             "data_sensor_flow": "data-sensor"}
+    with _client() as client:
+        found = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
+        for dep in declared:
+            name = f"{flows[dep['entrypoint'].split(':')[1]]}/{dep['name']}"
+            assert name in found, name
+            assert found[name].work_pool_name == dep["work_pool"]["name"]
+        resources = {a.trigger.match.model_dump().get("prefect.resource.id") for a in client.read_automations()}
+        assert "bard.sources.qwen3-vl-4b" in resources
+
+
 def test_new_data_starts_the_pipeline_and_cancelling_it_stops_ray_and_promotes_nothing(ui):
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.deployments import run_deployment
