@@ -3,6 +3,7 @@ deployments (`flows/deployments.py`). Prints the URL; Ctrl-C (or SIGTERM) stops 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -21,37 +22,37 @@ def _port_busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+def _poll(ready, child: subprocess.Popen, what: str, timeout: float) -> None:
+    """Until `ready()` is true (an OSError counts as not yet); fail if `child` exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited with status {server.returncode} before it was healthy")
-        try:
-            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
+        if child.poll() is not None:
+            raise RuntimeError(f"{what}: its process exited with status {child.returncode}")
+        with contextlib.suppress(OSError):  # not listening yet
+            if ready():
+                return
         time.sleep(0.5)
-    raise RuntimeError(f"the Prefect server at {url} was not healthy after {timeout:.0f} s")
+    raise RuntimeError(f"{what}: not after {timeout:.0f} s")
+
+
+def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
+    def healthy() -> bool:
+        with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
+            return response.status == 200
+
+    _poll(healthy, server, f"the Prefect server at {url} healthy", timeout)
 
 
 def _wait_served(url: str, name: str, count: int, runner: subprocess.Popen, timeout: float) -> None:
     """Until the runner has registered its `count` deployments called `name` (then a run can be triggered)."""
-    deadline = time.monotonic() + timeout
     request = urllib.request.Request(f"{url}/api/deployments/filter", data=json.dumps(
         {"deployments": {"name": {"any_": [name]}}}).encode(), headers={"Content-Type": "application/json"})
-    while time.monotonic() < deadline:
-        if runner.poll() is not None:
-            raise RuntimeError(f"the deployment runner exited with status {runner.returncode}")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                if len(json.loads(response.read())) >= count:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the deployments were not served after {timeout:.0f} s")
+
+    def served() -> bool:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return len(json.loads(response.read())) >= count
+
+    _poll(served, runner, f"the {count} deployments '{name}' served", timeout)
 
 
 def _stop(proc: subprocess.Popen | None, grace: float = 30.0) -> None:
