@@ -10,7 +10,6 @@ tokenizers have no mask token (the recipe's id is an unused embedding row).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -45,24 +44,15 @@ def save_checkpoint(model, processor, out: Path, meta: dict, meta_name: str = ME
     return out
 
 
-def load(path: str | Path):
-    """(model, processor, bard.json or {}) of a checkpoint directory."""
+def load(path: str | Path, attn_implementation: str = "sdpa"):
+    """(model, processor, bard.json or {}) of a checkpoint directory. The attention implementation is always
+    explicit: the block masks need SDPA or flex attention (METHOD.md §1; eager would mask nothing)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import bard_core  # noqa: F401  (registers the processor)
 
-    return AutoModelForImageTextToText.from_pretrained(path), AutoProcessor.from_pretrained(path), read_meta(path)
-
-
-def weights_digest(path: str | Path) -> str:
-    """Content hash of a checkpoint's weight files: a retrained parent at the same path is a new parent."""
-    h = hashlib.sha256()
-    for f in sorted(Path(path).glob("*.safetensors")):
-        h.update(f.name.encode())
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:16]
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation)
+    return model, AutoProcessor.from_pretrained(path), read_meta(path)
 
 
 def mask_token_id(tokenizer, explicit: int | None = None, *, required: bool = True) -> int | None:

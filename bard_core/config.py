@@ -87,8 +87,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         c = "ModelConfig"
         _check_choice(c, "dtype", self.dtype, DTYPES)
-        # Eager attention adds a boolean mask to the scores, i.e. masks nothing (METHOD.md §1).
-        _check_choice(c, "attn_implementation", self.attn_implementation, ("sdpa", "flex_attention"))
+        # Eager attention adds a boolean mask to the scores, i.e. masks nothing (METHOD.md §1); transformers 5.24's
+        # Qwen3-VL refuses flex_attention at load time, so SDPA is the one that works
+        _check_choice(c, "attn_implementation", self.attn_implementation, ("sdpa",))
         _check_positive(
             c,
             vocab_size=self.vocab_size,
@@ -151,7 +152,7 @@ class TrainConfig:
     lr: float = 2e-5  # merge (and AR) peak learning rate
     # the other rates are multiples of `lr`, so overriding train.lr moves every phase and parameter group
     # together (as absolutes, a lower train.lr left the vision tower and distillation at the old rates)
-    vision_lr_scale: float = 0.1  # vision tower: lr × this, in every phase (reference 2e-6 / 2e-5)
+    vision_lr_scale: float = 0.1  # vision tower: lr × this, in every phase (reference 2e-6 / 2e-5); 0 freezes it
     distill_lr_scale: float = 0.3  # distillation peak: lr × this (reference 6e-6 / 2e-5)
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
@@ -252,7 +253,7 @@ class TrainConfig:
             _fail(c, "min_lr_ratio", (self.min_lr_ratio, self.distill_min_lr_ratio), "ratios in [0, 1]")
         if self.vision_lr_scale < 0 or self.distill_lr_scale <= 0:
             _fail(c, "vision_lr_scale/distill_lr_scale", (self.vision_lr_scale, self.distill_lr_scale),
-                  "vision_lr_scale >= 0 (0 freezes the vision tower's updates) and distill_lr_scale > 0")
+                  "vision_lr_scale >= 0 (0 freezes the vision tower) and distill_lr_scale > 0")
         if self.keep_loss_weight < 0:
             _fail(c, "keep_loss_weight", self.keep_loss_weight, "a non-negative weight (0: corrupted tokens only)")
         if self.anchor_weight < 0:

@@ -137,6 +137,16 @@ def anchor_targets(model, samples: list, pad_id: int, top_k: int, temperature: f
     return samples
 
 
+def freeze_fixed(model, cfg: TrainConfig):
+    """Freeze the vision tower when its rate is 0 (`TrainConfig.vision_lr_scale`): no gradient and no
+    backward through it, rather than gradients computed for a zero step. Call before wrapping (DDP/FSDP)."""
+    if cfg.vision_lr_scale == 0:
+        for name, param in model.named_parameters():
+            if ".visual." in f".{name}":
+                param.requires_grad_(False)
+    return model
+
+
 def build_optimizer(model, cfg: TrainConfig, lr: float | None = None) -> torch.optim.Optimizer:
     """AdamW with the vision tower in its own group at `cfg.vision_lr_scale` × the phase's rate."""
     lr = cfg.lr if lr is None else lr
@@ -145,7 +155,7 @@ def build_optimizer(model, cfg: TrainConfig, lr: float | None = None) -> torch.o
     for name, param in model.named_parameters():
         if param.requires_grad:
             (vision if ".visual." in f".{name}" else rest).append(param)
-    groups = [{"params": rest, "lr": lr}] + ([{"params": vision, "lr": vision_lr}] if vision else [])
+    groups = [{"params": rest, "lr": lr}] + ([{"params": vision, "lr": vision_lr}] if vision and vision_lr else [])
     return torch.optim.AdamW(groups, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 

@@ -5,13 +5,13 @@ report accuracy (the benchmark's metric), tokens to first EOS, forwards (NFE), t
 (TPF), tokens/s and the speed-up over AR. Diffusion rows: every stage checkpoint (B = 4…32) at
 several thresholds τ.
 
-Checkpoints: `--ar-model` (default: the shipped tiny AR base) and `--stages DIR` holding B4 … B32.
-Without `--stages`, the block-diffusion checkpoints are trained here from the AR base with
-bard_core's own loop (progressive merging, optionally stage-wise distillation), cached under
-`runs/decode_bench/` — the output says which checkpoints it measured. The default chain (mask
-noise, 1500/2500/2000/1500 merge steps for B4/B8/B16/B32) takes about 25 minutes on 2 cores, once:
-in-block parallelism (high TPF at AR accuracy) is learned late — at 600 steps per stage the later
-stages decode nearly left to right — and mask noise learns it faster than mixed noise at this scale.
+Checkpoints: the shipped tiny AR base and `--stages DIR` holding B4 … B32. Without `--stages`, the
+block-diffusion checkpoints are trained here by the pipeline flow (`benchmarks/chain.py`: a shapes world,
+curation, the stages with their gates opened), cached under `--work` (default `runs/decode_bench/`) —
+the output says which checkpoints it measured. The default chain (mask noise, 1500/2500/2000/1500 merge
+steps for B4/B8/B16/B32) takes about 25 minutes on 2 cores, once: in-block parallelism (high TPF at AR
+accuracy) is learned late — at 600 steps per stage the later stages decode nearly left to right — and
+mask noise learns it faster than mixed noise at this scale.
 
     python benchmarks/decode_speed.py [--limit 60] [--thresholds 0.5,0.7,0.9] [--stages DIR | --steps 1500:0,...]
 
@@ -31,38 +31,27 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bard_core import bench, checkpoint, stages  # noqa: E402
-from bard_core.config import DecodeConfig, NoiseConfig  # noqa: E402
-from bard_core.recipes import get_recipe  # noqa: E402
+from bard_core import bench, checkpoint  # noqa: E402
+from bard_core.config import DecodeConfig  # noqa: E402
 
 
-def stage_checkpoints(args, log) -> dict[int, Path]:
+def stage_checkpoints(args) -> dict[int, Path]:
     if args.stages:
         found = {int(p.name[1:]): p for p in Path(args.stages).glob("B*") if (p / "config.json").exists()}
         if not found:
             raise SystemExit(f"no B<size> checkpoints under {args.stages}")
         return dict(sorted(found.items()))
-    from bard_core.inputs import encode_sample
-    from bard_core.shapes.data import conversations
+    from benchmarks.chain import parse_steps, run_chain
 
-    _, processor, _ = checkpoint.load(args.ar_model)
-    pool = [encode_sample(s, processor, 512) for s in conversations(args.train_pool, seed=123)]
-    recipe = get_recipe("tiny")
-    cfg = recipe.train
-    import dataclasses
-
-    steps = [tuple(int(x) for x in part.split(":")) for part in args.steps.split(",")]
-    cfg = dataclasses.replace(cfg, block_sizes=tuple(recipe.train.block_sizes[:len(steps)]))
-    results = stages.progressive_local(args.ar_model, pool, ROOT / "runs" / "decode_bench", cfg,
-                                       NoiseConfig(kind=args.noise), log=log, steps=steps)
-    return {r.block_size: r.path for r in results}
+    report = run_chain(args.work, seed=args.seed, size=args.size, limit=max(args.limit, 4), steps=parse_steps(args.steps),
+                       overrides={"noise.kind": args.noise})
+    return {s["block_size"]: Path(s["checkpoint"]) for s in report["stages"]}
 
 
 def main() -> None:
     from bard_core.assets import shipped_base
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ar-model", default=None, help="AR checkpoint (default: the shipped tiny base)")
     parser.add_argument("--stages", default=None, help="directory with B4..B32 block-diffusion checkpoints")
     parser.add_argument("--benchmarks-dir", default=None, help="synth output's benchmarks/ (default: synthesised)")
     parser.add_argument("--benchmark", default="shapes_extract")
@@ -73,11 +62,12 @@ def main() -> None:
     parser.add_argument("--steps", default="1500:0,2500:0,2000:0,1500:0",
                         help="merge:distill steps per stage B4,B8,… when training here (cached)")
     parser.add_argument("--noise", default="mask", help="noise kind when training here (mask or mixed)")
-    parser.add_argument("--train-pool", type=int, default=4096)
+    parser.add_argument("--size", type=int, default=2000, help="clean conversations per shapes source when training here")
+    parser.add_argument("--seed", type=int, default=11, help="shapes world seed when training here")
+    parser.add_argument("--work", default=str(ROOT / "runs" / "decode_bench"), help="where the trained chain is cached")
     args = parser.parse_args()
-    args.ar_model = args.ar_model or str(shipped_base())
+    args.ar_model = str(shipped_base())
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     bench_dir = args.benchmarks_dir
@@ -89,7 +79,7 @@ def main() -> None:
         bench_dir = bench_dir / "benchmarks"
     items = bench.load_items(bench_dir, args.benchmark, args.limit)
 
-    checkpoints = stage_checkpoints(args, log)
+    checkpoints = stage_checkpoints(args)
     ar_model, processor, ar_meta = checkpoint.load(args.ar_model)
     prompts = bench.prompts_for(items, processor)
     ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,

@@ -27,7 +27,7 @@ from bard_core.recipes import get_recipe
 from flows.evaluate import GateFailed, judge_stage
 from tasks.curate import curate_sources
 from tasks.evaluate import Suite, evaluate_task
-from tasks.refs import CODE_VERSION, CheckpointRef, checkpoint_ref
+from tasks.refs import CheckpointRef, checkpoint_ref, code_version
 from tasks.report import publish_report, write_report
 from tasks.train import train_stage, training_payload
 from tasks.world import world_task
@@ -137,7 +137,7 @@ def pipeline_flow(params: PipelineParams) -> dict:
         overrides = {**params.overrides, **params.stage_overrides.get(B, {})}
         teacher = parent if parent.block_size else None
         inputs = training_payload(get_recipe(params.recipe, overrides), B)
-        out = cache / "stages" / f"B{B}-{_digest(data.fingerprint, parent.fingerprint, inputs, CODE_VERSION)}"
+        out = cache / "stages" / f"B{B}-{_digest(data.fingerprint, parent.fingerprint, inputs, code_version())}"
         ref = train_stage(data, parent, str(out), params.recipe, overrides, block_size=B, teacher=teacher)
         t = lap(f"B{B}_train", t)
         outcome = judge_stage(f"B{B}", B, ref.uri, baseline, base.uri, suite, params.recipe, overrides,

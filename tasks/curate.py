@@ -34,7 +34,7 @@ from bard_core.curation.normalise import (
     to_table,
 )
 from tasks.locks import locked
-from tasks.refs import CODE_VERSION, DatasetRef
+from tasks.refs import DatasetRef, code_version
 from tasks.sources import open_stream, retry_on_hub_io, source_units
 
 KINDS = ("llava_ov", "finevision")
@@ -200,7 +200,7 @@ def _shuffle_keys(sample_ids: list[str], salt: str) -> list[int]:
 def _fingerprint(sources: dict[str, str], benchmarks_dir: str | None, cfg: DataConfig, processor_path: str) -> str:
     from tasks.sources import path_digest, sources_digest
 
-    inputs = {"cfg": cfg.__dict__, "code": CODE_VERSION, "sources": sources, "data": sources_digest(sources),
+    inputs = {"cfg": cfg.__dict__, "code": code_version(), "sources": sources, "data": sources_digest(sources),
               "benchmarks": path_digest(Path(benchmarks_dir)) if benchmarks_dir else None,
               "tokenizer": path_digest(Path(processor_path) / "tokenizer.json")}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -302,7 +302,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
         raise AssertionError(f"rows lost: {n_in} in, {n_kept} kept + {n_rej} rejected")
     timings["total_s"] = time.monotonic() - t0
     manifest = {
-        "fingerprint": fingerprint, "code_version": CODE_VERSION, "sources": sources,
+        "fingerprint": fingerprint, "code_version": code_version(), "sources": sources,
         "benchmarks_dir": benchmarks_dir, "data_config": cfg.__dict__, "rows_in": n_in, "kept": n_kept,
         "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())),
         "per_source": {s: {"in": rows_in[s], "kept": kept_by_source.get(s, 0),

@@ -49,10 +49,11 @@ class BardLM(LM):
             raise ValueError(f"bard: mode={mode!r}; valid: {', '.join(MODES)}")
         self.pretrained, self.mode = str(pretrained), mode
         self.recipe, self.recipe_overrides = recipe, dict(recipe_overrides or {})
-        self.model, self.processor, self.meta = _loaded or checkpoint.load(pretrained)
+        settings = get_recipe(recipe, self.recipe_overrides) if recipe else None
+        self.model, self.processor, self.meta = _loaded or checkpoint.load(
+            pretrained, settings.model.attn_implementation if settings else "sdpa")
         self._device = torch.device(device or "cpu")
         self.model.to(self._device).eval()
-        settings = get_recipe(recipe, self.recipe_overrides) if recipe else None
         self.ids = checkpoint.token_ids(self.processor.tokenizer, self.meta,
                                         mask_token_id or (settings.model.mask_token_id if settings else None),
                                         require_mask=mode == "diffusion")

@@ -3,6 +3,8 @@ the evaluation and gate refs are defined beside the gate that reads them (`bard_
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
@@ -10,20 +12,32 @@ from pathlib import Path
 
 from bard_core.gate import EvalReport, GateResult  # noqa: F401  (refs of the evaluate and gate tasks)
 
-_PACKAGES = [Path(__file__).resolve().parents[1] / p for p in ("bard_core", "tasks")]
+_PACKAGES = tuple(Path(__file__).resolve().parents[1] / p for p in ("bard_core", "tasks"))
 
 
-def _code_version() -> str:
-    """Content hash of the project's Python sources: a change of code changes every fingerprint."""
+def _without_prose(source: str) -> str:
+    """The code of a module as its syntax tree: comments, docstrings and layout do not count."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value,
+                                                                                                   str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
+@functools.cache
+def code_version(packages: tuple[Path, ...] = _PACKAGES) -> str:
+    """Hash of the project's Python code: a change of code changes every fingerprint (and so re-runs the
+    cached curation and stages); a change of a comment or docstring does not."""
     h = hashlib.sha256()
-    for root in _PACKAGES:
+    for root in packages:
         for f in sorted(root.rglob("*.py")):
             h.update(str(f.relative_to(root.parent)).encode())
-            h.update(f.read_bytes())
+            h.update(_without_prose(f.read_text()).encode())
     return h.hexdigest()[:12]
 
-
-CODE_VERSION = _code_version()
 
 
 @dataclass(frozen=True)

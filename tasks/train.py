@@ -31,7 +31,7 @@ from bard_core.config import TrainConfig
 from bard_core.recipes import get_recipe
 from tasks.curate import init_ray
 from tasks.locks import locked
-from tasks.refs import CODE_VERSION, CheckpointRef, DatasetRef, checkpoint_ref, resolve_anchor
+from tasks.refs import CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
 from tasks.train_worker import AnchorTargets, train_loop_per_worker
 
 OBJECTIVES = ("ar", "diffusion")
@@ -100,7 +100,7 @@ def training_payload(recipe, block_size: int | None, objective: str = "diffusion
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
                       recipe_payload: str, objective: str, anchor: CheckpointRef | None = None) -> str:
     payload = json.dumps([data.fingerprint, init.fingerprint, block_size, teacher.fingerprint if teacher else None,
-                          recipe_payload, objective, CODE_VERSION] + ([anchor.fingerprint] if anchor else []),
+                          recipe_payload, objective, code_version()] + ([anchor.fingerprint] if anchor else []),
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
@@ -166,6 +166,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
         "objective": objective, "phases": phases, "total_steps": total, "train": dataclasses.asdict(train),
         "noise": dataclasses.asdict(recipe.noise), "mask_token_id": recipe.model.mask_token_id, "meta": meta,
         "dtype": recipe.model.dtype if train.use_gpu else "float32",
+        "attn_implementation": recipe.model.attn_implementation,
         "threads": max(1, (os.cpu_count() or 2) // workers), "fail_at_step": fail_at_step,
         "fail_marker": str(out.with_name(out.name + ".failed-once")),
     }

@@ -142,7 +142,7 @@ class AnchorTargets:
                 encoded.append(encode_sample(row, self.processor, self.max_tokens))
             except RejectedSample:
                 encoded.append(None)
-        usable = [s for s in encoded if s is not None]
+        usable = sorted((s for s in encoded if s is not None), key=lambda s: s.num_tokens)  # less padding per batch
         for start in range(0, len(usable), self.batch_size):
             anchor_targets(self.model, usable[start:start + self.batch_size], self.pad_id, self.top_k,
                            self.temperature)
@@ -167,6 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
         Teacher,
         build_optimizer,
         build_scheduler,
+        freeze_fixed,
         to_device,
         train_step,
     )
@@ -180,14 +181,15 @@ def train_loop_per_worker(config: dict) -> None:
     state = {"step": 0, "history": [], "resumed_from": []}
     if resume is not None:
         with resume.as_directory() as d:
-            model, processor, meta = checkpoint.load(d)
+            model, processor, meta = checkpoint.load(d, config["attn_implementation"])
             state = {"step": meta["step"], "history": meta["history"],
                      "resumed_from": meta.get("resumed_from", []) + [meta["step"]]}
             optimizer_state = torch.load(Path(d) / "optimizer.pt", weights_only=False)
     else:
-        model, processor, _ = checkpoint.load(config["init"])
+        model, processor, _ = checkpoint.load(config["init"], config["attn_implementation"])
         optimizer_state = None
     device, dtype, fsdp = get_device(), getattr(torch, config["dtype"]), train.parallel == "fsdp"
+    freeze_fixed(model, train)
     if fsdp:  # fp32 master weights, sharded; compute in `dtype`
         runner = shard(LogitsAtLossPositions(model.to(device)), dtype)
     else:
@@ -195,7 +197,7 @@ def train_loop_per_worker(config: dict) -> None:
         runner = prepare_model(LogitsAtLossPositions(model), parallel_strategy_kwargs={"find_unused_parameters": True})
     teacher = None
     if config["teacher"]:
-        teacher_model, _, _ = checkpoint.load(config["teacher"])
+        teacher_model, _, _ = checkpoint.load(config["teacher"], config["attn_implementation"])
         for p in teacher_model.parameters():
             p.requires_grad_(False)
         teacher_model.eval()

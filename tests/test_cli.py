@@ -199,7 +199,8 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
     # minutes of synthesis and curation that come first
     script = str(ROOT / "benchmarks" / "stage_budget.py")
     cases = {("--lr", "1e-3,2e-3"): "one per stage", ("--lr", "fast"): "--lr", ("--lr", "-1e-3"): "lr",
-             ("--steps", "600:0,220"): "MERGE:DISTILL", ("--steps", "600:0"): "block sizes",
+             ("--steps", "600:0,220"): "MERGE:DISTILL", ("--steps", "6:0,1:1,1:1,1:1,1:1"): "block sizes",
+             ("--steps", "6:0,1:1", "--lr", "1e-3,1e-3,1e-3"): "one per stage",
              ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope",
              ("--set", "train.lr=1e-3"): "with --lr"}
     for args, message in cases.items():
@@ -210,18 +211,18 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
         assert not work.exists() and out.stdout == ""
 
 
-def test_stage_budget_rows_pair_each_item_against_the_ar_base(tmp_path):
-    from benchmarks.stage_budget import stage_row
+def test_the_benchmarks_chain_is_the_pipeline_flow_with_per_stage_steps_and_open_gates(tmp_path):
+    from bard_core.recipes import get_recipe
+    from benchmarks.chain import chain_params
 
-    history = [{"step": k, "loss": float(k)} for k in range(1, 21)]  # the last 10%: steps 19 and 20
-    (tmp_path / "bard.json").write_text(json.dumps({"history": history}))
-    ar = {"shapes_mcq": {"accuracy": 0.75, "tpf": 1.0, "per_item": [1, 1, 1, 0]},
-          "shapes_ocr": {"accuracy": 0.5, "tpf": 1.0, "per_item": [1, 0, 1, 0]}}
-    stage = {"shapes_mcq": {"accuracy": 0.5, "tpf": 2.0, "per_item": [1, 0, 1, 0]},
-             "shapes_ocr": {"accuracy": 0.5, "tpf": 2.0, "per_item": [0, 1, 1, 0]}}  # same mean, other items
-    row = stage_row(tmp_path, stage, ar, "AR-ft", 2e-4, 450, 0, 12.0, tolerance=0.2)
-    assert row["stage"] == "AR-ft" and row["final_loss"] == 19.5
-    assert row["drops"] == {"shapes_mcq": 0.25, "shapes_ocr": 0.0} and row["worst"] == "shapes_mcq"
-    assert row["drop_se"]["shapes_ocr"] > 0  # paired: two items moved in opposite directions
-    assert row["max_drop"] == 0.25 and row["within_tolerance"] is False
-    assert "per_item" not in row["scores"]["shapes_mcq"] and row["scores"]["shapes_mcq"]["tpf"] == 2.0
+    params = chain_params(tmp_path, seed=12, size=40, limit=8, threshold=0.7, steps=[(6, 0), (3, 2)], lrs=[1e-3],
+                          overrides={"noise.kind": "mask"})
+    assert params.block_sizes == [4, 8] and params.world.seed == 12 and params.world.bench_size == 8
+    assert params.stage_overrides == {4: {"train.merge_steps": "6", "train.distill_steps": "0", "train.lr": "0.001"},
+                                      8: {"train.merge_steps": "3", "train.distill_steps": "2", "train.lr": "0.001"}}
+    recipe = get_recipe("tiny", {**params.overrides, **params.stage_overrides[8]})
+    assert recipe.noise.kind == "mask" and recipe.gate.thresholds == (0.7,) and recipe.gate.limit == 8
+    assert recipe.gate.min_tpf == {} and recipe.gate.default_tolerance == 1  # every stage is measured
+    assert recipe.train.for_stage(8).merge_steps == 3 and recipe.train.for_stage(8).lr == 1e-3
+    everything = chain_params(tmp_path)  # the recipe's own schedule, steps and rates
+    assert everything.block_sizes == [4, 8, 16, 32] and everything.stage_overrides == {}

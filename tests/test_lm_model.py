@@ -190,3 +190,15 @@ def test_a_trained_stage_records_its_token_ids(stage_b4):
     tok = processor.tokenizer
     assert meta["token_ids"] == {"mask": tok.convert_tokens_to_ids("<|mask|>"), "eos": tok.convert_tokens_to_ids(
         "<|im_end|>"), "pad": tok.pad_token_id}
+
+
+def test_the_recipes_attention_implementation_reaches_the_model(tiny_model_dir):
+    from bard_core import checkpoint
+    from tasks.lm_model import BardLM
+
+    assert checkpoint.load(tiny_model_dir)[0].config._attn_implementation == "sdpa"
+    assert checkpoint.load(tiny_model_dir, "eager")[0].config._attn_implementation == "eager"
+    assert BardLM(str(tiny_model_dir), mode="ar", recipe="tiny").model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation"):  # transformers' Qwen3-VL refuses flex attention
+        BardLM(str(tiny_model_dir), mode="ar", recipe="tiny", recipe_overrides={"model.attn_implementation":
+                                                                                "flex_attention"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 
@@ -407,7 +408,8 @@ def test_an_lr_override_moves_the_vision_tower_and_distillation_with_it(kit):
 
     _, model, _ = kit
     vision = {id(p) for n, p in model.named_parameters() if ".visual." in f".{n}"}
-    for overrides, scale in (({"train.lr": 2.5e-4}, 1.0), ({"train.lr": 2.5e-4, "train.vision_lr_scale": 0.1}, 0.1)):
+    for scale in (1.0, 0.1):
+        overrides = {"train.lr": 2.5e-4, "train.vision_lr_scale": scale}
         cfg = get_recipe("tiny", overrides).train
         assert cfg.distill_lr == pytest.approx(2.5e-4 * 0.3)
         for lr in (cfg.lr, cfg.distill_lr):
@@ -417,6 +419,28 @@ def test_an_lr_override_moves_the_vision_tower_and_distillation_with_it(kit):
     reference = TrainConfig()  # the reference's 2e-5 / 2e-6 / 6e-6
     assert build_optimizer(model, reference).param_groups[1]["lr"] == pytest.approx(2e-6)
     assert reference.distill_lr == pytest.approx(6e-6)
+
+
+def test_a_zero_vision_rate_freezes_the_tower_no_gradient_no_change(kit):
+    from bard_core.train import freeze_fixed
+
+    processor, base, spec = kit
+    model = copy.deepcopy(base)
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=0.0)
+    freeze_fixed(model, cfg)
+    vision = {n: p.detach().clone() for n, p in model.named_parameters() if ".visual." in f".{n}"}
+    text = {n: p.detach().clone() for n, p in model.named_parameters() if ".visual." not in f".{n}"}
+    optimizer = build_optimizer(model, cfg)
+    assert len(optimizer.param_groups) == 1 and vision
+    batch = pack([sample(processor, 7), sample(processor, 8)], model, 4, spec)
+    train_step(model, batch, optimizer, cfg)
+    params = dict(model.named_parameters())
+    assert all(params[n].grad is None and torch.equal(params[n], v) for n, v in vision.items())
+    assert any(not torch.equal(params[n], v) for n, v in text.items())
+    # a positive rate trains the tower again
+    model = copy.deepcopy(base)
+    freeze_fixed(model, TrainConfig(vision_lr_scale=0.1))
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_teacher_sees_the_sequence_under_its_own_block_mask(kit):
@@ -460,22 +484,3 @@ def test_over_long_and_empty_samples_are_rejected_with_reasons(kit):
     with pytest.raises(RejectedSample) as info:
         encode_sample(bad, processor, 512)
     assert info.value.reason == "image_count_mismatch"
-
-
-def test_length_grouped_local_batches_carry_less_padding_and_still_cover_the_pool(kit):
-    from bard_core.stages import batches
-
-    processor, model, spec = kit
-    pool = [sample(processor, 100 + i, family) for i, family in enumerate(["extract", "mcq", "count", "colour"] * 8)]
-
-    def epoch(group: bool):
-        it = batches(pool, model, 4, spec, TrainConfig(batch_size=4, group_by_length=group), seed=0)
-        got = [next(it) for _ in range(len(pool) // 4)]
-        real = sum(p + 2 * r for b in got for p, r in zip(b.prompt_lens, b.response_lens))
-        labels = sorted(tuple(b.input_ids[i, :b.prompt_lens[i] + b.response_lens[i]].tolist())
-                        for b in got for i in range(4))  # each sample's prompt and clean copy
-        return real / sum(b.input_ids.numel() for b in got), labels
-
-    grouped, ungrouped = epoch(True), epoch(False)
-    assert grouped[1] == ungrouped[1]  # the same samples, once each
-    assert grouped[0] > ungrouped[0] + 0.1 and grouped[0] > 0.85

@@ -114,3 +114,20 @@ def test_the_cache_and_registry_lock_makes_a_second_process_wait(tmp_path):
     with locked(lock):
         assert released.exists()  # we got the lock only after the holder's body had finished
     assert child.wait(30) == 0
+
+
+def test_the_code_version_follows_code_not_comments_or_docstrings(tmp_path):
+    from tasks.refs import code_version
+
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    module = pkg / "m.py"
+
+    def version(text: str) -> str:
+        module.write_text(text)
+        return code_version.__wrapped__((pkg,))
+
+    plain = version("def f(x):\n    return x + 1\n")
+    assert version('"""A module."""\n# why\ndef f(x):\n    """Add one."""\n    return x + 1  # one\n') == plain
+    assert version("def f(x):\n    return x + 2\n") != plain
+    assert version("def f(x):\n    return 'x + 1'\n") != plain  # a string that is code, not a docstring

@@ -1,0 +1,84 @@
+"""The stage chain as the benchmarks run it: the pipeline flow (`flows/pipeline.py`, the only chain) on
+the tiny recipe over a shapes world, with the benchmark's steps, rates and overrides per stage.
+
+Its gates are opened (tolerance 1, no minimum TPF) so that every stage of the schedule is trained and
+measured whatever its scores: a benchmark reports drops and speeds; it does not stop at the first stage
+a gate would refuse. Everything is cached under the work directory as in any pipeline run, so a second
+call with the same settings only evaluates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+OPEN_GATES = {"gate.default_tolerance": "1", "gate.min_tpf": "{}"}
+
+
+def parse_steps(text: str) -> list[tuple[int, int]]:
+    """``"450:0,100:40"`` → ``[(450, 0), (100, 40)]`` (merge:distill per stage)."""
+    steps = [tuple(int(x) for x in part.split(":")) for part in text.split(",")]
+    if any(len(s) != 2 for s in steps):
+        raise ValueError(f"steps expects MERGE:DISTILL per stage, got {text!r}")
+    return steps
+
+
+def chain_params(work: str | Path, *, seed: int = 11, size: int = 3000, limit: int = 300, threshold: float = 0.9,
+                 steps: list[tuple[int, int]] | None = None, lrs: list[float] | None = None,
+                 overrides: dict | None = None, run_name: str = "chain"):
+    """The PipelineParams of a benchmark's chain. `steps`/`lrs`: per stage of the recipe's schedule from B4
+    on (the schedule is cut to the length of `steps`; one rate is every stage's); `overrides`: recipe
+    overrides for every stage. Bad values raise ValueError before any work."""
+    from bard_core.recipes import get_recipe
+    from flows.pipeline import PipelineParams, WorldParams
+
+    work = Path(work).resolve()
+    base = {**(overrides or {}), **OPEN_GATES, "gate.limit": str(limit), "gate.thresholds": json.dumps([threshold])}
+    schedule = list(get_recipe("tiny", base).train.block_sizes)
+    if steps is not None and len(steps) > len(schedule):
+        raise ValueError(f"{len(steps)} stages of steps for the block sizes {schedule}")
+    schedule = schedule[:len(steps)] if steps is not None else schedule
+    lrs = (lrs * len(schedule) if len(lrs) == 1 else lrs) if lrs else None
+    if lrs is not None and len(lrs) != len(schedule):
+        raise ValueError(f"{len(lrs)} learning rates for {len(schedule)} stages: give one, or one per stage")
+    per_stage: dict[int, dict[str, str]] = {B: {} for B in schedule}
+    for k, B in enumerate(schedule):
+        if steps is not None:
+            per_stage[B].update({"train.merge_steps": str(steps[k][0]), "train.distill_steps": str(steps[k][1])})
+        if lrs is not None:
+            per_stage[B]["train.lr"] = str(lrs[k])
+        get_recipe("tiny", {**base, **per_stage[B]})  # a bad value fails here
+    return PipelineParams(recipe="tiny", overrides=base, stage_overrides={B: o for B, o in per_stage.items() if o},
+                          block_sizes=schedule, root=str(work), run_name=run_name, registry=str(work / "registry"),
+                          world=WorldParams(seed=seed, size=size, bench_size=limit))
+
+
+def run_chain(work: str | Path, **settings) -> dict:
+    """Run the pipeline flow with `chain_params(work, **settings)` and return its report (``report.json``),
+    each stage with its ``final_loss`` (the mean loss of its last 10% of steps), ``steps`` (merge+distill),
+    merge ``lr`` and ``train_seconds`` added."""
+    from flows.pipeline import pipeline_flow
+
+    params = chain_params(work, **settings)
+    work, run_name = Path(params.root), params.run_name
+    pipeline_flow(params)
+    report = json.loads((work / run_name / "report.json").read_text())
+    for stage in report["stages"]:
+        meta = json.loads((Path(stage["checkpoint"]) / "bard.json").read_text())
+        tail = meta["history"][-max(1, len(meta["history"]) // 10):]
+        stage["final_loss"] = sum(h["loss"] for h in tail) / len(tail)
+        phases = {p["name"]: p for p in meta["phases"]}
+        stage["steps"] = f"{phases['merge']['steps']}+{phases.get('distill', {}).get('steps', 0)}"
+        stage["lr"] = phases["merge"]["lr"]
+        stage["train_seconds"] = report["timing"].get(f"{stage['stage']}_train")
+    return report
+
+
+def curated(work: str | Path):
+    """The DatasetRef of the data the chain under `work` trained on (one curated set per work directory)."""
+    from tasks.refs import DatasetRef
+
+    found = sorted((Path(work).resolve() / "cache" / "curated").glob("*/manifest.json"))
+    if len(found) != 1:
+        raise RuntimeError(f"expected one curated data set under {work}/cache/curated, found {len(found)}")
+    return DatasetRef.from_manifest(found[0].parent, json.loads(found[0].read_text()))
