@@ -123,13 +123,8 @@ class NoiseConfig:
 
     kind: str = "mixed"
     t_min: float = 0.05
-    # share of blocks corrupted as the state a left-to-right decoder is in: a clean prefix of random
-    # length (inside the real response), every later position masked, level t = 1. The i.i.d. schedules
-    # almost never draw it in a large block, and under mixed noise a visible token of the noisy block is
-    # more often a substitute than the truth, so the model learns not to trust the block's decided
-    # prefix. Tiny chain, B32 checkpoint without it: shapes_extract 0.989 decoded in blocks of 4, 0.972
-    # in its own blocks of 32, committing one token per forward with ':' after a line number at ~0.85.
-    # At 0.25 / 0.5 B32 extract rose to 0.968 / 0.977 on world 12 (benchmarks/stage_budget.py)
+    # share of blocks corrupted as a left-to-right decoder sees them (a clean prefix, the rest masked), which
+    # the i.i.d. schedules almost never draw in a large block (docs/stage_budget.md, "Noise")
     prefix_prob: float = 0.5
 
     def __post_init__(self) -> None:
@@ -164,27 +159,17 @@ class TrainConfig:
     prompt_mask: str = "causal"
     label_shift: bool = False
     pad_loss_weight: float = 0.0  # weight of <|im_end|> padding positions in the CE (0 or 0.5)
-    # Weight of the noisy copy's *kept* real tokens in the CE, relative to a corrupted token of the same
-    # block (both × 1/t). METHOD.md §3 takes loss only where the input differs from the label, so under
-    # mixed noise every visible token the model learns to read is a substitute: it learns "a visible token
-    # is wrong", and decoding's correction step (edits) replaces right tokens. Tiny chain, world 12, with
-    # 0: edits made 26 shapes_extract listings worse and 4 better at B32 (0.967 with edits, 0.979 without).
-    # 1 weights kept and substituted tokens alike, so P(token | visible token) is the noise's posterior:
-    # the same chain (stage_budget) then made 67 edits instead of 106 at B32 and extract went from
-    # 0.979 / 0.985 / 0.967 to 0.995 / 0.998 / 0.986 at B8 / B16 / B32 (world 13: B32 0.977 → 0.991),
-    # for ~4% more step time (the kept tokens' logits and CE).
+    # weight of the noisy copy's kept real tokens in the CE, relative to a corrupted one (both × 1/t): with
+    # loss on corrupted tokens only (METHOD.md §3) the model learns that a visible token is wrong and the
+    # correction step replaces right tokens (docs/stage_budget.md, "Kept-token loss")
     keep_loss_weight: float = 0.0
     ce_weight: float = 1.0
     kd_weight: float = 0.5
     kd_top_k: int = 16
     kd_temperature: float = 1.0
-    # AR anchor (needs label_shift): top-K KD from the frozen AR base at the loss positions whose context is
-    # exactly an AR model's — a block's first token, read from the prompt's or the previous clean block's
-    # last token. The AR head's next-token distribution is the right target there (and only there), in
-    # every phase of every stage; it keeps one-token answers from drifting as the chain fine-tunes on data
-    # the base was not trained on (tiny chain, world 12, mcq at B4/B8/B16/B32: 0.930/0.920/0.923/0.913
-    # without, 0.930/0.937/0.940/0.933 with weight 2, AR 0.947). The targets depend on the row alone: the
-    # Ray path computes them once per chain (tasks.train.training_dataset). 0 turns it off.
+    # AR anchor (needs label_shift): top-K KD from the frozen AR base where a position's context is exactly an
+    # AR model's (a block's first token); keeps one-token answers from drifting down the chain
+    # (docs/stage_budget.md, "AR anchor"). Computed once per chain (tasks.train.training_dataset); 0: off
     anchor_weight: float = 0.0
     checkpoint_every: int = 100
     # per block size, the stage's own merge_steps / distill_steps / lr (`for_stage`); an override of one of
@@ -194,11 +179,8 @@ class TrainConfig:
     # skip encoding what is kept (every epoch still reads the shard: see tasks/train_worker.EncodedStream);
     # 0 turns it off
     encode_cache_mb: int = 1024
-    # batches of similar lengths (`layout.length_grouped`, over a window of 16 batches): every row of a
-    # batch is padded to its longest, and random batches of the tiny chain were 48–65% real tokens.
-    # Grouped, its steps took 19–30% less time (stage_budget, world 12: 450 s → 362 s for the same steps)
-    # and every benchmark scored the same or better; with the workers' batches in one length order
-    # (tasks/train_worker.py), world 12 took 351 s
+    # batches of similar lengths (`layout.length_grouped`): less padding, 19–30% faster steps
+    # (docs/stage_budget.md, "Length-grouped batches")
     group_by_length: bool = True
     # driver: a curated dataset up to this size on disk is read once per Ray session into the object store
     # and shared by every stage trained on it (each fit() then skips the read pipeline's start, ~4 s on 2

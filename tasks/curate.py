@@ -33,32 +33,13 @@ from bard_core.curation.normalise import (
     text_of,
     to_table,
 )
+from bard_core.curation.policy import decide
 from tasks.locks import locked
+from tasks.ray_session import init_ray
 from tasks.refs import DatasetRef, code_version
 from tasks.sources import open_stream, retry_on_hub_io, source_units
 
 KINDS = ("llava_ov", "finevision")
-
-
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` / RAY_ADDRESS when given, else start a small local Ray (idempotent)."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address:
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-    else:
-        # Ray Train's controller polls its workers every 2 s by default, so a finished stage waited ~2 s
-        # for its fit() to return; at 0.5 s a poll is two small calls a second (set before the local Ray starts, whose
-        # processes inherit it; a cluster's own setting is left alone).
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        # Twice the cores as logical CPUs: Ray Train workers hold one each, and Ray Data still needs
-        # room for its read tasks next to them (with exactly 2 on 2 cores a 2-worker stage starves).
-        ray.init(num_cpus=num_cpus or 2 * (os.cpu_count() or 1), object_store_memory=2 * 1024**3,
-                 include_dashboard=False, ignore_reinit_error=True, log_to_driver=os.environ.get("BARD_RAY_LOGS") == "1")
 
 
 def _raw(value):
@@ -131,40 +112,6 @@ class _UnitProcessor:
 def _question(messages: list[dict]) -> str:
     users = [m for m in messages if m["role"] == "user"]
     return text_of(users[-1]) if users else ""
-
-
-def decide(keys: list[dict], cfg: DataConfig, contamination: dedup.Contamination) -> dict[str, str]:
-    """Global decisions on the key projection: sample_id → reject reason (dedup, contamination, mix)."""
-    reasons: dict[str, str] = {}
-    live = [k for k in keys if not k["reason"]]
-    # exact duplicates: earliest wins (sources in a fixed order, then row order)
-    live.sort(key=lambda k: (k["source"], k["order"]))
-    seen: set[str] = set()
-    for k in live:
-        if k["exact"] in seen:
-            reasons[k["sample_id"]] = "exact_duplicate"
-        seen.add(k["exact"])
-    live = [k for k in live if k["sample_id"] not in reasons]
-    for k in live:  # decontamination before near-dup: a leak must not become a group's keeper
-        reason = contamination.check(k["phash"], k["question"])
-        if reason:
-            reasons[k["sample_id"]] = reason
-    live = [k for k in live if k["sample_id"] not in reasons]
-    groups = dedup.near_duplicate_groups([k["phash"] for k in live], cfg.phash_threshold)
-    ratings = [k["rating"] for k in live]
-    orders = [(hashlib.sha256(k["source"].encode()).hexdigest(), k["order"]) for k in live]
-    rank = {o: i for i, o in enumerate(sorted(set(orders)))}
-    keep = dedup.keep_best(list(groups), ratings, [rank[o] for o in orders])
-    for k, ok in zip(live, keep):
-        if not ok:
-            reasons[k["sample_id"]] = "near_duplicate"
-    live = [k for k, ok in zip(live, keep) if ok]
-    mixed = dedup.mix_keep([k["sample_id"] for k in live], [k["source"] for k in live], cfg.weights,
-                           cfg.target_size, cfg.seed)
-    for k, ok in zip(live, mixed):
-        if not ok:
-            reasons[k["sample_id"]] = "mix_not_selected"
-    return reasons
 
 
 def benchmark_contamination(benchmarks_dir: str | None, cfg: DataConfig, train_questions: list[str],

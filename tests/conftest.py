@@ -57,7 +57,7 @@ def local_ray():
     """A real local Ray (2 CPUs), shut down at the end of the session."""
     import ray
 
-    from tasks.curate import init_ray
+    from tasks.ray_session import init_ray
 
     init_ray()
     yield
