@@ -1,7 +1,7 @@
 """Curation throughput: decode + validate + pHash of 384-px images per core, and the near-duplicate
 stage on 10k / 100k / 1M synthetic 64-bit hashes (it should grow about linearly).
 
-    python benchmarks/curation_speed.py [--images 600] [--sizes 10000,100000,1000000]
+    python -m benchmarks.curation_speed [--images 600] [--sizes 10000,100000,1000000]
 
 One process, one core for the image stage (per-core figure); the last line is one JSON object.
 """
@@ -11,18 +11,14 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+from PIL import Image
 
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from bard_core.config import DataConfig  # noqa: E402
-from bard_core.curation.dedup import near_duplicate_groups, near_duplicate_pairs  # noqa: E402
-from bard_core.curation.filters import inspect_image  # noqa: E402
+from bard_core.config import DataConfig
+from bard_core.curation.dedup import near_duplicate_groups, near_duplicate_pairs
+from bard_core.curation.filters import inspect_image
 
 
 def images(n: int, side: int) -> list[bytes]:

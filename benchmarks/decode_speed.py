@@ -13,7 +13,7 @@ steps for B4/B8/B16/B32) takes about 25 minutes on 2 cores, once: in-block paral
 accuracy) is learned late — at 600 steps per stage the later stages decode nearly left to right — and
 mask noise learns it faster than mixed noise at this scale.
 
-    python benchmarks/decode_speed.py [--limit 60] [--thresholds 0.5,0.7,0.9] [--stages DIR | --steps 1500:0,...]
+    python -m benchmarks.decode_speed [--limit 60] [--thresholds 0.5,0.7,0.9] [--stages DIR | --steps 1500:0,...]
 
 The last line printed is one JSON object.
 """
@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from bard_core import checkpoint
+from bard_core.config import DecodeConfig
+from bard_core.shapes import suite
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from bard_core import bench, checkpoint  # noqa: E402
-from bard_core.config import DecodeConfig  # noqa: E402
 
 
 def stage_checkpoints(args) -> dict[int, Path]:
@@ -77,12 +76,12 @@ def main() -> None:
         bench_dir = Path(tempfile.mkdtemp()) / "world"
         synth(bench_dir, seed=99, size=20, bench_size=max(args.limit, 4))
         bench_dir = bench_dir / "benchmarks"
-    items = bench.load_items(bench_dir, args.benchmark, args.limit)
+    items = suite.load_items(bench_dir, args.benchmark, args.limit)
 
     checkpoints = stage_checkpoints(args)
     ar_model, processor, ar_meta = checkpoint.load(args.ar_model)
-    prompts = bench.prompts_for(items, processor)
-    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
+    prompts = suite.prompts_for(items, processor)
+    ar = suite.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
                       checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False))
     rows = []
     for B, path in checkpoints.items():
@@ -90,7 +89,7 @@ def main() -> None:
         for tau in thresholds:
             cfg = DecodeConfig(block_size=B, threshold=tau, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, label_shift=bool(meta.get("label_shift", False)))
-            d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
+            d = suite.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
                                     checkpoint.token_ids(processor.tokenizer, meta))
             rows.append({"block_size": B, "threshold": tau, "checkpoint": str(path),
                          "accuracy": d.accuracy["accuracy"], "scores": d.accuracy, "tokens": d.tokens, "nfe": d.nfe,

@@ -16,9 +16,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_objective.py 2>&1 | tail -15 | tee "$OUT/tests.txt"
-python3 benchmarks/gpu_fsdp.py --shape 4b --device cuda 2>&1 | grep -v Warning | tee "$OUT/gpu_fsdp_4b.txt"
+python3 -m benchmarks.gpu_fsdp --shape 4b --device cuda 2>&1 | grep -v Warning | tee "$OUT/gpu_fsdp_4b.txt"
 if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then
-  python3 benchmarks/layout_memory.py --shape 4b --device cuda --batch 1 --image-tokens 1024 --reps 3 \
+  python3 -m benchmarks.layout_memory --shape 4b --device cuda --batch 1 --image-tokens 1024 --reps 3 \
     --configs 1300:256,3000:256,3000:1024 2>&1 | grep -v Warning | tee "$OUT/layout_memory_4b.txt"
-  python3 benchmarks/gpu_decode.py 2>&1 | grep -v Warning | tee "$OUT/gpu_decode.txt"
+  python3 -m benchmarks.gpu_decode 2>&1 | grep -v Warning | tee "$OUT/gpu_decode.txt"
 fi

@@ -6,7 +6,7 @@ Part 2: end to end, the AR engine vs block decoding at fixed steps per block (st
 prompt, same number of new tokens, batch 1 and 8: tokens/s and speed-up. Random weights never
 stop, so both decode exactly `--new-tokens` tokens.
 
-    python benchmarks/gpu_decode.py            # needs CUDA; last line is one JSON object
+    python -m benchmarks.gpu_decode            # needs CUDA; last line is one JSON object
 """
 
 from __future__ import annotations
@@ -14,18 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bard_core.config import DecodeConfig  # noqa: E402
-from bard_core.decode import TokenIds, _forward, _truncate, ar_generate_cached, generate  # noqa: E402
-from bard_core.inputs import EncodedSample  # noqa: E402
-from benchmarks.layout_memory import build_model  # noqa: E402
+from bard_core.config import DecodeConfig
+from bard_core.decode import TokenIds, _forward, _truncate, ar_generate_cached, generate
+from bard_core.inputs import EncodedSample
+from benchmarks.layout_memory import build_model
 
 MASK_ID = 151671
 

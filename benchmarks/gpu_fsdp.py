@@ -14,8 +14,8 @@ median step seconds (first step excluded), peak GPU memory, losses, gradient nor
 The process group has one rank (a single GPU): FSDP then shards nothing, but every collective, the
 mixed-precision policy and the gather run as they do on N ranks.
 
-    python benchmarks/gpu_fsdp.py                         # 4B shape on CUDA (the device machine)
-    python benchmarks/gpu_fsdp.py --shape tiny --device cpu   # the same path on CPU (gloo, fp32)
+    python -m benchmarks.gpu_fsdp                         # 4B shape on CUDA (the device machine)
+    python -m benchmarks.gpu_fsdp --shape tiny --device cpu   # the same path on CPU (gloo, fp32)
 
 The last line printed is one JSON object.
 """
@@ -30,20 +30,16 @@ import math
 import os
 import socket
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from bard_core.config import NoiseConfig, TrainConfig  # noqa: E402
-from bard_core.layout import NoiseSpec, pack  # noqa: E402
-from bard_core.parallel import full_state, load_optimizer_state, shard  # noqa: E402
-from bard_core.train import LogitsAtLossPositions, Teacher, build_optimizer, to_device, train_step  # noqa: E402
-from benchmarks.layout_memory import SPECIALS, build_model, synthetic_sample  # noqa: E402
+from bard_core.config import NoiseConfig, TrainConfig
+from bard_core.layout import NoiseSpec, pack
+from bard_core.parallel import full_state, load_optimizer_state, shard
+from bard_core.train import LogitsAtLossPositions, Teacher, build_optimizer, to_device, train_step
+from benchmarks.layout_memory import SPECIALS, build_model, synthetic_sample
 
 
 def sync(device: str) -> None:

@@ -9,8 +9,8 @@ noise, side by side (interleaved repetitions). Reported per (P, R):
 - token ratio (P+2R)/(2P+2R) of the language model, and the measured activation ratio.
 Also the analytic token counts for a Qwen3-VL-4B-sized sample (P≈1,300 with one 1024² image, R=256).
 
-    python benchmarks/layout_memory.py                       # tiny model, CPU
-    python benchmarks/layout_memory.py --shape 4b --device cuda   # 4B-shaped, bf16, random weights
+    python -m benchmarks.layout_memory                       # tiny model, CPU
+    python -m benchmarks.layout_memory --shape 4b --device cuda   # 4B-shaped, bf16, random weights
 
 The last line printed is one JSON object.
 """
@@ -20,19 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from bard_core.config import ModelConfig, NoiseConfig  # noqa: E402
-from bard_core.inputs import EncodedSample  # noqa: E402
-from bard_core.layout import NoiseSpec, pack  # noqa: E402
-from bard_core.losses import diffusion_ce  # noqa: E402
-from bard_core.train import packed_logits, to_device  # noqa: E402
+from bard_core.config import ModelConfig, NoiseConfig
+from bard_core.inputs import EncodedSample
+from bard_core.layout import NoiseSpec, pack
+from bard_core.losses import diffusion_ce
+from bard_core.train import packed_logits, to_device
 
 SPECIALS = {"pad": 0, "im_start": 1, "eos": 2, "vision_start": 3, "vision_end": 4, "image": 5, "video": 6, "mask": 7}
 

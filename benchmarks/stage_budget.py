@@ -4,7 +4,7 @@ stage through the gate's evaluation (lm-eval, the same engine, paired items). Re
 wall time (Ray overhead included), final loss, scores and paired drops per stage, and whether every
 stage stays within `--tolerance` of the AR base.
 
-    python benchmarks/stage_budget.py [--limit 300] [--seed 11] [--size 3000] [--steps 450:0,100:40,100:40,420:60]
+    python -m benchmarks.stage_budget [--limit 300] [--seed 11] [--size 3000] [--steps 450:0,100:40,100:40,420:60]
         [--lr 2.5e-4,2e-4,2e-4,2e-4] [--ar-control] [--set noise.kind=mask] [--work DIR]
 
 Defaults: the tiny recipe's own schedule and rates. The chain is the pipeline's (`benchmarks/chain.py`,
@@ -17,17 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bard_core.gate import paired  # noqa: E402
-from bard_core.recipes import get_recipe  # noqa: E402
-from benchmarks.chain import chain_params, curated, parse_steps, run_chain  # noqa: E402
+from bard_core.gate import paired
+from bard_core.recipes import get_recipe
+from benchmarks.chain import chain_params, curated, parse_steps, run_chain
 
 
 def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict, limit: int, tolerance: float) -> dict:

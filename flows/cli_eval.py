@@ -62,13 +62,14 @@ def cmd_generate(args) -> int:
 
 
 def cmd_bench_decode(args) -> int:
-    from bard_core import bench, checkpoint
+    from bard_core import checkpoint
+    from bard_core.shapes import suite
 
     model_dir = _existing_dir(args.model, "bench-decode", "--model")
     ar_dir = _existing_dir(args.ar_model, "bench-decode", "--ar-model")
     thresholds = _thresholds(args.threshold, "bench-decode")
     try:
-        items = bench.load_items(args.benchmarks_dir, args.benchmark, args.limit)
+        items = suite.load_items(args.benchmarks_dir, args.benchmark, args.limit)
     except ValueError as exc:
         raise UsageError(f"bard bench-decode: {exc}") from None
     model, processor, meta = checkpoint.load(model_dir)
@@ -76,15 +77,15 @@ def cmd_bench_decode(args) -> int:
     if block_size is None:
         raise UsageError("bard bench-decode: --model has no bard.json block size; pass --block-size")
     ar_model, _, ar_meta = checkpoint.load(ar_dir)
-    prompts = bench.prompts_for(items, processor)
-    ar = bench.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
+    prompts = suite.prompts_for(items, processor)
+    ar = suite.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
                       checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False))
     rows = [{"decoder": "ar", "block_size": None, "threshold": None, "accuracy": ar.accuracy, "tokens": ar.tokens,
              "nfe": ar.nfe, "tpf": ar.tpf, "tok_s": ar.tok_s, "speedup": 1.0}]
     for tau in thresholds:
         cfg = checkpoint.decode_config(meta, None, block_size=block_size, threshold=tau,
                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
-        d = bench.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
+        d = suite.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
                                 checkpoint.token_ids(processor.tokenizer, meta))
         rows.append({"decoder": "diffusion", "block_size": block_size, "threshold": tau, "accuracy": d.accuracy,
                      "tokens": d.tokens, "nfe": d.nfe, "tpf": d.tpf, "tok_s": d.tok_s, "speedup": d.tok_s / ar.tok_s})

@@ -35,14 +35,14 @@ def test_mcq_takes_the_option_letter():
 
 
 def test_per_item_scores_are_the_primary_metric_and_average_to_it():
-    from bard_core import bench
+    from bard_core.shapes import suite
 
     items = [{"answer": "B", "image_id": "a"}, {"answer": "C", "image_id": "b"}, {"answer": "A", "image_id": "c"}]
     predictions = ["B", "D", "A. red circle"]
-    assert bench.score_items("shapes_mcq", items, predictions) == [1.0, 0.0, 1.0]
-    assert bench.score("shapes_mcq", items, predictions)["accuracy"] == pytest.approx(2 / 3)
+    assert suite.score_items("shapes_mcq", items, predictions) == [1.0, 0.0, 1.0]
+    assert suite.score("shapes_mcq", items, predictions)["accuracy"] == pytest.approx(2 / 3)
     gold = "1: red circle\n2: empty"
-    extract = bench.score_items("shapes_extract", [{"answer": gold, "image_id": "x"}] * 2, [gold, "1: red circle"])
+    extract = suite.score_items("shapes_extract", [{"answer": gold, "image_id": "x"}] * 2, [gold, "1: red circle"])
     assert extract[0] == 1.0 and 0.0 < extract[1] < 1.0  # field F1, not exact match
 
 

@@ -197,7 +197,6 @@ def test_curate_command_runs_the_flow(world_dir, tiny_model_dir, tmp_path):
 def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
     # per-stage learning rates and merge:distill steps are checked up front: a typo must not cost the
     # minutes of synthesis and curation that come first
-    script = str(ROOT / "benchmarks" / "stage_budget.py")
     cases = {("--lr", "1e-3,2e-3"): "one per stage", ("--lr", "fast"): "--lr", ("--lr", "-1e-3"): "lr",
              ("--steps", "600:0,220"): "MERGE:DISTILL", ("--steps", "6:0,1:1,1:1,1:1,1:1"): "block sizes",
              ("--steps", "6:0,1:1", "--lr", "1e-3,1e-3,1e-3"): "one per stage",
@@ -205,7 +204,8 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
              ("--set", "train.lr=1e-3"): "with --lr"}
     for args, message in cases.items():
         work = tmp_path / "work"
-        out = subprocess.run([sys.executable, script, "--work", str(work), *args], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "benchmarks.stage_budget", "--work", str(work), *args],
+                             capture_output=True, text=True,
                              cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
         assert not work.exists() and out.stdout == ""

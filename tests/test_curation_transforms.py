@@ -206,7 +206,7 @@ def test_curation_speed_benchmark_prints_a_table_and_a_json_line():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "benchmarks/curation_speed.py", "--images", "20", "--sizes", "1000,5000"],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.curation_speed", "--images", "20", "--sizes", "1000,5000"],
                          capture_output=True, text=True, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])

@@ -51,7 +51,7 @@ def test_diffusion_steps_lower_the_held_out_loss():
 
 
 def test_layout_memory_benchmark_prints_a_table_and_a_json_line():
-    out = subprocess.run([sys.executable, "benchmarks/layout_memory.py", "--configs", "120:32", "--image-tokens", "16",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.layout_memory", "--configs", "120:32", "--image-tokens", "16",
                           "--reps", "1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()

@@ -27,14 +27,15 @@ def _suite(world_dir, **kw):
 
 
 def test_the_shipped_base_scores_through_lm_eval_exactly_what_the_engine_scores_alone(base_lm, world_dir, tmp_path):
-    from bard_core import bench, checkpoint
+    from bard_core import checkpoint
+    from bard_core.shapes import suite
     from tasks.evaluate import evaluate
 
     report = evaluate(base_lm, _suite(world_dir), tmp_path)
     ids = checkpoint.token_ids(base_lm.processor.tokenizer, base_lm.meta)
     for name in SHAPES:
-        items = bench.load_items(world_dir / "benchmarks", name)
-        direct = bench.run_ar(base_lm.model, base_lm.processor, name, items, bench.prompts_for(items, base_lm.processor),
+        items = suite.load_items(world_dir / "benchmarks", name)
+        direct = suite.run_ar(base_lm.model, base_lm.processor, name, items, suite.prompts_for(items, base_lm.processor),
                               96, 32, ids)
         assert [report.items[name][str(i)] for i in range(len(items))] == direct.per_item, name
     assert min(report.scores.values()) >= 0.75 and sum(report.scores.values()) / 5 >= 0.9  # its trained level
@@ -80,9 +81,9 @@ def test_a_trained_block_diffusion_checkpoint_decodes_in_blocks_and_reports_its_
 
 
 def test_generation_honours_until_and_max_gen_toks(base_lm, world_dir):
-    from bard_core import bench
+    from bard_core.shapes import suite
 
-    item = bench.load_items(world_dir / "benchmarks", "shapes_extract", 1)[0]
+    item = suite.load_items(world_dir / "benchmarks", "shapes_extract", 1)[0]
     image = Image.open(io.BytesIO(item["image"]["bytes"]))
     context = "<image>" + item["question"]
     (full, first_line, capped, no_until), stats = base_lm.decode_contexts([
@@ -120,11 +121,11 @@ def test_loglikelihood_is_exact_in_ar_mode_and_refused_in_diffusion_mode(base_lm
     import torch
     from lm_eval.api.instance import Instance
 
-    from bard_core import bench
     from bard_core.decode import ar_generate_cached
+    from bard_core.shapes import suite
 
-    item = bench.load_items(world_dir / "benchmarks", "shapes_count", 1)[0]
-    prompt = bench.prompts_for([item], base_lm.processor)[0]
+    item = suite.load_items(world_dir / "benchmarks", "shapes_count", 1)[0]
+    prompt = suite.prompts_for([item], base_lm.processor)[0]
     (g,) = ar_generate_cached(base_lm.model, [prompt], 8, base_lm.ids)
     greedy = g.token_ids[:-1]  # without <|im_end|>
     text = base_lm.processor.tokenizer.decode(greedy)

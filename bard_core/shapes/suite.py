@@ -1,5 +1,6 @@
-"""Decode-speed comparison: the AR baseline and block-diffusion decoding in the same engine, on a
-benchmark's items, side by side in one run. Accuracy uses the benchmark's own metric."""
+"""The shapes benchmarks run directly in the engine (no lm-eval): their items, prompts and per-item scores,
+and the AR baseline beside block-diffusion decoding, side by side in one run (`bard bench-decode`,
+`benchmarks/decode_speed.py`). The gates evaluate through lm-eval instead (`tasks/evaluate.py`)."""
 
 from __future__ import annotations
 
