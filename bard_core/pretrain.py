@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from bard_core.ar import ar_generate
-from bard_core.checkpoint import save_checkpoint
+from bard_core.checkpoint import save_checkpoint, token_ids
 from bard_core.config import ModelConfig, TrainConfig
-from bard_core.inputs import encode_sample
+from bard_core.decode import ar_generate_cached
+from bard_core.inputs import encode_prompt, encode_sample
 from bard_core.layout import ar_batch
 from bard_core.shapes import metrics, world
 from bard_core.shapes.data import FORMATS, conversations
@@ -53,9 +53,14 @@ def eval_set(seed: int, per_family: int) -> list[tuple[str, dict, str]]:
     return items
 
 
-def score_families(model, processor, items, max_new_tokens: int = 96) -> dict[str, float]:
+def score_families(model, processor, items, max_new_tokens: int = 96, batch_size: int = 32) -> dict[str, float]:
     """Greedy AR answers scored per family; extract reports field F1 and exact match."""
-    predictions = ar_generate(model, processor, [s for _, s, _ in items], max_new_tokens=max_new_tokens)
+    ids = token_ids(processor.tokenizer, {}, require_mask=False)
+    prompts = [encode_prompt(s["messages"][:-1], s.get("images") or [], processor) for _, s, _ in items]
+    predictions = []
+    for start in range(0, len(prompts), batch_size):  # the engine's AR decoder, as every evaluation here
+        for g in ar_generate_cached(model, prompts[start:start + batch_size], max_new_tokens, ids):
+            predictions.append(processor.tokenizer.decode(g.token_ids, skip_special_tokens=True))
     totals: dict[str, list[float]] = {}
     for (family, _, answer), prediction in zip(items, predictions):
         fn, name = FAMILY_SCORES[family]

@@ -197,8 +197,8 @@ def test_cached_equals_uncached_fused_equals_separate_batch_equals_single(real):
 def test_ar_baseline_matches_transformers_generate(real):
     """On the shipped (trained, confident) base: a random model's near-ties flip under float noise."""
     from bard_core import checkpoint
-    from bard_core.ar import ar_generate
     from bard_core.assets import shipped_base
+    from bard_core.inputs import _pil
 
     _, _, ids, samples, _ = real
     model, processor, _ = checkpoint.load(shipped_base())
@@ -208,7 +208,15 @@ def test_ar_baseline_matches_transformers_generate(real):
         enc.response_ids = enc.response_ids[:0]
         prompts.append(enc)
     ours = ar_generate_cached(model, prompts, 20, ids)
-    theirs = ar_generate(model, processor, samples, max_new_tokens=20)
+    texts = [processor.apply_chat_template(s["messages"][:-1], add_generation_prompt=True, tokenize=False)
+             for s in samples]
+    images = [_pil(im) for s in samples for im in s["images"]]
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True, padding_side="left")
+    tok = processor.tokenizer
+    with torch.no_grad():  # transformers' own generate: KV cache, left padding, greedy
+        out = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    theirs = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     for g, text in zip(ours, theirs):
         assert processor.tokenizer.decode(g.token_ids, skip_special_tokens=True) == text
         assert g.nfe == g.tokens  # one token per forward
