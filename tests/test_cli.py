@@ -151,7 +151,7 @@ def test_train_dry_run_shows_the_parallel_plan_of_each_recipe(tmp_path):
     out = run("train", "--data", str(tmp_path), "--init", str(tmp_path), "--teacher", str(tmp_path), "--out",
               str(tmp_path / "o"), "--block-size", "8", "--set", "train.lr=2e-4", "--dry-run", "--json")
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["lr"] == {"merge": 2e-4, "vision": pytest.approx(2e-4),  # tiny: scale 1
+    assert json.loads(out.stdout)["lr"] == {"merge": 2e-4, "vision": 0.0,  # tiny: the vision tower is frozen
                                             "distill": pytest.approx(6e-5)}  # follows the merge rate
 
 
