@@ -26,6 +26,7 @@ from bard_core.config import DataConfig
 from bard_core.curation import dedup
 from bard_core.curation.filters import TokenCounter, check_row
 from bard_core.curation.normalise import (
+    REQUIRED,
     UNIFIED_SCHEMA,
     empty_row,
     missing_columns,
@@ -39,7 +40,7 @@ from tasks.ray_session import init_ray
 from tasks.refs import DatasetRef, code_version
 from tasks.sources import open_stream, retry_on_hub_io, source_units
 
-KINDS = ("llava_ov", "finevision")
+KINDS = tuple(REQUIRED)  # the source kinds: one per schema
 
 
 def _raw(value):
@@ -119,7 +120,6 @@ def benchmark_contamination(benchmarks_dir: str | None, cfg: DataConfig, train_q
     """pHashes and questions of every gate benchmark under `benchmarks_dir` (<name>/test.parquet)."""
     from io import BytesIO
 
-    import imagehash
     from PIL import Image
 
     hashes, questions = [], []
@@ -128,7 +128,7 @@ def benchmark_contamination(benchmarks_dir: str | None, cfg: DataConfig, train_q
             if names and path.parent.name not in names:
                 continue
             for row in pq.read_table(path, columns=["image", "question"]).to_pylist():
-                hashes.append(int(str(imagehash.phash(Image.open(BytesIO(row["image"]["bytes"])))), 16))
+                hashes.append(dedup.phash64(Image.open(BytesIO(row["image"]["bytes"]))))
                 questions.append(row["question"])
     common = dedup.common_ngrams(train_questions, cfg.ngram, min_count=3)
     return dedup.Contamination(hashes, questions, cfg.phash_threshold, cfg.ngram, common)

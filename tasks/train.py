@@ -27,14 +27,12 @@ from pathlib import Path
 
 from prefect import task
 
-from bard_core.config import TrainConfig
+from bard_core.config import OBJECTIVES, TrainConfig
 from bard_core.recipes import get_recipe
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
 from tasks.train_worker import AnchorTargets, train_loop_per_worker
-
-OBJECTIVES = ("ar", "diffusion")
 
 
 def _phases(objective: str, train: TrainConfig, has_teacher: bool) -> list[dict]:

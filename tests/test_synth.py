@@ -13,8 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from bard_core.curation.dedup import phash64
 from bard_core.shapes import world
-from bard_core.shapes.synth import BENCHMARKS, RATING_COLUMNS, hamming, phash64, synth
+from bard_core.shapes.synth import BENCHMARKS, RATING_COLUMNS, hamming, synth
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -18,6 +18,14 @@ from collections import defaultdict
 import numpy as np
 
 
+def phash64(image) -> int:
+    """The 64-bit perceptual hash (pHash, on grey levels) of a PIL image: the near-duplicate and
+    decontamination key of every image, in curation and in the shapes world's generator alike."""
+    import imagehash
+
+    return int(str(imagehash.phash(image)), 16)
+
+
 def exact_key(text: str, images: list[bytes]) -> str:
     h = hashlib.sha256(" ".join(text.lower().split()).encode())
     for data in images:

@@ -13,10 +13,10 @@ import io
 import warnings
 from collections.abc import Callable
 
-import imagehash
 from PIL import Image
 
 from bard_core.config import DataConfig
+from bard_core.curation.dedup import phash64
 from bard_core.curation.normalise import RATINGS, text_of
 
 SAFE_CONVERSIONS = {"CMYK", "P", "PA", "LA", "L", "1", "I;16", "I;16B", "I;16L", "I", "F", "RGBA"}
@@ -55,7 +55,7 @@ def inspect_image(data: bytes, cfg: DataConfig) -> tuple[bytes, int, tuple[int, 
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
-    return data, int(str(imagehash.phash(image)), 16), image.size
+    return data, phash64(image), image.size
 
 
 def check_row(row: dict, cfg: DataConfig, count_tokens: Callable[[str, list[tuple[int, int]]], int]) -> dict:

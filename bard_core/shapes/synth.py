@@ -22,10 +22,10 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import imagehash
 import numpy as np
 from PIL import Image
 
+from bard_core.curation.dedup import phash64
 from bard_core.shapes import world
 from bard_core.shapes.world import Scene
 
@@ -41,10 +41,6 @@ BENCHMARKS = {
 RATING_COLUMNS = ("relevance", "image_correspondence", "visual_dependency", "formatting")
 DEFECTS = ("exact_duplicate", "near_duplicate", "corrupt_image", "empty_answer", "overlong_answer",
            "low_rating", "benchmark_leak")
-
-
-def phash64(image: Image.Image) -> int:
-    return int(str(imagehash.phash(image)), 16)
 
 
 def hamming(a: int, b: int) -> int:
