@@ -27,9 +27,9 @@ from bard_core.recipes import get_recipe
 from flows.evaluate import GateFailed, judge_stage
 from tasks.curate import curate_sources
 from tasks.evaluate import Suite, evaluate_task
-from tasks.refs import CheckpointRef, checkpoint_ref, code_version
+from tasks.refs import CheckpointRef, checkpoint_ref
 from tasks.report import publish_report, write_report
-from tasks.train import train_stage, training_payload
+from tasks.train import stage_key, train_stage
 from tasks.world import world_task
 
 
@@ -136,8 +136,8 @@ def pipeline_flow(params: PipelineParams) -> dict:
     for B in schedule:
         overrides = {**params.overrides, **params.stage_overrides.get(B, {})}
         teacher = parent if parent.block_size else None
-        inputs = training_payload(get_recipe(params.recipe, overrides), B)
-        out = cache / "stages" / f"B{B}-{_digest(data.fingerprint, parent.fingerprint, inputs, code_version())}"
+        key = stage_key(data, parent, params.recipe, overrides, block_size=B, teacher=teacher)
+        out = cache / "stages" / f"B{B}-{key[:16]}"
         ref = train_stage(data, parent, str(out), params.recipe, overrides, block_size=B, teacher=teacher)
         t = lap(f"B{B}_train", t)
         outcome = judge_stage(f"B{B}", B, ref.uri, baseline, base.uri, suite, params.recipe, overrides,

@@ -103,6 +103,18 @@ def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | N
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def stage_key(data: DatasetRef, init: CheckpointRef, recipe_name: str, overrides: dict | None = None, *,
+              block_size: int | None = None, teacher: CheckpointRef | None = None, objective: str = "diffusion",
+              anchor: CheckpointRef | None = None) -> str:
+    """The fingerprint of a stage's inputs (the one the stage's bard.json records, and the pipeline's cache
+    entry is named by): data, init, teacher and anchor checkpoints, the recipe's training payload, the code."""
+    recipe = get_recipe(recipe_name, overrides)
+    train = recipe.train.for_stage(block_size if objective == "diffusion" else None)
+    anchor = resolve_anchor(init, anchor, train.anchor_weight, objective)
+    return stage_fingerprint(data, init, block_size, teacher, training_payload(recipe, block_size, objective),
+                             objective, anchor)
+
+
 def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_name: str = "tiny",
               overrides: dict | None = None, *, block_size: int | None = None, teacher: CheckpointRef | None = None,
               objective: str = "diffusion", fail_at_step: int | None = None, workers: int | None = None,
@@ -120,8 +132,8 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     train = recipe.train.for_stage(block_size if objective == "diffusion" else None)
     out = Path(out).resolve()
     anchor = resolve_anchor(init, anchor, train.anchor_weight, objective)
-    fingerprint = stage_fingerprint(data, init, block_size, teacher, training_payload(recipe, block_size, objective),
-                                    objective, anchor)
+    fingerprint = stage_key(data, init, recipe_name, overrides, block_size=block_size, teacher=teacher,
+                            objective=objective, anchor=anchor)
     meta_file = out / "bard.json"
 
     def finished() -> bool:
