@@ -117,7 +117,7 @@ def stage_key(data: DatasetRef, init: CheckpointRef, recipe_name: str, overrides
 
 def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_name: str = "tiny",
               overrides: dict | None = None, *, block_size: int | None = None, teacher: CheckpointRef | None = None,
-              objective: str = "diffusion", fail_at_step: int | None = None, workers: int | None = None,
+              objective: str = "diffusion", workers: int | None = None,
               anchor: CheckpointRef | None = None, on_progress=None) -> CheckpointRef:
     """Train one stage with Ray Train and write its checkpoint to `out` (skipped if already there).
     `anchor`: the AR base for ``train.anchor_weight`` (default: see `resolve_anchor`); `on_progress`: called
@@ -145,13 +145,13 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     with locked(out.with_name(out.name + ".lock")):
         if finished():
             return checkpoint_ref(out)
-        return _fit(out, fingerprint, data, init, teacher, anchor, recipe, train, objective, block_size, fail_at_step,
-                    workers, on_progress)
+        return _fit(out, fingerprint, data, init, teacher, anchor, recipe, train, objective, block_size, workers,
+                    on_progress)
 
 
 def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, teacher: CheckpointRef | None,
          anchor: CheckpointRef | None, recipe, train: TrainConfig, objective: str, block_size: int | None,
-         fail_at_step: int | None, workers: int | None, on_progress) -> CheckpointRef:
+         workers: int | None, on_progress) -> CheckpointRef:
     """The stage's `fit()` and the atomic move of its last checkpoint to `out` (under the stage's lock)."""
     import ray
     import ray.train
@@ -177,8 +177,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
         "noise": dataclasses.asdict(recipe.noise), "mask_token_id": recipe.model.mask_token_id, "meta": meta,
         "dtype": recipe.model.dtype if train.use_gpu else "float32",
         "attn_implementation": recipe.model.attn_implementation,
-        "threads": max(1, (os.cpu_count() or 2) // workers), "fail_at_step": fail_at_step,
-        "fail_marker": str(out.with_name(out.name + ".failed-once")),
+        "threads": max(1, (os.cpu_count() or 2) // workers),
     }
     init_ray(recipe.ray_address)
     dataset = training_dataset(data, train.dataset_cache_mb, anchor, train, workers, config["dtype"])
@@ -208,7 +207,6 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
         shutil.rmtree(out)
     tmp.rename(out)
     shutil.rmtree(storage, ignore_errors=True)
-    Path(config["fail_marker"]).unlink(missing_ok=True)
     return checkpoint_ref(out)
 
 

@@ -252,11 +252,6 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer_state = None
         phase_teacher = teacher if phase["name"] == "distill" else None
         while state["step"] < end:
-            if config.get("fail_at_step") == state["step"] + 1 and rank == world - 1:
-                marker = Path(config["fail_marker"])
-                if not marker.exists():  # fail once, as a crashed worker would
-                    marker.write_text("failed once")
-                    raise RuntimeError(f"injected worker failure at step {state['step'] + 1}")
             started = time.perf_counter()
             batch = next_batch()
             fetched = time.perf_counter()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import SHORT
+from tests.faults import WorkerCrash
 
 pytestmark = pytest.mark.slow
 
@@ -88,15 +89,15 @@ def test_distillation_keeps_the_teacher_frozen_and_resumes_after_a_worker_dies(s
 
     teacher_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                      for p in Path(stage_b4.uri).iterdir() if p.is_file()}
-    seen = []
+    crash = WorkerCrash(after_step=9)
     ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", SHORT, block_size=8, teacher=stage_b4, workers=2,
-                    fail_at_step=12, on_progress=seen.append)
-    meta = _meta(ref)
+                    on_progress=crash)
+    meta, seen = _meta(ref), crash.seen
     # the progress feed (the pipeline's progress artifact) follows the steps, across the restart too
     assert seen and all(v["total"] == 48 and 1 <= v["step"] <= 48 for v in seen) and max(v["step"] for v in seen) >= 40
     assert {v["phase"] for v in seen} <= {"merge", "distill"}
-    assert ref.step == 48 == meta["step"]  # 40 merge + 8 distill, despite the failure at step 12
-    assert meta["resumed_from"] == [8]  # restarted from the checkpoint at step 8
+    assert crash.killed and ref.step == 48 == meta["step"]  # 40 merge + 8 distill, despite the crash
+    assert len(meta["resumed_from"]) == 1 and meta["resumed_from"][0] in (8, 16, 24, 32, 40)  # from a checkpoint
     assert [h["step"] for h in meta["history"]] == list(range(1, 49))
     assert {h["phase"] for h in meta["history"] if h["step"] > 40} == {"distill"}
     assert all(h["kd"] > 0 for h in meta["history"] if h["phase"] == "distill")
@@ -216,24 +217,28 @@ def test_fsdp_sharding_matches_ddp_step_for_step(tiny_model_dir, tmp_path):
 
 
 def test_an_fsdp_stage_distills_checkpoints_and_resumes_after_a_worker_dies(stage_b4, data_ref, tmp_path):
-    """The GPU recipes' strategy on CPU: FSDP2 over gloo, the teacher sharded too, a worker failure
-    at step 12 → restart from the gathered checkpoint of step 8 (optimizer state re-sharded)."""
+    """The GPU recipes' strategy on CPU: FSDP2 over gloo, the teacher sharded too, a worker killed after
+    step 9 → restart from a gathered checkpoint (optimizer state re-sharded)."""
     from transformers import AutoModelForImageTextToText
 
     from tasks.train import run_stage
 
     short = {**SHORT, "train.parallel": "fsdp", "train.merge_steps": "16", "train.distill_steps": "8"}
+    crash = WorkerCrash(after_step=9)
     ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", short, block_size=8, teacher=stage_b4, workers=2,
-                    fail_at_step=12)
+                    on_progress=crash)
     meta = _meta(ref)
-    assert meta["parallel"] == "fsdp" and ref.step == 24 == meta["step"] and meta["resumed_from"] == [8]
+    assert crash.killed and meta["parallel"] == "fsdp" and ref.step == 24 == meta["step"]
+    assert len(meta["resumed_from"]) == 1 and meta["resumed_from"][0] in (8, 16)
     assert [h["step"] for h in meta["history"]] == list(range(1, 25))
     assert all(h["kd"] > 0 for h in meta["history"] if h["phase"] == "distill")
     assert all(h["anchor"] > 0 for h in meta["history"])  # the sharded AR anchor
     model = AutoModelForImageTextToText.from_pretrained(ref.uri)
     teacher = AutoModelForImageTextToText.from_pretrained(stage_b4.uri)
     changed = [n for (n, p), q in zip(model.named_parameters(), teacher.parameters()) if not torch_equal(p, q)]
-    assert len(changed) > 50  # the full (gathered) weights were saved, not one rank's shard or the init
+    text = [n for n, _ in model.named_parameters() if ".visual." not in f".{n}"]
+    # the full (gathered) weights were saved, not one rank's shard or the init; the frozen vision tower as it was
+    assert set(changed) <= set(text) and len(changed) >= 0.9 * len(text), (len(changed), len(text))
 
 
 def torch_equal(a, b) -> bool:
