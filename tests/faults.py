@@ -7,14 +7,28 @@ import signal
 from pathlib import Path
 
 
+def _raylet_of(pid: int) -> int | None:
+    for entry in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+        if entry.startswith(b"RAY_RAYLET_PID="):
+            return int(entry.split(b"=", 1)[1])
+    return None
+
+
+def _parent(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def train_workers() -> list[int]:
-    """Process ids of this machine's Ray Train workers (Ray titles them ``ray::RayTrainWorker...``)."""
+    """Process ids of the Ray Train workers of this process's local Ray (titled ``ray::RayTrainWorker...`` by Ray;
+    their raylet is a child of this process), not of another Ray on the same machine."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                found.append(int(proc.name))
-        except OSError:  # gone meanwhile
+                raylet = _raylet_of(int(proc.name))
+                if raylet is not None and _parent(raylet) == os.getpid():
+                    found.append(int(proc.name))
+        except (OSError, ValueError):  # gone meanwhile
             continue
     return sorted(found)
 
