@@ -74,11 +74,9 @@ def run_chain(work: str | Path, **settings) -> dict:
     return report
 
 
-def curated(work: str | Path):
-    """The DatasetRef of the data the chain under `work` trained on (one curated set per work directory)."""
+def curated(report: dict):
+    """The DatasetRef of the data a chain's stages trained on (recorded in each stage's bard.json)."""
     from tasks.refs import DatasetRef
 
-    found = sorted((Path(work).resolve() / "cache" / "curated").glob("*/manifest.json"))
-    if len(found) != 1:
-        raise RuntimeError(f"expected one curated data set under {work}/cache/curated, found {len(found)}")
-    return DatasetRef.from_manifest(found[0].parent, json.loads(found[0].read_text()))
+    data = Path(json.loads((Path(report["stages"][0]["checkpoint"]) / "bard.json").read_text())["data"])
+    return DatasetRef.from_manifest(data, json.loads((data / "manifest.json").read_text()))

@@ -24,31 +24,34 @@ from pathlib import Path
 from bard_core.gate import paired
 from bard_core.recipes import get_recipe
 from benchmarks.chain import chain_params, curated, parse_steps, run_chain
+from flows.pipeline import world_dir
 
 
-def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict, limit: int, tolerance: float) -> dict:
+def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict, limit: int, tolerance: float,
+               benchmarks: Path) -> dict:
     """The AR base fine-tuned with its own next-token objective for `steps` at `lr` on the chain's data, and
     its paired drops against the chain's AR evaluation: how much plain fine-tuning on this data costs."""
-    from bard_core.recipes import get_recipe as recipe_of
     from tasks.evaluate import Suite, evaluate_checkpoint
     from tasks.refs import checkpoint_ref
     from tasks.train import run_stage
 
     settings = {**overrides, "train.lr": lr, "train.base_steps": str(steps)}
     started = time.monotonic()
-    ref = run_stage(curated(work), checkpoint_ref(report["baseline"]["checkpoint"]), work / "AR-control", "tiny",
+    ref = run_stage(curated(report), checkpoint_ref(report["baseline"]["checkpoint"]), work / "AR-control", "tiny",
                     settings, objective="ar")
     seconds = time.monotonic() - started
-    gate = recipe_of("tiny").gate
-    suite = Suite(gate.benchmarks, (str(work / "cache" / "worlds" / next(
-        p.name for p in (work / "cache" / "worlds").iterdir()) / "benchmarks"),), limit)
+    gate = get_recipe("tiny").gate
+    suite = Suite(gate.benchmarks, (str(benchmarks),), limit)
     (result,) = evaluate_checkpoint(ref.uri, suite, work / "AR-control-eval", mode="ar", recipe="tiny")
     baseline = json.loads((work / "chain" / "eval" / "AR" / "ar" / "eval.json").read_text())
     checks = []
     for name in gate.benchmarks:
         drop, se, n, _ = paired(baseline["items"][name], result.items[name])
         checks.append({"benchmark": name, "score": result.scores[name], "drop": drop, "se": se, "n": n})
-    return {"stage": "AR-ft", "checks": checks, "tpf": 1.0, "train_seconds": seconds, "final_loss": float("nan"),
+    history = json.loads((Path(ref.uri) / "bard.json").read_text())["history"]
+    tail = history[-max(1, len(history) // 10):]
+    return {"stage": "AR-ft", "checks": checks, "tpf": 1.0, "train_seconds": seconds,
+            "final_loss": sum(h["loss"] for h in tail) / len(tail),
             "passed": max(c["drop"] for c in checks) <= tolerance, "steps": f"{steps}+0", "lr": lr}
 
 
@@ -96,8 +99,9 @@ def main() -> None:
     control = None
     if args.ar_control:
         first = rows[0]
+        params = chain_params(work, **settings)
         control = ar_control(work, report, sum(int(x) for x in first["steps"].split("+")), first["lr"], extra,
-                             args.limit, args.tolerance)
+                             args.limit, args.tolerance, world_dir(params.root, params.world) / "benchmarks")
     names = list(recipe.gate.benchmarks)
     print(f"stage budget — tiny recipe through the pipeline flow, {args.limit} items per benchmark, "
           f"tau={args.threshold}, world {args.seed}")

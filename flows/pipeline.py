@@ -68,6 +68,11 @@ class PipelineParams(BaseModel):
         return sizes
 
 
+def world_dir(root: str | Path, world: WorldParams) -> Path:
+    """Where the pipeline under `root` caches the shapes world of `world` (its sources and benchmarks)."""
+    return Path(root).resolve() / "cache" / "worlds" / f"seed{world.seed}-size{world.size}-bench{world.bench_size}"
+
+
 def _digest(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -117,8 +122,7 @@ def pipeline_flow(params: PipelineParams) -> dict:
     sources, include = dict(params.sources), list(params.include_paths)
     if not sources:
         w = params.world
-        world = world_task(str(cache / "worlds" / f"seed{w.seed}-size{w.size}-bench{w.bench_size}"), w.seed, w.size,
-                           w.bench_size)
+        world = world_task(str(world_dir(root, w)), w.seed, w.size, w.bench_size)
         sources = {k: world[k] for k in ("llava_ov", "finevision")}
         include.append(world["benchmarks"])
     benchmarks_dir = include[-1] if include else None  # decontaminate against the gate benchmarks' items
