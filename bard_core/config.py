@@ -155,7 +155,6 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor for merge; distillation uses distill_min_lr_ratio
     distill_min_lr_ratio: float = 0.5
     grad_clip: float = 1.0
-    max_tokens: int = 8192
     prompt_mask: str = "causal"
     label_shift: bool = False
     pad_loss_weight: float = 0.0  # weight of <|im_end|> padding positions in the CE (0 or 0.5)
@@ -218,7 +217,7 @@ class TrainConfig:
             _fail(c, "block_sizes", self.block_sizes, "a non-empty tuple of positive ints")
         if list(self.block_sizes) != sorted(set(self.block_sizes)):
             _fail(c, "block_sizes", self.block_sizes, "strictly increasing block sizes (progressive merging)")
-        _check_positive(c, batch_size=self.batch_size, lr=self.lr, max_tokens=self.max_tokens,
+        _check_positive(c, batch_size=self.batch_size, lr=self.lr,
                         kd_top_k=self.kd_top_k, kd_temperature=self.kd_temperature,
                         num_workers=self.num_workers, checkpoint_every=self.checkpoint_every)
         for name in ("base_steps", "merge_steps", "distill_steps", "warmup_steps", "encode_cache_mb",
@@ -351,7 +350,7 @@ class DataConfig:
 
     weights: dict[str, float] = field(default_factory=lambda: {"llava_ov": 1.0, "finevision": 1.0})
     target_size: int | None = None  # None: keep everything that passes
-    max_tokens: int = 8192
+    max_tokens: int = 8192  # a sample's prompt + answer tokens: longer rows are rejected, in curation and training
     min_rating: int = 3  # FineVision *_min ratings below this are rejected
     phash_threshold: int = 6  # Hamming distance for near-duplicate images
     ngram: int = 13  # question n-gram length (words) for text decontamination

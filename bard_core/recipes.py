@@ -35,7 +35,7 @@ def tiny() -> Recipe:
         # docs/pipeline.md); checkpoint_every 100: ~45 s of steps lost at most on a crash
         # stages: the budget chain's schedule (benchmarks/stage_budget.py, docs/evaluation.md): B4 learns the
         # objective, short bridges at B8/B16, the largest share for B32, all at a gentle rate
-        train=TrainConfig(lr=1e-3, vision_lr_scale=0.0, distill_lr_scale=0.3, warmup_steps=20, max_tokens=512,
+        train=TrainConfig(lr=1e-3, vision_lr_scale=0.0, distill_lr_scale=0.3, warmup_steps=20,
                           batch_size=32, merge_steps=200, distill_steps=60, checkpoint_every=100, label_shift=True,
                           anchor_weight=2.0, keep_loss_weight=1.0,
                           stages={4: {"merge_steps": 450, "distill_steps": 0, "lr": 2.5e-4},

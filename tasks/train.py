@@ -50,7 +50,8 @@ _DATASETS_LOCK = threading.Lock()
 
 
 def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | None = None,
-                     train: TrainConfig | None = None, workers: int = 1, dtype: str = "float32"):
+                     train: TrainConfig | None = None, workers: int = 1, dtype: str = "float32",
+                     max_tokens: int = 8192):
     """The Ray Dataset a stage trains on. Up to `cache_mb` on disk it is materialized once and reused by
     the next stages on the same data (a chain trains four stages on one curated set); the entry belongs
     to this driver's Ray connection, whose object store holds the blocks, and a new connection or other
@@ -72,14 +73,14 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
         return ds.repartition(4 * workers).map_batches(
             AnchorTargets, batch_format="pyarrow", batch_size=64, concurrency=workers,
             num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
-            fn_constructor_kwargs={"anchor": anchor.uri, "max_tokens": train.max_tokens, "top_k": train.kd_top_k,
+            fn_constructor_kwargs={"anchor": anchor.uri, "max_tokens": max_tokens, "top_k": train.kd_top_k,
                                    "temperature": train.kd_temperature, "dtype": dtype})
 
     size = sum(f.stat().st_size for f in files.rglob("*") if f.is_file())
     if size > cache_mb << 20:
         return build()
     key = (ray.get_runtime_context().get_worker_id(), data.fingerprint,
-           None if anchor is None else (anchor.fingerprint, train.max_tokens, train.kd_top_k, train.kd_temperature))
+           None if anchor is None else (anchor.fingerprint, max_tokens, train.kd_top_k, train.kd_temperature))
     with _DATASETS_LOCK:
         if key not in _DATASETS:
             _DATASETS.clear()
@@ -177,10 +178,11 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
         "noise": dataclasses.asdict(recipe.noise), "mask_token_id": recipe.model.mask_token_id, "meta": meta,
         "dtype": recipe.model.dtype if train.use_gpu else "float32",
         "attn_implementation": recipe.model.attn_implementation,
-        "threads": max(1, (os.cpu_count() or 2) // workers),
+        "threads": max(1, (os.cpu_count() or 2) // workers), "max_tokens": recipe.data.max_tokens,
     }
     init_ray(recipe.ray_address)
-    dataset = training_dataset(data, train.dataset_cache_mb, anchor, train, workers, config["dtype"])
+    dataset = training_dataset(data, train.dataset_cache_mb, anchor, train, workers, config["dtype"],
+                               recipe.data.max_tokens)
     storage = out.with_name(out.name + ".ray")
     board = ray.remote(num_cpus=0)(_ProgressBoard).remote() if on_progress else None
     config["progress"] = board

@@ -213,7 +213,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     def encode(row):
         try:
-            sample = encode_sample({"images": row["images"], "messages": row["messages"]}, processor, train.max_tokens)
+            sample = encode_sample({"images": row["images"], "messages": row["messages"]}, processor, config["max_tokens"])
         except RejectedSample:
             return None
         if config["anchor"]:  # the AR anchor's targets, a column the driver added (AnchorTargets)

@@ -267,7 +267,7 @@ def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_re
     from tasks.train import checkpoint_ref
 
     train = get_recipe("tiny").train
-    anchored = training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), train, workers=1)
+    anchored = training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), train, workers=1, max_tokens=512)
     assert isinstance(anchored, MaterializedDataset) and anchored.count() == data_ref.num_rows
     assert {"anchor_ids", "anchor_probs"} <= set(anchored.schema().names)  # computed once, for every stage
-    assert training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), train, workers=1) is anchored
+    assert training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), train, workers=1, max_tokens=512) is anchored
