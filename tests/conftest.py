@@ -83,3 +83,17 @@ def stage_b4(data_ref, tiny_model_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("stages") / "B4"
     return run_stage(data_ref, checkpoint_ref(tiny_model_dir), out, "tiny", SHORT, block_size=4, workers=2)
+
+
+@pytest.fixture(scope="module")
+def kit():
+    """A tiny Qwen3-VL (random weights), its processor and the mixed-noise spec, per test module."""
+    from bard_core.config import ModelConfig
+    from bard_core.layout import noise_spec_for
+    from bard_core.tiny import build_model, build_processor
+
+    cfg = ModelConfig()
+    processor = build_processor(cfg)
+    model = build_model(cfg, processor.tokenizer)
+    spec = noise_spec_for(processor.tokenizer, "mixed", 0.05)
+    return processor, model, spec
