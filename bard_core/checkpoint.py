@@ -86,10 +86,15 @@ def token_ids(tokenizer, meta: dict | None = None, mask_id: int | None = None, *
 
 
 def decode_config(meta: dict, base: DecodeConfig | None = None, **overrides) -> DecodeConfig:
-    """Decode settings for a checkpoint: `base` (a recipe's, else the defaults), then the setting the gate
-    promoted it with (``bard.json`` ``decode``), its block size and label shift, then explicit
-    `overrides` (None values are ignored: a flag the user did not set)."""
-    cfg = base or DecodeConfig()
+    """Decode settings for a checkpoint: `base` (default: the decode settings of the recipe that trained it,
+    ``bard.json`` ``recipe``, else DecodeConfig's), then the setting the gate promoted it with (``bard.json``
+    ``decode``), its block size and label shift, then explicit `overrides` (None values are ignored: a flag
+    the user did not set)."""
+    if base is None:
+        from bard_core.recipes import RECIPES
+
+        base = RECIPES[meta["recipe"]]().decode if meta.get("recipe") in RECIPES else DecodeConfig()
+    cfg = base
     fields = {f.name for f in dataclasses.fields(DecodeConfig)}
     promoted = {k: v for k, v in (meta.get("decode") or {}).items() if k in fields}
     from_meta = {"label_shift": bool(meta.get("label_shift", False))}

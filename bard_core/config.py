@@ -3,7 +3,8 @@
 A `Recipe` bundles every setting of one pipeline run: the model family, noise, training stages,
 decoding, gates and curation; the named recipes and the override parser are in `bard_core.recipes`.
 Every dataclass checks itself in ``__post_init__`` and raises ``ValueError`` naming the field and the
-allowed values.
+allowed values. Over 300 lines on purpose: the six parts of a recipe read together, with their checks, and
+measurements behind the defaults are in docs/ (each field's comment says where).
 """
 
 from __future__ import annotations
@@ -246,38 +247,34 @@ class TrainConfig:
             _fail(c, "ce_weight/kd_weight", (self.ce_weight, self.kd_weight), "non-negative, not both zero")
 
 
+def _opt(default, help: str, **kwargs):
+    """A field with its one-line meaning (the CLI's flag help, `flows/cli_eval.add_decode_flags`)."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Block-diffusion decoding (METHOD.md §6)."""
+    """Block-diffusion decoding (METHOD.md §6); measurements behind the defaults: docs/decoding.md."""
 
-    block_size: int = 32
-    mode: str = "dynamic"
-    threshold: float = 0.9
-    # dynamic mode, when no masked position clears `threshold`: take the leftmost masked position
-    # ("leftmost") or the most confident one ("confident", METHOD.md §6 as written). On the tiny chain's
-    # B32 checkpoint leftmost gave extract 0.974 vs 0.937 at TPF 1.00 vs 0.86, and the same accuracy at
-    # a higher TPF on the short-answer benchmarks: the most confident unsure position is often a word
-    # far ahead in the block, committed before what leads to it (duplicated and shifted words).
-    fallback: str = "leftmost"
-    # dynamic mode: <|im_end|> is proposed only where its probability clears `threshold`; elsewhere the
-    # position's best other token is. An EOS ends the answer for good (nothing after it is decoded or
-    # corrected), and the leftmost fallback used to commit unsure ones: tiny chain, world 13, B4 checkpoint,
-    # shapes_extract 0.959 → 0.993 (22 of its 37 imperfect listings stopped after 2–4 of 9 lines, at
-    # P(EOS) 0.53–0.62), world 11 B4 0.980 → 0.992 and B32 0.975 → 0.980; the short-answer
-    # benchmarks, whose EOS comes at > 0.9, kept their accuracy and TPF
-    sure_eos: bool = True
-    tokens_per_step: int = 1  # static mode
-    edit_threshold: float = 0.95
-    max_edits_per_position: int = 1
-    max_steps_per_block: int | None = None  # None: block_size
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    label_shift: bool = False  # must match the checkpoint's training (bard.json "label_shift")
-    # a row whose block is decided up to a visible <|im_end|> stops there: the positions after it are
-    # discarded anyway, so denoising them only costs forwards (short answers in big blocks)
-    finish_at_eos: bool = True
+    block_size: int = _opt(32, "tokens decoded per block")
+    mode: str = _opt("dynamic", "dynamic: commit every position above the threshold; static: a fixed number "
+                     "per step", choices=DECODE_MODES)
+    threshold: float = _opt(0.9, "dynamic mode: commit a position whose top probability clears this")
+    fallback: str = _opt("leftmost", "dynamic mode, when no position clears the threshold: commit the leftmost "
+                         "masked one or the most confident", choices=DECODE_FALLBACKS)
+    sure_eos: bool = _opt(True, "dynamic mode: propose <|im_end|> only above the threshold (it ends the answer for "
+                          "good); elsewhere the position's next best token")
+    tokens_per_step: int = _opt(1, "static mode: positions committed per forward")
+    edit_threshold: float = _opt(0.95, "correction: replace a visible token when another clears this")
+    max_edits_per_position: int = _opt(1, "correction: edits allowed per position")
+    max_steps_per_block: int | None = _opt(None, "forwards allowed per block (None: the block size)")
+    max_new_tokens: int = _opt(128, "answer length cap")
+    temperature: float = _opt(0.0, "0: greedy")
+    top_p: float = _opt(1.0, "nucleus sampling mass (with temperature > 0)")
+    batch_size: int = _opt(16, "prompts decoded together")
+    label_shift: bool = _opt(False, "must match the checkpoint's training (bard.json label_shift)")
+    finish_at_eos: bool = _opt(True, "stop a row's block at a visible <|im_end|> (the positions after it are "
+                               "discarded anyway)")
 
     def __post_init__(self) -> None:
         c = "DecodeConfig"

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from bard_core.config import EOS_TOKEN
+from bard_core.curation.normalise import text_of
 
 
 class RejectedSample(ValueError):
@@ -48,13 +49,6 @@ def _pil(image) -> Image.Image:
     if isinstance(image, dict):
         image = image["bytes"]
     return Image.open(io.BytesIO(image)).convert("RGB")
-
-
-def _text(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
 
 
 def encode_prompt(messages: list[dict], images: list, processor) -> EncodedSample:
@@ -99,7 +93,7 @@ def encode_sample(sample: dict, processor, max_tokens: int) -> EncodedSample:
     messages = sample["messages"]
     if not messages or messages[-1]["role"] != "assistant":
         raise RejectedSample("no_assistant_target", "the last turn must be the assistant's")
-    answer = _text(messages[-1])
+    answer = text_of(messages[-1])
     if not answer.strip():
         raise RejectedSample("empty_answer", "the assistant's last turn is empty")
     images = [_pil(im) for im in (sample.get("images") or [])]

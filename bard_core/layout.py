@@ -26,7 +26,7 @@ import torch
 
 from bard_core.inputs import EncodedSample
 from bard_core.masks import CLEAN, NOISY, PROMPT, batch_attention_mask, segments
-from bard_core.noise import block_levels, get_schedule
+from bard_core.noise import corrupt
 
 IGNORE = -100
 
@@ -140,26 +140,6 @@ class NoiseSpec:
     prefix_prob: float = 0.0  # share of blocks corrupted as [clean prefix ‖ all masks] (NoiseConfig)
 
 
-def _corrupt(x0: torch.Tensor, block_size: int, spec: NoiseSpec, generator, real: int):
-    """Noisy copy of `x0` (whose first `real` tokens are the response, the rest padding) and each token's
-    level. With `spec.prefix_prob`, that share of blocks instead keeps a clean prefix of k tokens, k
-    uniform over the block's real positions, and masks the rest at level 1: the state the decoder is in
-    when it commits left to right."""
-    n_blocks = x0.numel() // block_size
-    t = block_levels(n_blocks, spec.t_min, generator).repeat_interleave(block_size)
-    xt = get_schedule(spec.kind)(x0, t, spec.mask_token_id, spec.substitute_ids, generator)
-    if spec.prefix_prob > 0:
-        ordered = torch.rand(n_blocks, generator=generator) < spec.prefix_prob
-        in_block = (real - torch.arange(n_blocks) * block_size).clamp(1, block_size)  # real tokens per block
-        k = (torch.rand(n_blocks, generator=generator) * in_block).long()  # clean prefix length < in_block
-        r = torch.arange(x0.numel())
-        b, j = r // block_size, r % block_size
-        prefix_block = ordered[b]
-        xt = torch.where(prefix_block, torch.where(j < k[b], x0, torch.full_like(x0, spec.mask_token_id)), xt)
-        t = torch.where(prefix_block, torch.ones_like(t), t)
-    return xt, t
-
-
 def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, *, prompt_mask: str = "causal",
          label_shift: bool = False, pad_loss_weight: float = 0.0, keep_loss_weight: float = 0.0,
          generator: torch.Generator | None = None, duplicate_prompt: bool = False) -> PackedBatch:
@@ -178,7 +158,8 @@ def pack(samples: list[EncodedSample], model, block_size: int, spec: NoiseSpec, 
     anchor_ids, anchor_probs = [], []
     for n, sample in enumerate(samples):
         x0 = padded_response(sample, block_size, spec.eos_id)
-        xt, t = _corrupt(x0, block_size, spec, generator, sample.response_ids.numel())
+        xt, t = corrupt(x0, block_size, sample.response_ids.numel(), spec.kind, spec.t_min, spec.mask_token_id,
+                        spec.substitute_ids, spec.prefix_prob, generator)
         P, R = sample.prompt_ids.numel(), x0.numel()
         prefix_ids = torch.cat([sample.prompt_ids, x0])
         prefix_types = torch.cat([sample.prompt_mm_types, torch.zeros(R, dtype=torch.long)])

@@ -8,6 +8,11 @@ Schedules (``SCHEDULES[name](x0, t, mask_token_id, substitute_ids, generator) ->
 - ``mask``:  each token becomes the mask token with probability ``t``.
 - ``mixed``: with ``φ = (π/2)·t``: mask with probability ``1 − cos φ``, a uniformly drawn ordinary
   token with probability ``sin φ + cos φ − 1``, kept with probability ``1 − sin φ``.
+
+Prefix (``prefix_noise``, mixed into either schedule per block with ``NoiseConfig.prefix_prob``): a block keeps
+a clean prefix of k tokens, k uniform over its real positions, and the rest is masked, at level 1: the state a
+decoder committing left to right is in, which the i.i.d. schedules almost never draw in a large block.
+`corrupt` composes the three.
 """
 
 from __future__ import annotations
@@ -55,6 +60,33 @@ def mixed_noise(x0: torch.Tensor, t: torch.Tensor, mask_token_id: int, substitut
 
 
 SCHEDULES = {"mask": mask_noise, "mixed": mixed_noise}
+
+
+def prefix_noise(x0: torch.Tensor, block_size: int, real: int, mask_token_id: int,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Every block of `x0` (its first `real` tokens the response) as [clean prefix of k ‖ masks], k < the block's
+    real tokens, uniform."""
+    n_blocks = x0.numel() // block_size
+    in_block = (real - torch.arange(n_blocks) * block_size).clamp(1, block_size)
+    k = (torch.rand(n_blocks, generator=generator) * in_block).long()
+    r = torch.arange(x0.numel())
+    return torch.where(r % block_size < k[r // block_size], x0, torch.full_like(x0, mask_token_id))
+
+
+def corrupt(x0: torch.Tensor, block_size: int, real: int, kind: str, t_min: float, mask_token_id: int,
+            substitute_ids: torch.Tensor, prefix_prob: float = 0.0,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noisy copy of a response `x0` (padded to whole blocks; its first `real` tokens are real) and each
+    token's level: per block a level from `block_levels` and the `kind` schedule, or, with probability
+    `prefix_prob`, `prefix_noise` at level 1."""
+    n_blocks = x0.numel() // block_size
+    t = block_levels(n_blocks, t_min, generator).repeat_interleave(block_size)
+    xt = get_schedule(kind)(x0, t, mask_token_id, substitute_ids, generator)
+    if prefix_prob > 0:
+        prefixed = (torch.rand(n_blocks, generator=generator) < prefix_prob).repeat_interleave(block_size)
+        xt = torch.where(prefixed, prefix_noise(x0, block_size, real, mask_token_id, generator), xt)
+        t = torch.where(prefixed, torch.ones_like(t), t)
+    return xt, t
 
 
 def get_schedule(name: str):

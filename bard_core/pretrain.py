@@ -26,15 +26,6 @@ from bard_core.shapes import metrics, world
 from bard_core.shapes.data import FORMATS, conversations
 from bard_core.train import build_optimizer, train_step
 
-FAMILY_SCORES = {  # family -> (metric function, metric name): the benchmark metric of that family
-    "colour": (metrics.process_exact, "exact_match"),
-    "shape": (metrics.process_exact, "exact_match"),
-    "count": (metrics.process_count, "relaxed_accuracy"),
-    "yesno": (metrics.process_yesno, "acc"),
-    "mcq": (metrics.process_mcq, "exact_match"),
-    "ocr": (metrics.process_exact, "exact_match"),
-    "extract": (metrics.process_extract, "field_f1"),
-}
 TARGETS = {"short": 0.95, "extract_f1": 0.90, "extract_em": 0.60}
 
 
@@ -46,7 +37,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def eval_set(seed: int, per_family: int) -> list[tuple[str, dict, str]]:
     """(family, sample, answer) triples, `per_family` of each family, from their own seed."""
     items = []
-    for family in FAMILY_SCORES:
+    for family in metrics.FAMILIES:
         for sample in conversations(per_family, seed=seed * 1000 + len(family), families=[family]):
             answer = sample["messages"][-1]["content"][0]["text"]
             items.append((family, sample, answer))
@@ -63,16 +54,16 @@ def score_families(model, processor, items, max_new_tokens: int = 96, batch_size
             predictions.append(processor.tokenizer.decode(g.token_ids, skip_special_tokens=True))
     totals: dict[str, list[float]] = {}
     for (family, _, answer), prediction in zip(items, predictions):
-        fn, name = FAMILY_SCORES[family]
+        fn, names = metrics.FAMILIES[family]
         result = fn({"answer": answer, "image_id": "x"}, [prediction])
-        totals.setdefault(family, []).append(float(result[name]))
+        totals.setdefault(family, []).append(float(result[names[0]]))
         if family == "extract":
             totals.setdefault("extract_em", []).append(float(result["exact_match"]))
     return {k: sum(v) / len(v) for k, v in totals.items()}
 
 
 def meets_targets(scores: dict[str, float]) -> bool:
-    short = [scores[f] for f in FAMILY_SCORES if f != "extract"]
+    short = [scores[f] for f in metrics.FAMILIES if f != "extract"]
     return (min(short) >= TARGETS["short"] and scores["extract"] >= TARGETS["extract_f1"]
             and scores["extract_em"] >= TARGETS["extract_em"])
 

@@ -1,19 +1,16 @@
-"""Named recipes and dotted overrides (standard library only, so flows import it cheaply).
+"""Named recipes (standard library only, so flows import it cheaply).
 
 A *recipe* bundles every setting of one pipeline run (`bard_core.config.Recipe`). Recipes are plain
 functions (`tiny()`, `qwen3_vl_4b()`, ...); variants are `dataclasses.replace` of a base, and
-`get_recipe(name, overrides)` applies dotted overrides such as ``{"train.lr": 1e-4}``.
+`get_recipe(name, overrides)` applies dotted overrides such as ``{"train.lr": 1e-4}`` (`bard_core.overrides`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import Any
 
 from bard_core.config import (
     QWEN3_VL_MASK_TOKEN_ID,
-    STAGE_FIELDS,
     DataConfig,
     DecodeConfig,
     GateConfig,
@@ -22,6 +19,7 @@ from bard_core.config import (
     Recipe,
     TrainConfig,
 )
+from bard_core.overrides import apply_overrides
 
 
 def tiny() -> Recipe:
@@ -86,56 +84,6 @@ def qwen3_vl_8b() -> Recipe:
 
 
 RECIPES = {"tiny": tiny, "qwen3-vl-2b": qwen3_vl_2b, "qwen3-vl-4b": qwen3_vl_4b, "qwen3-vl-8b": qwen3_vl_8b}
-
-
-def _coerce(current: Any, value: Any, key: str) -> Any:
-    """Turn a CLI/UI string into the type of the field it replaces."""
-    if not isinstance(value, str) or isinstance(current, str):
-        return value
-    if isinstance(current, bool):
-        if value.lower() in ("1", "true", "yes"):
-            return True
-        if value.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"override {key}={value!r}: expected true/false")
-    if isinstance(current, (int, float)) or current is None:
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            if current is None:
-                return value
-            raise ValueError(f"override {key}={value!r}: expected a number") from None
-    if isinstance(current, (tuple, list, dict)):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"override {key}={value!r}: expected JSON") from None
-        return tuple(parsed) if isinstance(current, tuple) else parsed
-    return value
-
-
-def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
-    """Apply dotted overrides, e.g. ``{"train.lr": 1e-4, "noise.kind": "mask"}``; unknown keys raise."""
-    for key, value in (overrides or {}).items():
-        section, _, name = key.partition(".")
-        if not name:
-            if section not in {f.name for f in dataclasses.fields(Recipe)} or section in ("model", "noise", "train",
-                                                                                         "decode", "gate", "data"):
-                raise ValueError(f"override {key!r}: expected SECTION.FIELD with SECTION one of "
-                                 "model, noise, train, decode, gate, data")
-            recipe = dataclasses.replace(recipe, **{section: _coerce(getattr(recipe, section), value, key)})
-            continue
-        if not hasattr(recipe, section) or not dataclasses.is_dataclass(getattr(recipe, section)):
-            raise ValueError(f"override {key!r}: unknown section {section!r}")
-        sub = getattr(recipe, section)
-        names = [f.name for f in dataclasses.fields(sub)]
-        if name not in names:
-            raise ValueError(f"override {key!r}: {section} has no field {name!r}; valid: {', '.join(names)}")
-        changes = {name: _coerce(getattr(sub, name), value, key)}
-        if section == "train" and name in STAGE_FIELDS:  # one value for every stage: drop the per-stage ones
-            changes["stages"] = {b: {k: v for k, v in e.items() if k != name} for b, e in sub.stages.items()}
-        recipe = dataclasses.replace(recipe, **{section: dataclasses.replace(sub, **changes)})
-    return recipe
 
 
 def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:

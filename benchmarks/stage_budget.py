@@ -55,7 +55,7 @@ def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict,
             "passed": max(c["drop"] for c in checks) <= tolerance, "steps": f"{steps}+0", "lr": lr}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", default=None, help="merge:distill steps for B4,B8,B16,B32 (default: the recipe's)")
     parser.add_argument("--lr", default=None, help="merge learning rate (train.lr): one for every stage, or one per "
@@ -74,7 +74,7 @@ def main() -> None:
                              "and rate on the same data, and report its drops (a control row, outside the verdict)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.vision_lr_scale=0.1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     bad = [kv for kv in args.set if "=" not in kv]
     if bad:
         parser.error(f"--set expects KEY=VALUE, got {bad[0]!r}")

@@ -4,6 +4,7 @@ evaluation side of the command line (thin, as `flows/cli.py`: parse, check, call
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from flows.cli import UsageError, _emit, _existing_dir, _pairs
@@ -17,6 +18,30 @@ def _thresholds(text: str, command: str) -> list[float]:
     if not all(0 <= v <= 1 for v in values):
         raise UsageError(f"bard {command}: thresholds must lie in [0, 1], got {text!r}")
     return values
+
+
+def add_decode_flags(p, skip: tuple[str, ...] = ()) -> None:
+    """One flag per `DecodeConfig` field (its type, choices and help), default None: the checkpoint's promoted
+    setting, else its recipe's (`checkpoint.decode_config`)."""
+    from bard_core.config import DecodeConfig
+
+    kinds = {"int": int, "float": float, "str": str, "int | None": int}
+    for f in dataclasses.fields(DecodeConfig):
+        if f.name in skip:
+            continue
+        flag, helptext = "--" + f.name.replace("_", "-"), f"{f.metadata['help']} (default: the checkpoint's promoted setting, else its recipe's, else {f.default})"
+        if f.type == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
+        else:
+            p.add_argument(flag, type=kinds[f.type], choices=f.metadata.get("choices"), default=None, help=helptext)
+
+
+def decode_flags(args, skip: tuple[str, ...] = ()) -> dict:
+    """The decode flags that were given (`add_decode_flags` with the same `skip`), by field name."""
+    from bard_core.config import DecodeConfig
+
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(DecodeConfig)
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 
 
 def cmd_generate(args) -> int:
@@ -37,11 +62,7 @@ def cmd_generate(args) -> int:
     model, processor, meta = checkpoint.load(model_dir)
     ar = args.ar or (args.block_size is None and not meta.get("block_size"))
     try:  # the checkpoint's promoted decode setting, then the flags that were given
-        cfg = checkpoint.decode_config(meta, None, block_size=args.block_size, threshold=args.threshold,
-                                       max_new_tokens=args.max_new_tokens, mode=args.mode,
-                                       tokens_per_step=args.tokens_per_step, temperature=args.temperature,
-                                       top_p=args.top_p, edit_threshold=args.edit_threshold, fallback=args.fallback,
-                                       sure_eos=args.sure_eos)
+        cfg = checkpoint.decode_config(meta, None, **decode_flags(args))
         ids = checkpoint.token_ids(processor.tokenizer, meta, require_mask=not ar)
         enc = encode_prompt(context_messages(args.prompt, len(images)), images, processor)
     except ValueError as exc:
@@ -73,23 +94,25 @@ def cmd_bench_decode(args) -> int:
     except ValueError as exc:
         raise UsageError(f"bard bench-decode: {exc}") from None
     model, processor, meta = checkpoint.load(model_dir)
-    block_size = args.block_size or meta.get("block_size")
-    if block_size is None:
+    if not (args.block_size or meta.get("block_size")):
         raise UsageError("bard bench-decode: --model has no bard.json block size; pass --block-size")
     ar_model, _, ar_meta = checkpoint.load(ar_dir)
     prompts = suite.prompts_for(items, processor)
-    ar = suite.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
+    try:
+        base = checkpoint.decode_config(meta, None, **decode_flags(args, skip=("threshold",)))
+    except ValueError as exc:
+        raise UsageError(f"bard bench-decode: {exc}") from None
+    ar = suite.run_ar(ar_model, processor, args.benchmark, items, prompts, base.max_new_tokens, base.batch_size,
                       checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False))
     rows = [{"decoder": "ar", "block_size": None, "threshold": None, "accuracy": ar.accuracy, "tokens": ar.tokens,
              "nfe": ar.nfe, "tpf": ar.tpf, "tok_s": ar.tok_s, "speedup": 1.0}]
     for tau in thresholds:
-        cfg = checkpoint.decode_config(meta, None, block_size=block_size, threshold=tau,
-                                       max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+        cfg = dataclasses.replace(base, threshold=tau)
         d = suite.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
                                 checkpoint.token_ids(processor.tokenizer, meta))
-        rows.append({"decoder": "diffusion", "block_size": block_size, "threshold": tau, "accuracy": d.accuracy,
+        rows.append({"decoder": "diffusion", "block_size": cfg.block_size, "threshold": tau, "accuracy": d.accuracy,
                      "tokens": d.tokens, "nfe": d.nfe, "tpf": d.tpf, "tok_s": d.tok_s, "speedup": d.tok_s / ar.tok_s})
-    lines = [f"{args.benchmark}: {len(items)} items, batch {args.batch_size}",
+    lines = [f"{args.benchmark}: {len(items)} items, batch {base.batch_size}",
              f"{'decoder':<10} {'B':>3} {'tau':>5} {'accuracy':>8} {'NFE':>6} {'TPF':>5} {'tok/s':>7} {'speed-up':>8}"]
     for r in rows:
         lines.append(f"{r['decoder']:<10} {r['block_size'] or '-':>3} {r['threshold'] if r['threshold'] is not None else '-':>5} "
@@ -226,27 +249,11 @@ def cmd_registry(args) -> int:
 
 
 def add_commands(sub) -> None:
-    from bard_core.config import DECODE_FALLBACKS, DECODE_MODES
-
     p = sub.add_parser("generate", help="answer one prompt (with images) and print decoding stats")
     p.add_argument("--model", required=True, help="checkpoint directory (block size from its bard.json)")
     p.add_argument("--image", action="append", help="image file (repeatable)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's (bard.json)")
-    defaults = "default: the setting the gate promoted the checkpoint with (bard.json), else DecodeConfig's"
-    p.add_argument("--threshold", type=float, default=None, help=defaults)
-    p.add_argument("--edit-threshold", type=float, default=None, help=defaults)
-    p.add_argument("--mode", choices=list(DECODE_MODES), default=None, help=defaults)
-    p.add_argument("--fallback", choices=list(DECODE_FALLBACKS), default=None,
-                   help="dynamic mode, when no position clears the threshold: take the leftmost or the most "
-                        f"confident ({defaults})")
-    p.add_argument("--sure-eos", action=argparse.BooleanOptionalAction, default=None,
-                   help="dynamic mode: propose <|im_end|> only above the threshold (an unsure one gives way to the "
-                        f"position's next best token), since it ends the answer for good ({defaults})")
-    p.add_argument("--tokens-per-step", type=int, default=None, help=defaults)
-    p.add_argument("--temperature", type=float, default=None, help=defaults)
-    p.add_argument("--top-p", type=float, default=None, help=defaults)
-    p.add_argument("--max-new-tokens", type=int, default=None, help=defaults)
+    add_decode_flags(p, skip=("batch_size", "label_shift"))
     p.add_argument("--ar", action="store_true", help="decode autoregressively (one token per forward)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
@@ -256,11 +263,9 @@ def add_commands(sub) -> None:
     p.add_argument("--ar-model", required=True, help="AR checkpoint (the baseline)")
     p.add_argument("--benchmark", required=True, help="e.g. shapes_extract")
     p.add_argument("--benchmarks-dir", required=True, help="the benchmarks/ directory written by `bard synth`")
-    p.add_argument("--threshold", default="0.5,0.7,0.9", help="comma-separated thresholds")
-    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--threshold", default="0.5,0.7,0.9", help="comma-separated thresholds (a sweep)")
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    add_decode_flags(p, skip=("threshold", "label_shift"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_decode)
 

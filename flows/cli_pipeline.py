@@ -106,7 +106,7 @@ def pipeline_params(args, command: str = "pipeline"):
         if "://" not in uri and not Path(uri).exists():
             raise UsageError(f"{prefix}: source {name}={uri}: no such file or directory")
     sources = {name: uri if "://" in uri else str(Path(uri).resolve()) for name, uri in sources.items()}
-    from bard_core.shapes.synth import BENCHMARKS as SHAPES
+    from bard_core.shapes.metrics import BENCHMARKS as SHAPES
 
     world_benchmarks = [b for b in recipe.gate.benchmarks if b in SHAPES]  # their YAMLs live in a shapes world
     if sources and world_benchmarks and not args.include_path:

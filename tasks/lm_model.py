@@ -31,6 +31,7 @@ from bard_core import checkpoint  # noqa: E402
 from bard_core.config import DecodeConfig  # noqa: E402
 from bard_core.decode import ar_generate_cached, generate  # noqa: E402
 from bard_core.inputs import context_messages, encode_prompt  # noqa: E402
+from bard_core.overrides import coerce  # noqa: E402
 from bard_core.recipes import get_recipe  # noqa: E402
 
 MODES = ("ar", "diffusion")
@@ -192,7 +193,8 @@ class BardLM(LM):
 
 def _typed(decode: dict) -> dict:
     """model_args values are strings from the command line or typed from Python: coerce to the field types."""
-    types = {f.name: f.type for f in dataclasses.fields(DecodeConfig)}
+    defaults = DecodeConfig()
+    types = {f.name for f in dataclasses.fields(DecodeConfig)}
     out = {}
     for key, value in decode.items():
         key = "mode" if key == "decode_mode" else key  # `mode` is the engine (ar | diffusion) here
@@ -202,11 +204,7 @@ def _typed(decode: dict) -> dict:
             continue  # lm-eval's auto batch size: keep the recipe's
         if key not in types:
             raise ValueError(f"bard: unknown model argument {key!r}; decode settings: {', '.join(types)}")
-        if isinstance(value, str):
-            kind = types[key]
-            value = (value.lower() in ("1", "true", "yes") if "bool" in kind else
-                     float(value) if "float" in kind else int(value) if "int" in kind else value)
-        out[key] = value
+        out[key] = coerce(getattr(defaults, key), value, key)
     return out
 
 

@@ -3,7 +3,7 @@ B), then distill (CE + top-K KD from the teacher) — or the AR objective for a 
 ``train.anchor_weight`` every diffusion phase also distils the chain's frozen AR base at the positions
 whose context is an AR model's (`resolve_anchor` finds that base).
 
-The loop is bard_core's `train_step`; Ray adds only the process group and `prepare_model` (DDP over
+The loop is bard_core's (`bard_core/train_loop.py`); Ray adds only the process group and `prepare_model` (DDP over
 gloo on CPU, NCCL on GPUs), the dataset shard and `ray.train.report` with checkpoints. With
 ``train.parallel = "fsdp"`` the model is instead sharded with FSDP2 (`fully_shard` per decoder layer
 and vision block, then the root): fp32 master weights, compute in the recipe's dtype, and the full
@@ -29,21 +29,11 @@ from prefect import task
 
 from bard_core.config import OBJECTIVES, TrainConfig
 from bard_core.recipes import get_recipe
+from bard_core.train_loop import as_dicts, plan
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
 from tasks.train_worker import AnchorTargets, train_loop_per_worker
-
-
-def _phases(objective: str, train: TrainConfig, has_teacher: bool) -> list[dict]:
-    if objective == "ar":
-        return [{"name": "ar", "steps": train.base_steps, "lr": train.lr, "min_ratio": train.min_lr_ratio}]
-    phases = [{"name": "merge", "steps": train.merge_steps, "lr": train.lr, "min_ratio": train.min_lr_ratio}]
-    if has_teacher and train.distill_steps:
-        phases.append({"name": "distill", "steps": train.distill_steps, "lr": train.distill_lr,
-                       "min_ratio": train.distill_min_lr_ratio})
-    return phases
-
 
 _DATASETS: dict = {}  # (driver's Ray worker id, data fingerprint) → materialized Dataset; one entry at most
 _DATASETS_LOCK = threading.Lock()
@@ -159,7 +149,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
     from ray.train.torch import TorchTrainer
 
 
-    phases = _phases(objective, train, teacher is not None)
+    phases = as_dicts(plan(objective, train, teacher is not None))
     total = sum(p["steps"] for p in phases)
     if total < 1:
         raise ValueError("the stage has no steps to run (check the recipe's step counts)")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import tempfile
-import time
 from pathlib import Path
 
 from bard_core.config import NoiseConfig, TrainConfig
@@ -162,15 +161,8 @@ def train_loop_per_worker(config: dict) -> None:
     from bard_core.inputs import RejectedSample, encode_sample
     from bard_core.layout import ar_batch, noise_spec_for, pack
     from bard_core.parallel import full_state, load_optimizer_state, shard
-    from bard_core.train import (
-        LogitsAtLossPositions,
-        Teacher,
-        build_optimizer,
-        build_scheduler,
-        freeze_fixed,
-        to_device,
-        train_step,
-    )
+    from bard_core.train import LogitsAtLossPositions, freeze_fixed, to_device
+    from bard_core.train_loop import Progress, checkpoint_meta, from_dicts, load_teacher, run_phases
 
     torch.set_num_threads(config["threads"])
     ctx = ray.train.get_context()
@@ -178,12 +170,11 @@ def train_loop_per_worker(config: dict) -> None:
     train = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["train"].items()})
     noise = NoiseConfig(**config["noise"])
     resume = ray.train.get_checkpoint()
-    state = {"step": 0, "history": [], "resumed_from": []}
+    progress = Progress()
     if resume is not None:
         with resume.as_directory() as d:
             model, processor, meta = checkpoint.load(d, config["attn_implementation"])
-            state = {"step": meta["step"], "history": meta["history"],
-                     "resumed_from": meta.get("resumed_from", []) + [meta["step"]]}
+            progress = Progress.resumed(meta)
             optimizer_state = torch.load(Path(d) / "optimizer.pt", weights_only=False)
     else:
         model, processor, _ = checkpoint.load(config["init"], config["attn_implementation"])
@@ -197,19 +188,12 @@ def train_loop_per_worker(config: dict) -> None:
         runner = prepare_model(LogitsAtLossPositions(model), parallel_strategy_kwargs={"find_unused_parameters": True})
     teacher = None
     if config["teacher"]:
-        teacher_model, _, _ = checkpoint.load(config["teacher"], config["attn_implementation"])
-        for p in teacher_model.parameters():
-            p.requires_grad_(False)
-        teacher_model.eval()
-        if fsdp:
-            teacher = Teacher(shard(LogitsAtLossPositions(teacher_model.to(device)), dtype).eval(),
-                              config["teacher_block_size"])
-        else:
-            teacher = Teacher(teacher_model.to(device, dtype), config["teacher_block_size"])
+        teacher = load_teacher(config["teacher"], config["teacher_block_size"], device, dtype, fsdp,
+                               config["attn_implementation"])
     spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, config["mask_token_id"], noise.prefix_prob)
     token_ids = {"mask": spec.mask_token_id, "eos": spec.eos_id, "pad": spec.pad_id}  # every reader's (bard.json)
     per_worker = max(1, train.batch_size // world)
-    generator = torch.Generator().manual_seed(train.seed + rank + 7919 * state["step"])
+    generator = torch.Generator().manual_seed(train.seed + rank + 7919 * progress.step)
 
     def encode(row):
         try:
@@ -224,7 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
     # workers' k-th shortest batches on the same step, so none waits at the all-reduce for a longer one
     group = per_worker if train.group_by_length else 0
     stream = EncodedStream(ray.train.get_dataset_shard("train"), encode,
-                           train.seed + (0 if group else 1000 * rank) + state["step"], train.encode_cache_mb << 20,
+                           train.seed + (0 if group else 1000 * rank) + progress.step, train.encode_cache_mb << 20,
                            group=group)
     samples_iter = iter(stream)
 
@@ -236,47 +220,28 @@ def train_loop_per_worker(config: dict) -> None:
                               label_shift=train.label_shift, pad_loss_weight=train.pad_loss_weight,
                               keep_loss_weight=train.keep_loss_weight, generator=generator), device)
 
-    done_before = 0
-    for phase in config["phases"]:
-        start, end = done_before, done_before + phase["steps"]
-        done_before = end
-        if state["step"] >= end:
-            continue
-        optimizer = build_optimizer(runner.module if hasattr(runner, "module") else runner, train, phase["lr"])
-        scheduler = build_scheduler(optimizer, phase["steps"], min(train.warmup_steps, phase["steps"] // 2),
-                                    phase["min_ratio"])
-        if optimizer_state is not None and optimizer_state.get("phase") == phase["name"]:
+    def restore(phase_name: str, optimizer) -> None:
+        if optimizer_state is not None and optimizer_state.get("phase") == phase_name:
             load_optimizer_state(runner, optimizer, optimizer_state["optimizer"], fsdp)
-        for _ in range(state["step"] - start):
-            scheduler.step()
-        optimizer_state = None
-        phase_teacher = teacher if phase["name"] == "distill" else None
-        while state["step"] < end:
-            started = time.perf_counter()
-            batch = next_batch()
-            fetched = time.perf_counter()
-            metrics = train_step(runner, batch, optimizer, train, teacher=phase_teacher, scheduler=scheduler)
-            state["step"] += 1
-            state["history"].append({"step": state["step"], "phase": phase["name"], "loss": metrics["loss"],
-                                     **{k: metrics[k] for k in ("ce", "kd", "anchor") if k in metrics},
-                                     "data_s": round(fetched - started, 4),
-                                     "step_s": round(time.perf_counter() - fetched, 4)})
-            last = state["step"] == config["total_steps"]
-            if rank == 0 and config.get("progress") is not None:  # the driver's progress artifact (fire and forget)
-                config["progress"].set.remote({"step": state["step"], "total": config["total_steps"],
-                                               "phase": phase["name"], "loss": metrics["loss"]})
-            if state["step"] % train.checkpoint_every == 0 or state["step"] == end:
-                report = {"step": state["step"], "phase": phase["name"], "loss": metrics["loss"], "skipped": stream.skipped,
-                          "final": last}
-                model_state, optim_state = full_state(model, runner, optimizer, fsdp)  # collective under FSDP
-                if rank == 0:
-                    with tempfile.TemporaryDirectory() as tmp:
-                        meta = {**config["meta"], "step": state["step"], "history": state["history"],
-                                "phase": phase["name"], "final": last, "resumed_from": state["resumed_from"],
-                                "parallel": train.parallel, "token_ids": token_ids}
-                        checkpoint.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta, state_dict=model_state)
-                        torch.save({"phase": phase["name"], "optimizer": optim_state},
-                                   Path(tmp) / "ckpt" / "optimizer.pt")
-                        ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))
-                else:
-                    ray.train.report(report)
+
+    def on_step(progress, phase, metrics) -> None:
+        if rank == 0 and config.get("progress") is not None:  # the driver's progress artifact (fire and forget)
+            config["progress"].set.remote({"step": progress.step, "total": config["total_steps"],
+                                           "phase": phase.name, "loss": metrics["loss"]})
+
+    def on_checkpoint(progress, phase, optimizer, metrics, final: bool) -> None:
+        report = {"step": progress.step, "phase": phase.name, "loss": metrics["loss"], "skipped": stream.skipped,
+                  "final": final}
+        model_state, optim_state = full_state(model, runner, optimizer, fsdp)  # collective under FSDP
+        if rank != 0:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            meta = checkpoint_meta(config["meta"], progress, phase, final, parallel=train.parallel,
+                                   token_ids=token_ids)
+            checkpoint.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta, state_dict=model_state)
+            torch.save({"phase": phase.name, "optimizer": optim_state}, Path(tmp) / "ckpt" / "optimizer.pt")
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))
+
+    run_phases(runner, from_dicts(config["phases"]), train, next_batch, progress, teacher=teacher,
+               restore=restore, on_step=on_step, on_checkpoint=on_checkpoint)

@@ -19,6 +19,17 @@ from prefect.logging.configuration import ensure_logging_setup  # noqa: E402
 # later flow run's log line would then fail, and the error report recurses through Prefect's print patch)
 ensure_logging_setup()
 
+# a test that starts a Prefect server, Ray or trains (these fixtures), or indexes lm-eval's tasks, is `slow`:
+# `make test-fast` leaves it out
+SLOW_FIXTURES = {"prefect_server", "local_ray", "data_ref", "stage_b4", "task_manager"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # a short Ray Train stage: enough steps to learn something, few enough for CI (one rate for every stage,
 # replacing the tiny recipe's per-stage schedule)
 SHORT = {"train.merge_steps": "40", "train.distill_steps": "8", "train.base_steps": "24", "train.lr": "1e-3",

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from bard_core.shapes import metrics
-from bard_core.shapes.synth import BENCHMARKS
+from bard_core.shapes.metrics import BENCHMARKS
 
 
 def test_field_f1_and_exact_match():

@@ -19,12 +19,21 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*BARD, *args], capture_output=True, text=True, cwd=ROOT, timeout=timeout, env=env)
 
 
-def in_process(capsys, *args: str) -> tuple[int, str]:
-    """`bard ARGS` in this process (the checks before any work need no fresh interpreter): exit code, stderr."""
+def call(capsys, *args: str) -> tuple[int, str, str]:
+    """`bard ARGS` in this process (what needs no fresh interpreter): exit code, stdout, stderr."""
     from flows.cli import main
 
-    code = main(list(args))
-    return code, capsys.readouterr().err
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def in_process(capsys, *args: str) -> tuple[int, str]:
+    code, _, err = call(capsys, *args)
+    return code, err
 
 
 def test_help_lists_commands():
@@ -35,15 +44,15 @@ def test_help_lists_commands():
         assert command in out.stdout
 
 
-def test_bad_arguments_give_one_line_and_exit_2():
-    for args in (("synth",), ("nonsense",), ("synth", "--out", "x", "--size", "3"),
-                 ("tiny-model", "--out", "x", "--set", "hidden_size"),
+def test_bad_arguments_give_one_line_and_exit_2(capsys):
+    out = run("synth", "--out", "x", "--size", "3")  # the real process: exit code and streams
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and out.stdout == "", out.stderr
+    for args in (("synth",), ("nonsense",), ("tiny-model", "--out", "x", "--set", "hidden_size"),
                  ("tiny-model", "--out", "x", "--set", "nope=1"),
                  ("tiny-model", "--out", "x", "--set", "num_key_value_heads=3")):
-        out = run(*args)
-        assert out.returncode == 2, (args, out.stderr)
-        assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
-        assert out.stdout == ""
+        code, stdout, err = call(capsys, *args)
+        assert code == 2, (args, err)
+        assert len(err.strip().splitlines()) == 1 and stdout == "", (args, err)
 
 
 def test_pipeline_and_demo_reject_bad_arguments_before_any_work(tmp_path, capsys):
@@ -63,21 +72,21 @@ def test_pipeline_and_demo_reject_bad_arguments_before_any_work(tmp_path, capsys
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
-def test_synth_and_tiny_model_work_offline(tmp_path):
-    out = run("synth", "--out", str(tmp_path / "w"), "--size", "20", "--bench-size", "4", "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+def test_synth_and_tiny_model_work_offline(tmp_path, capsys):
+    code, out, err = call(capsys, "synth", "--out", str(tmp_path / "w"), "--size", "20", "--bench-size", "4", "--json")
+    assert code == 0, err
+    result = json.loads(out)
     assert set(result["benchmarks"]) == {"shapes_mcq", "shapes_yesno", "shapes_count", "shapes_ocr", "shapes_extract"}
     assert (tmp_path / "w" / "planted.json").exists()
-    out = run("tiny-model", "--out", str(tmp_path / "m"), "--set", "hidden_size=64", "--json")
-    assert out.returncode == 0, out.stderr
-    info = json.loads(out.stdout)
+    code, out, err = call(capsys, "tiny-model", "--out", str(tmp_path / "m"), "--set", "hidden_size=64", "--json")
+    assert code == 0, err
+    info = json.loads(out)
     assert info["parameters"] > 0 and (tmp_path / "m" / "model.safetensors").exists()
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["text_config"]["hidden_size"] == 64
 
 
-def test_new_commands_reject_bad_arguments_in_one_line(tmp_path):
+def test_new_commands_reject_bad_arguments_in_one_line(tmp_path, capsys):
     cases = [
         ("curate", "--out", str(tmp_path / "o")),  # no source
         ("curate", "--source", "weird=/x", "--out", str(tmp_path / "o")),
@@ -98,9 +107,9 @@ def test_new_commands_reject_bad_arguments_in_one_line(tmp_path):
          str(tmp_path), "--out", str(tmp_path / "o"), "--dry-run"),
     ]
     for args in cases:
-        out = run(*args)
-        assert out.returncode == 2, (args, out.stdout, out.stderr)
-        assert len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+        code, stdout, err = call(capsys, *args)
+        assert code == 2, (args, stdout, err)
+        assert len(err.strip().splitlines()) == 1, (args, err)
 
 
 def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir, capsys):
@@ -155,30 +164,67 @@ def test_train_dry_run_shows_the_parallel_plan_of_each_recipe(tmp_path):
                                             "distill": pytest.approx(6e-5)}  # follows the merge rate
 
 
-def test_generate_prints_text_and_decoding_stats(tiny_model_dir, tmp_path):
+def test_generate_prints_text_and_decoding_stats(tiny_model_dir, tmp_path, capsys):
     from bard_core.shapes import world
 
     image = tmp_path / "scene.png"
     world.render(world.random_scene(__import__("random").Random(0))).save(image)
-    out = run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "What colour is the shape "
-              "in cell 5?", "--block-size", "4", "--max-new-tokens", "8", "--json")
-    assert out.returncode == 0, out.stderr
-    result = json.loads(out.stdout)
+    model = ("--model", str(tiny_model_dir))
+
+    def generate(*args: str) -> dict:
+        code, out, err = call(capsys, "generate", *model, *args, "--json")
+        assert code == 0, err
+        return json.loads(out)
+
+    result = generate("--image", str(image), "--prompt", "What colour is the shape in cell 5?", "--block-size", "4",
+                      "--max-new-tokens", "8")
     assert result["decoder"] == "block-diffusion B=4 tau=0.9 fallback=leftmost" and 0 < result["tokens"] <= 8
     assert result["tpf"] == result["tokens"] / result["nfe"]
-    confident = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi",
-                               "--block-size", "4", "--max-new-tokens", "4", "--fallback", "confident", "--json").stdout)
+    confident = generate("--image", str(image), "--prompt", "Hi", "--block-size", "4", "--max-new-tokens", "4",
+                         "--fallback", "confident")
     assert confident["decoder"].endswith("fallback=confident") and confident["tokens"] > 0
-    unsure = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi",
-                            "--block-size", "4", "--max-new-tokens", "4", "--no-sure-eos", "--json").stdout)
+    unsure = generate("--image", str(image), "--prompt", "Hi", "--block-size", "4", "--max-new-tokens", "4",
+                      "--no-sure-eos")
     assert unsure["decoder"].endswith("fallback=leftmost unsure-eos") and unsure["tokens"] > 0
-    never = run("generate", "--model", str(tiny_model_dir), "--prompt", "Hi", "--block-size", "4", "--threshold", "1")
-    assert never.returncode != 0 and "sure_eos" in never.stderr
-    ar = json.loads(run("generate", "--model", str(tiny_model_dir), "--image", str(image), "--prompt", "Hi", "--ar",
-                        "--max-new-tokens", "5", "--json").stdout)
+    code, _, err = call(capsys, "generate", *model, "--prompt", "Hi", "--block-size", "4", "--threshold", "1")
+    assert code == 2 and "sure_eos" in err
+    ar = generate("--image", str(image), "--prompt", "Hi", "--ar", "--max-new-tokens", "5")
     assert ar["decoder"] == "ar" and ar["nfe"] == ar["tokens"]
 
 
+def test_decode_flags_are_the_decode_settings_and_default_to_the_checkpoints_recipe():
+    import dataclasses
+
+    from bard_core.checkpoint import decode_config
+    from bard_core.config import DecodeConfig
+    from bard_core.recipes import get_recipe
+
+    fields = [f.name for f in dataclasses.fields(DecodeConfig)]
+    for command, skipped in (("generate", {"batch_size", "label_shift"}), ("bench-decode", {"label_shift"})):
+        shown = run(command, "--help").stdout
+        for name in fields:  # a new decode setting is a new flag of both commands
+            assert (f"--{name.replace('_', '-')} " in shown or f"--{name.replace('_', '-')}," in shown) != (
+                name in skipped), (command, name)
+    tiny = get_recipe("tiny").decode
+    assert tiny != DecodeConfig()  # the tiny recipe decodes differently from the defaults: a real check
+    assert decode_config({"recipe": "tiny", "block_size": 8}) == dataclasses.replace(tiny, block_size=8)
+    promoted = decode_config({"recipe": "tiny", "block_size": 8, "decode": {"threshold": 0.7}}, top_p=0.5)
+    assert (promoted.threshold, promoted.top_p, promoted.max_new_tokens) == (0.7, 0.5, tiny.max_new_tokens)
+    assert decode_config({"recipe": "not-a-recipe"}) == DecodeConfig()
+
+
+def test_bench_decode_runs_ar_and_each_threshold_side_by_side(tiny_model_dir, world_dir, capsys):
+    code, out, err = call(capsys, "bench-decode", "--model", str(tiny_model_dir), "--ar-model", str(tiny_model_dir), "--benchmark",
+              "shapes_ocr", "--benchmarks-dir", str(world_dir / "benchmarks"), "--block-size", "4", "--limit", "3",
+              "--threshold", "0.5,0.9", "--max-new-tokens", "6", "--batch-size", "2", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["items"] == 3 and [r["threshold"] for r in result["rows"]] == [None, 0.5, 0.9]
+    assert all(r["tokens"] <= 3 * 6 and r["tpf"] == pytest.approx(r["tokens"] / r["nfe"]) for r in result["rows"])
+    assert all(r["block_size"] == 4 for r in result["rows"][1:])
+
+
+@pytest.mark.slow
 def test_curate_command_runs_the_flow(world_dir, tiny_model_dir, tmp_path):
     env_home = tmp_path / "prefect"
     out = subprocess.run([*BARD, "curate", "--source", f"finevision={world_dir / 'sources/finevision'}",
@@ -194,7 +240,7 @@ def test_curate_command_runs_the_flow(world_dir, tiny_model_dir, tmp_path):
     assert (tmp_path / "cur" / "manifest.json").exists()
 
 
-def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
+def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path, capsys):
     # per-stage learning rates and merge:distill steps are checked up front: a typo must not cost the
     # minutes of synthesis and curation that come first
     cases = {("--lr", "1e-3,2e-3"): "one per stage", ("--lr", "fast"): "--lr", ("--lr", "-1e-3"): "lr",
@@ -202,13 +248,15 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path):
              ("--steps", "6:0,1:1", "--lr", "1e-3,1e-3,1e-3"): "one per stage",
              ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope",
              ("--set", "train.lr=1e-3"): "with --lr"}
+    from benchmarks.stage_budget import main
+
     for args, message in cases.items():
         work = tmp_path / "work"
-        out = subprocess.run([sys.executable, "-m", "benchmarks.stage_budget", "--work", str(work), *args],
-                             capture_output=True, text=True,
-                             cwd=ROOT, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        assert out.returncode == 2 and message in out.stderr, (args, out.stderr)
-        assert not work.exists() and out.stdout == ""
+        with pytest.raises(SystemExit) as exit_:
+            main(["--work", str(work), *args])
+        captured = capsys.readouterr()
+        assert exit_.value.code == 2 and message in captured.err, (args, captured.err)
+        assert not work.exists() and captured.out == ""
 
 
 def test_the_benchmarks_chain_is_the_pipeline_flow_with_per_stage_steps_and_open_gates(tmp_path):

@@ -15,7 +15,8 @@ from PIL import Image
 
 from bard_core.curation.dedup import phash64
 from bard_core.shapes import world
-from bard_core.shapes.synth import BENCHMARKS, RATING_COLUMNS, hamming, synth
+from bard_core.shapes.metrics import BENCHMARKS
+from bard_core.shapes.synth import RATING_COLUMNS, hamming, synth
 
 
 def _digest(root: Path) -> dict[str, str]:

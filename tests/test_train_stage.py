@@ -72,16 +72,12 @@ def test_a_short_stage_learns_and_writes_a_loadable_checkpoint(stage_b4, data_re
 
 
 def test_same_inputs_return_the_existing_checkpoint_without_training(stage_b4, data_ref, tiny_model_dir):
-    import time
-
     from tasks.train import checkpoint_ref, run_stage
 
     weights = Path(stage_b4.uri) / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    started = time.monotonic()
     again = run_stage(data_ref, checkpoint_ref(tiny_model_dir), stage_b4.uri, "tiny", SHORT, block_size=4, workers=2)
-    assert again == stage_b4 and weights.stat().st_mtime_ns == before
-    assert time.monotonic() - started < 5  # no Ray Train run
+    assert again == stage_b4 and weights.stat().st_mtime_ns == before  # a run would have replaced the directory
 
 
 def test_distillation_keeps_the_teacher_frozen_and_resumes_after_a_worker_dies(stage_b4, data_ref, tmp_path):

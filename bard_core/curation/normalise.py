@@ -145,7 +145,12 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def text_of(message: dict) -> str:
-    return " ".join(p["text"] for p in message["content"] if p.get("type") == "text" and p.get("text"))
+    """A message's text: its text parts joined as the chat template joins them (no separator); a plain string
+    content as it is. Training (`inputs.encode_sample`) and curation read answers through this one function."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text") or "" for part in content if part.get("type") == "text")
 
 
 def messages_json(messages: list[dict]) -> str:

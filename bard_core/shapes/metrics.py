@@ -107,3 +107,24 @@ def process_extract(doc: dict, results: list[str]) -> dict:
         "field_f1": field_f1(prediction, doc["answer"]),
         "exact_match": float(parse_listing(prediction) == parse_listing(doc["answer"])),
     }
+
+
+# The one table of what is scored how: per question family, its per-item scorer and the metrics it reports
+# (the first is the primary one, whose mean the gate compares); per shapes benchmark, the family it asks.
+# The benchmarks' task YAMLs (bard_core.shapes.synth), the engine-side suite and the pre-training curve read it.
+FAMILIES = {
+    "colour": (process_exact, ("exact_match",)),
+    "shape": (process_exact, ("exact_match",)),
+    "count": (process_count, ("relaxed_accuracy",)),
+    "yesno": (process_yesno, ("acc", "acc_plus")),
+    "mcq": (process_mcq, ("exact_match",)),
+    "ocr": (process_exact, ("exact_match",)),
+    "extract": (process_extract, ("field_f1", "exact_match")),
+}
+BENCHMARKS = {f"shapes_{family}": family for family in ("mcq", "yesno", "count", "ocr", "extract")}
+
+
+def primary(benchmark_or_family: str) -> str:
+    """The primary metric of a shapes benchmark or question family."""
+    return FAMILIES[BENCHMARKS.get(benchmark_or_family, benchmark_or_family)][1][0]
+

@@ -14,10 +14,9 @@ from bard_core.config import DecodeConfig
 from bard_core.decode import TokenIds, ar_generate_cached, generate
 from bard_core.inputs import EncodedSample, context_messages, encode_prompt
 from bard_core.shapes import metrics
-from bard_core.shapes.synth import BENCHMARKS
 
-# benchmark -> (process function, primary metric), from the shapes benchmarks' one table
-PRIMARY = {name: (getattr(metrics, process), names[0]) for name, (_, process, names) in BENCHMARKS.items()}
+# benchmark -> (per-item scorer, primary metric), from the shapes benchmarks' one table
+PRIMARY = {name: (metrics.FAMILIES[family][0], metrics.primary(name)) for name, family in metrics.BENCHMARKS.items()}
 
 
 def load_items(benchmarks_dir: str | Path, name: str, limit: int | None = None) -> list[dict]:

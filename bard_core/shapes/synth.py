@@ -11,7 +11,9 @@ Layout of ``OUT``::
 Every clean scene (training or benchmark) differs from every other by more than ``2 × phash_threshold``
 bits of 64-bit pHash, so a near-duplicate (within the threshold of its original, by construction)
 can never chain two clean scenes together, and the benchmarks are disjoint from training except
-through the planted leaks. Same seed → byte-identical files.
+through the planted leaks. Same seed → byte-identical files. The benchmarks' lm-eval files are written by
+`bard_core.shapes.lm_tasks`; this module draws the scenes and the sources with their planted defects (over
+300 lines: every defect is planted here, next to the clean rows it must stay apart from).
 """
 
 from __future__ import annotations
@@ -27,17 +29,12 @@ from PIL import Image
 
 from bard_core.curation.dedup import phash64
 from bard_core.shapes import world
+from bard_core.shapes.lm_tasks import write_benchmarks
+from bard_core.shapes.metrics import BENCHMARKS
 from bard_core.shapes.world import Scene
 
 LLAVA_SUBSETS = ("shapes_fv", "shapes_rc")  # {from,value} turns; {role,content} turns mixed with nulls
 FINEVISION_SUBSETS = ("shapes_qa", "shapes_qa_rev", "shapes_pair")  # user-first, assistant-first, two images
-BENCHMARKS = {
-    "shapes_mcq": ("mcq", "process_mcq", ["exact_match"]),
-    "shapes_yesno": ("yesno", "process_yesno", ["acc", "acc_plus"]),
-    "shapes_count": ("count", "process_count", ["relaxed_accuracy"]),
-    "shapes_ocr": ("ocr", "process_exact", ["exact_match"]),
-    "shapes_extract": ("extract", "process_extract", ["field_f1", "exact_match"]),
-}
 RATING_COLUMNS = ("relevance", "image_correspondence", "visual_dependency", "formatting")
 DEFECTS = ("exact_duplicate", "near_duplicate", "corrupt_image", "empty_answer", "overlong_answer",
            "low_rating", "benchmark_leak")
@@ -230,62 +227,6 @@ def _benchmark_items(bank: SceneBank, rng: random.Random, family: str, n: int) -
     return items
 
 
-def _yaml(name: str, process: str, metrics: list[str], data_file: Path, max_tokens: int) -> str:
-    metric_lines = []
-    for metric in metrics:
-        aggregation = "!function metrics.agg_acc_plus" if metric == "acc_plus" else "mean"
-        metric_lines.append(f"  - metric: {metric}\n    aggregation: {aggregation}\n    higher_is_better: true")
-    return (
-        f"task: {name}\n"
-        "dataset_path: parquet\n"
-        "dataset_kwargs:\n"
-        "  data_files:\n"
-        f"    test: {data_file.resolve()}\n"
-        "test_split: test\n"
-        "output_type: generate_until\n"
-        "process_docs: !function metrics.lazy_images\n"
-        "doc_to_image: !function metrics.doc_to_image\n"
-        "doc_to_text: !function metrics.doc_to_text\n"  # a function: lm-eval compiles a Jinja template per item
-        "doc_to_target: answer\n"
-        "generation_kwargs:\n"
-        '  until: ["<|im_end|>"]\n'
-        f"  max_gen_toks: {max_tokens}\n"
-        "  do_sample: false\n"
-        f"process_results: !function metrics.{process}\n"
-        "metric_list:\n" + "\n".join(metric_lines) + "\n"
-        "metadata:\n"
-        f"  version: 1.0\n  world: {world.WORLD_VERSION}\n"
-    )
-
-
-METRICS_SHIM = '"""lm-eval entry points of this benchmark; the code lives in bard_core.shapes.metrics."""\n' \
-    "from bard_core.eval_docs import lazy_images  # noqa: F401\n" \
-    "from bard_core.shapes.metrics import agg_acc_plus, doc_to_image, doc_to_text, process_count, process_exact, " \
-    "process_extract, process_mcq, process_yesno  # noqa: F401\n"
-
-
-def write_benchmarks(out: Path, suites: dict[str, list[dict]]) -> dict[str, int]:
-    from datasets import Dataset, Features, Value, disable_progress_bars
-    from datasets import Image as ImageFeature
-
-    disable_progress_bars()
-    counts = {}
-    features = Features({"id": Value("string"), "image_id": Value("string"), "image": ImageFeature(),
-                         "question": Value("string"), "answer": Value("string")})
-    for name, items in suites.items():
-        family, process, metrics = BENCHMARKS[name]
-        directory = out / "benchmarks" / name
-        directory.mkdir(parents=True, exist_ok=True)
-        columns = {k: [item[k] if k != "image" else {"bytes": world.encode(item["image"]), "path": None}
-                       for item in items] for k in features}
-        Dataset.from_dict(columns, features=features).to_parquet(str(directory / "test.parquet"))
-        max_tokens = 96 if family == "extract" else 8
-        (directory / f"{name}.yaml").write_text(_yaml(name, process, metrics, directory / "test.parquet", max_tokens))
-        (directory / "metrics.py").write_text(METRICS_SHIM)
-        counts[name] = len(items)
-    return counts
-
-
 # --- the whole world ----------------------------------------------------------------------------
 
 def _defects(bank: SceneBank, rng: random.Random, kind: str, subset: str, clean: list[Conversation],
@@ -370,7 +311,7 @@ def synth(out: str | Path, seed: int = 0, size: int = 600, bench_size: int = 60,
     rng = random.Random(seed)
     bank = SceneBank(random.Random(seed + 1), separation=2 * phash_threshold)
 
-    suites = {name: _benchmark_items(bank, rng, BENCHMARKS[name][0], bench_size) for name in BENCHMARKS}
+    suites = {name: _benchmark_items(bank, rng, BENCHMARKS[name], bench_size) for name in BENCHMARKS}
     bench_counts = write_benchmarks(out, suites)
 
     planted: dict[str, list[dict]] = {d: [] for d in DEFECTS}

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bard_core.shapes.synth import BENCHMARKS as SHAPES
+from bard_core.shapes.metrics import BENCHMARKS as SHAPES
+from bard_core.shapes.metrics import primary
 
 TASKS_DIR = Path(__file__).resolve().parent
 BUILTIN_DIRS = ("chartqa", "mmmu")  # lm-eval's own tasks we use, indexed without its whole task tree
 
 PRIMARY = {
-    **{name: metrics[0] for name, (_, _, metrics) in SHAPES.items()},
+    **{name: primary(name) for name in SHAPES},
     "mmmu_val": "acc",
     "mmmu_pro": "acc",
     "mme": "acc",
