@@ -349,7 +349,10 @@ class DataConfig:
     target_size: int | None = None  # None: keep everything that passes
     max_tokens: int = 8192  # a sample's prompt + answer tokens: longer rows are rejected, in curation and training
     min_rating: int = 3  # FineVision *_min ratings below this are rejected
-    phash_threshold: int = 6  # Hamming distance for near-duplicate images
+    # two images are near-identical within this many pHash bits AND chroma levels per grid cell (curation/dedup.py;
+    # measured in docs/curation.md)
+    phash_threshold: int = 14
+    colour_threshold: int = 27
     ngram: int = 13  # question n-gram length (words) for text decontamination
     min_image_side: int = 28
     max_aspect_ratio: float = 200.0
@@ -364,6 +367,8 @@ class DataConfig:
             _fail(c, "target_size", self.target_size, "None or a positive int")
         if not 0 <= self.phash_threshold < 32:
             _fail(c, "phash_threshold", self.phash_threshold, "an int in [0, 32)")
+        if not 0 <= self.colour_threshold <= 255:
+            _fail(c, "colour_threshold", self.colour_threshold, "an int in [0, 255] (chroma levels)")
         if not 1 <= self.min_rating <= 5:
             _fail(c, "min_rating", self.min_rating, "an int in [1, 5]")
         _check_positive(c, max_tokens=self.max_tokens, ngram=self.ngram, min_image_side=self.min_image_side,

@@ -34,7 +34,7 @@ from bard_core.curation.normalise import (
     text_of,
     to_table,
 )
-from bard_core.curation.policy import decide
+from bard_core.curation.policy import DUPLICATES, decide, duplicate_clusters
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import DatasetRef, code_version
@@ -117,21 +117,27 @@ def _question(messages: list[dict]) -> str:
 
 def benchmark_contamination(benchmarks_dir: str | None, cfg: DataConfig, train_questions: list[str],
                             names: tuple[str, ...] | None = None) -> dedup.Contamination:
-    """pHashes and questions of every gate benchmark under `benchmarks_dir` (<name>/test.parquet)."""
+    """Image keys, questions and item names ("task:id") of every gate benchmark under `benchmarks_dir`
+    (<name>/test.parquet)."""
     from io import BytesIO
 
     from PIL import Image
 
-    hashes, questions = [], []
+    hashes, colours, questions, items = [], [], [], []
     if benchmarks_dir:
         for path in sorted(Path(benchmarks_dir).glob("*/test.parquet")):
             if names and path.parent.name not in names:
                 continue
-            for row in pq.read_table(path, columns=["image", "question"]).to_pylist():
-                hashes.append(dedup.phash64(Image.open(BytesIO(row["image"]["bytes"]))))
+            columns = ["image", "question"] + (["id"] if "id" in pq.read_schema(path).names else [])
+            for k, row in enumerate(pq.read_table(path, columns=columns).to_pylist()):
+                image = Image.open(BytesIO(row["image"]["bytes"]))
+                hashes.append(dedup.phash64(image))
+                colours.append(dedup.colour_signature(image))
                 questions.append(row["question"])
+                items.append(f"{path.parent.name}:{row.get('id', k)}")
     common = dedup.common_ngrams(train_questions, cfg.ngram, min_count=3)
-    return dedup.Contamination(hashes, questions, cfg.phash_threshold, cfg.ngram, common)
+    return dedup.Contamination(hashes, colours, questions, items, cfg.phash_threshold, cfg.colour_threshold,
+                               cfg.ngram, common)
 
 
 def _shuffle_keys(sample_ids: list[str], salt: str) -> list[int]:
@@ -201,7 +207,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
 
     t1 = time.monotonic()
     keys = []
-    for batch in processed.select_columns(["sample_id", "source", "order", "images", "messages", "phash",
+    for batch in processed.select_columns(["sample_id", "source", "order", "images", "messages", "phash", "colour",
                                            "quality", "reason"]).iter_batches(batch_format="pyarrow"):
         for r in batch.to_pylist():
             text = " ".join(text_of(m) for m in r["messages"])
@@ -209,10 +215,12 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
             rated = [v for v in quality.values() if v is not None]
             keys.append({"sample_id": r["sample_id"], "source": r["source"], "order": r["order"],
                          "reason": r["reason"], "exact": dedup.exact_key(text, r["images"]),
-                         "phash": [int(h) for h in r["phash"]], "rating": min(rated) if rated else 0,
-                         "question": _question(r["messages"])})
+                         "phash": [int(h) for h in r["phash"]], "colour": list(r["colour"]),
+                         "text": dedup.text_key("\n".join(f"{m['role']}: {text_of(m)}" for m in r["messages"])),
+                         "rating": min(rated) if rated else 0, "question": _question(r["messages"])})
     contamination = benchmark_contamination(benchmarks_dir, cfg, [k["question"] for k in keys if not k["reason"]])
     decisions = decide(keys, cfg, contamination)
+    clusters = duplicate_clusters(decisions, keys)
     timings["dedup_decontam_mix_s"] = time.monotonic() - t1
 
     t2 = time.monotonic()
@@ -221,9 +229,14 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
     def apply(batch: pa.Table) -> pa.Table:
         table = ray.get(decisions_ref) if isinstance(decisions_ref, ray.ObjectRef) else decisions_ref
         ids = batch.column("sample_id").to_pylist()
-        reasons = [r if r else table.get(i) for i, r in zip(ids, batch.column("reason").to_pylist())]
+        rejects = [None if r else table.get(i) for i, r in zip(ids, batch.column("reason").to_pylist())]
+        reasons = [r if r else (j.reason if j else None) for r, j in zip(batch.column("reason").to_pylist(), rejects)]
         batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-        return batch.append_column("shuffle", pa.array(_shuffle_keys(ids, fingerprint), pa.uint64()))
+        duplicate_of = [j.of if j and j.reason in DUPLICATES else None for j in rejects]
+        contaminates = [j.of if j and j.reason.startswith("benchmark_") else None for j in rejects]
+        return (batch.append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
+                .append_column("contaminates", pa.array(contaminates, pa.string()))
+                .append_column("shuffle", pa.array(_shuffle_keys(ids, fingerprint), pa.uint64())))
 
     final = processed.map_batches(apply, batch_format="pyarrow").materialize()
     tmp = out.with_name(out.name + ".tmp")
@@ -232,7 +245,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
     kept = final.map_batches(lambda t: t.filter(pc.is_null(t["reason"])), batch_format="pyarrow")
     rejected = final.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])), batch_format="pyarrow")
     # kept rows in a seeded pseudo-random order (see _shuffle_keys); rejects keep the sources' order
-    kept.sort("shuffle").drop_columns(["reason", "order", "shuffle"]).repartition(
+    kept.sort("shuffle").drop_columns(["reason", "duplicate_of", "contaminates", "order", "shuffle"]).repartition(
         max(1, kept.count() // 2000 + 1)).write_parquet(str(tmp / "data"), min_rows_per_file=1000)
     rejected.drop_columns(["shuffle"]).repartition(1).write_parquet(str(tmp / "rejects"))
     timings["write_s"] = time.monotonic() - t2
@@ -251,7 +264,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
     manifest = {
         "fingerprint": fingerprint, "code_version": code_version(), "sources": sources,
         "benchmarks_dir": benchmarks_dir, "data_config": cfg.__dict__, "rows_in": n_in, "kept": n_kept,
-        "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())),
+        "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())), "duplicate_clusters": clusters,
         "per_source": {s: {"in": rows_in[s], "kept": kept_by_source.get(s, 0),
                            "rejected": dict(per_source_reasons.get(s, {}))} for s in sorted(rows_in)},
         "timings": {k: round(v, 2) for k, v in timings.items()},

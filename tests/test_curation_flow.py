@@ -58,6 +58,30 @@ def test_every_planted_defect_is_removed_for_its_reason_and_no_clean_row_is(cura
         assert got[sid] == EXPECTED_REASON[defect], (defect, got[sid])
 
 
+def test_every_reject_names_what_it_duplicates_or_contaminates(curated, world_dir):
+    _, _, out = curated
+    planted = json.loads((world_dir / "planted.json").read_text())
+    rejects = {r["sample_id"]: r for r in _rejects(out)}
+    kept = set(pq.read_table(glob.glob(str(out / "data" / "*.parquet")), columns=["sample_id"]).column(
+        "sample_id").to_pylist())
+    checked = Counter()
+    for defect in ("exact_duplicate", "near_duplicate", "benchmark_leak"):
+        for r in planted[defect]:
+            llava = r["source"].startswith("llava_ov")
+            row = rejects[sample_id(r["source"], r["id"] if llava else str(r["row"]))]
+            if defect == "benchmark_leak":
+                assert row["contaminates"] == f"{r['benchmark']}:{r['item']}" and row["duplicate_of"] is None
+            else:  # the clean row it copies (`of`: its row id, "<subset>-<position>")
+                original = sample_id(r["source"], r["of"] if llava else str(int(r["of"].rsplit("-", 1)[1])))
+                assert row["duplicate_of"] == original and original in kept and row["contaminates"] is None
+            checked[defect] += 1
+    assert min(checked.values()) > 0 and len(checked) == 3
+    manifest = json.loads((out / "manifest.json").read_text())
+    clusters = manifest["duplicate_clusters"]
+    assert clusters and all(c["kept"] in kept and c["duplicates"] >= len(c["examples"]) > 0 for c in clusters)
+    assert [c["duplicates"] for c in clusters] == sorted((c["duplicates"] for c in clusters), reverse=True)
+
+
 def test_counts_identity_and_manifest(curated):
     _, result, out = curated
     manifest = json.loads((out / "manifest.json").read_text())

@@ -110,8 +110,9 @@ def test_unusual_modes_are_converted_to_rgb(mode):
         assert Image.open(io.BytesIO(data)).mode.startswith("I")
     else:
         data = png(mode=mode, fmt="JPEG" if mode == "CMYK" else "PNG")
-    kept, phash, size = inspect_image(data, CFG)
+    kept, phash, colour, size = inspect_image(data, CFG)
     assert Image.open(io.BytesIO(kept)).mode == "RGB" and size == (96, 96) and 0 <= phash < 2**64
+    assert isinstance(colour, bytes) and len(colour) == 128
 
 
 def test_rgb_images_keep_their_original_bytes():
@@ -125,7 +126,7 @@ def _row(answer="red", question="What colour?", quality=None, images=None):
     return {"sample_id": "x", "source_id": "x", "source": "finevision/s", "images": images,
             "messages": [{"role": "user", "content": content},
                          {"role": "assistant", "content": [{"type": "text", "text": answer}]}],
-            "quality": quality, "phash": [], "num_tokens": None, "order": 0, "reason": None}
+            "quality": quality, "phash": [], "colour": [], "num_tokens": None, "order": 0, "reason": None}
 
 
 def test_text_rating_and_token_filters():
@@ -135,7 +136,7 @@ def test_text_rating_and_token_filters():
     assert check_row(_row(quality=low), CFG, count_tokens)["reason"] == "low_rating:image_correspondence"
     assert check_row(_row(answer="word " * 300), CFG, count_tokens)["reason"] == "over_token_cap"
     good = check_row(_row(), CFG, count_tokens)
-    assert good["reason"] is None and len(good["phash"]) == 1 and good["num_tokens"] > 9
+    assert good["reason"] is None and len(good["phash"]) == len(good["colour"]) == 1 and good["num_tokens"] > 9
 
 
 def test_image_parts_must_match_the_images():
@@ -164,24 +165,21 @@ def test_banded_search_finds_exactly_the_pairs_brute_force_finds(t):
     assert found == brute_pairs(hashes, t)
 
 
-def test_components_chain_and_keep_the_best_rated_then_earliest():
-    a = 0b1111
-    rows = [[a], [a ^ 1], [a ^ 3], [2**40], [a ^ 1]]  # 0-1-2 chain within t=1 steps, 4 joins them, 3 alone
-    groups = dedup.near_duplicate_groups(rows, 1)
-    assert len({groups[0], groups[1], groups[2], groups[4]}) == 1 and groups[3] != groups[0]
-    keep = dedup.keep_best(list(groups), ratings=[3, 5, 5, 1, 5], orders=[0, 2, 1, 3, 4])
-    assert keep == [False, False, True, True, False]  # best rating 5; earliest order among them: row 2
-
-
-def test_text_contamination_ignores_templates_but_catches_copies():
+def test_contamination_ignores_templates_catches_copies_and_names_the_item():
     bench = ["What is in cell 6? A. yellow triangle B. blue circle C. red square D. yellow square Answer with the option's letter."]
     train = [f"What is in cell {k}? A. red circle B. green square C. blue triangle D. empty Answer with the option's letter."
              for k in range(1, 10)]
-    c = dedup.Contamination([], bench, threshold=4, n=8, common_ngrams=dedup.common_ngrams(train, 8, 3))
-    assert c.check([], train[0]) is None
-    assert c.check([], "Please answer: " + bench[0]) == "benchmark_question"
-    c2 = dedup.Contamination([0b1010], [], threshold=2, n=8)
-    assert c2.check([0b1000], "anything") == "benchmark_image" and c2.check([2**50], "x") is None
+    c = dedup.Contamination([1 << 60], [0], bench, ["shapes_mcq:q7"], threshold=4, colour_threshold=3, n=8,
+                            common_ngrams=dedup.common_ngrams(train, 8, 3))
+    assert c.check([], [], train[0]) is None
+    assert c.check([], [], "Please answer: " + bench[0]) == ("benchmark_question", "shapes_mcq:q7")
+    grey, red = bytes([128] * 128), bytes([90, 240] * 64)
+    c2 = dedup.Contamination([0b1010, 0b1010], [red, grey], ["", ""], ["t:a", "t:b"], threshold=2,
+                             colour_threshold=20, n=8)
+    assert c2.check([0b1000], [bytes([100, 230] * 64)], "anything") == ("benchmark_image", "t:a")  # near in both
+    assert c2.check([0b1000], [grey], "anything") == ("benchmark_image", "t:b")
+    assert c2.check([0b1000], [bytes([200, 90] * 64)], "x") is None  # the same picture in other colours
+    assert c2.check([2**50], [red], "x") is None
 
 
 def test_mixing_is_deterministic_and_follows_weights():
@@ -211,4 +209,4 @@ def test_curation_speed_benchmark_prints_a_table_and_a_json_line():
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["images_per_s_per_core"] > 0 and set(result["dedup_seconds"]) == {"1000", "5000"}
-    assert all(r["pairs_found"] >= r["planted"] for r in result["rows"])
+    assert all(r["rejected"] == r["planted"] for r in result["rows"])  # the copies, not the reused images

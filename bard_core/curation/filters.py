@@ -1,10 +1,10 @@
 """Row filters with named reject reasons (pure; applied per row inside Ray Data batches).
 
 ``check_row`` runs, in order: images (decode, decompression-bomb cap, unsupported modes converted
-to RGB where safe, size and aspect limits, 64-bit pHash), text (a user turn and a non-empty final
+to RGB where safe, size and aspect limits, 64-bit pHash and colour signature), text (a user turn and a non-empty final
 assistant turn), FineVision ratings (every ``*_min`` ≥ the recipe threshold), and the token estimate
 (text tokens + image tokens of the recipe's processor) against the cap. The first failure names
-the row's ``reason``; a passing row leaves with ``phash`` and ``num_tokens`` filled in.
+the row's ``reason``; a passing row leaves with ``phash``, ``colour`` and ``num_tokens`` filled in.
 """
 
 from __future__ import annotations
@@ -16,14 +16,15 @@ from collections.abc import Callable
 from PIL import Image
 
 from bard_core.config import DataConfig
-from bard_core.curation.dedup import phash64
+from bard_core.curation.dedup import colour_signature, phash64
 from bard_core.curation.normalise import RATINGS, text_of
 
 SAFE_CONVERSIONS = {"CMYK", "P", "PA", "LA", "L", "1", "I;16", "I;16B", "I;16L", "I", "F", "RGBA"}
 
 
-def inspect_image(data: bytes, cfg: DataConfig) -> tuple[bytes, int, tuple[int, int]] | str:
-    """(bytes to keep, pHash, (w, h)) or a reject reason. Original bytes are kept unless converted."""
+def inspect_image(data: bytes, cfg: DataConfig) -> tuple[bytes, int, bytes, tuple[int, int]] | str:
+    """(bytes to keep, pHash, colour signature, (w, h)) or a reject reason. Original bytes are kept unless
+    converted."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -55,18 +56,18 @@ def inspect_image(data: bytes, cfg: DataConfig) -> tuple[bytes, int, tuple[int, 
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
-    return data, phash64(image), image.size
+    return data, phash64(image), colour_signature(image), image.size
 
 
 def check_row(row: dict, cfg: DataConfig, count_tokens: Callable[[str, list[tuple[int, int]]], int]) -> dict:
     if row.get("reason"):
         return row
-    images, hashes, sizes = [], [], []
+    images, hashes, colours, sizes = [], [], [], []
     for data in row["images"]:
         result = inspect_image(data, cfg)
         if isinstance(result, str):
             return {**row, "reason": result}
-        images.append(result[0]), hashes.append(result[1]), sizes.append(result[2])
+        images.append(result[0]), hashes.append(result[1]), colours.append(result[2]), sizes.append(result[3])
     messages = row["messages"]
     n_image_parts = sum(1 for m in messages for p in m["content"] if p.get("type") == "image")
     if n_image_parts != len(images):
@@ -83,8 +84,9 @@ def check_row(row: dict, cfg: DataConfig, count_tokens: Callable[[str, list[tupl
     text = "\n".join(text_of(m) for m in messages)
     num_tokens = count_tokens(text, sizes) + 5 * len(messages)  # + chat-template tokens per turn
     if num_tokens > cfg.max_tokens:
-        return {**row, "images": images, "phash": hashes, "num_tokens": num_tokens, "reason": "over_token_cap"}
-    return {**row, "images": images, "phash": hashes, "num_tokens": num_tokens}
+        return {**row, "images": images, "phash": hashes, "colour": colours, "num_tokens": num_tokens,
+                "reason": "over_token_cap"}
+    return {**row, "images": images, "phash": hashes, "colour": colours, "num_tokens": num_tokens}
 
 
 class TokenCounter:

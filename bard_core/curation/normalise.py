@@ -29,6 +29,7 @@ UNIFIED_SCHEMA = pa.schema([
     ("messages", pa.list_(MESSAGE)),
     ("quality", pa.struct([(r, pa.int64()) for r in RATINGS])),
     ("phash", pa.list_(pa.uint64())),
+    ("colour", pa.list_(pa.binary())),  # per image: its colour signature (dedup.colour_signature)
     ("num_tokens", pa.int64()),
     ("order", pa.int64()),  # position in its source (earliest wins ties in dedup)
     ("reason", pa.string()),  # null: kept so far
@@ -45,7 +46,7 @@ def sample_id(source: str, source_id: str) -> str:
 
 def empty_row(source: str, source_id: str, order: int, reason: str | None = None) -> dict:
     return {"sample_id": sample_id(source, source_id), "source_id": source_id, "source": source, "images": [],
-            "messages": [], "quality": None, "phash": [], "num_tokens": None, "order": order, "reason": reason}
+            "messages": [], "quality": None, "phash": [], "colour": [], "num_tokens": None, "order": order, "reason": reason}
 
 
 def _image_bytes(value) -> bytes | None:

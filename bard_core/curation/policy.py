@@ -2,46 +2,69 @@
 
 The engine (`tasks/curate.py`) projects each row to its keys — ``sample_id``, ``source``, ``order`` (row
 order within its source), ``reason`` (a row-level reject already), ``exact`` (`dedup.exact_key`),
-``phash`` (its images' pHashes), ``question`` and ``rating`` — and applies the reasons this returns.
+``phash`` and ``colour`` (its images' pHashes and colour signatures), ``text`` (`dedup.text_key` of the whole
+conversation), ``question`` and ``rating`` — and applies the rejects this returns. Each names what it
+duplicates (the kept ``sample_id``) or contaminates (the benchmark item).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
+from typing import NamedTuple
 
 from bard_core.config import DataConfig
 from bard_core.curation import dedup
 
+DUPLICATES = ("exact_duplicate", "near_duplicate")
 
-def decide(keys: list[dict], cfg: DataConfig, contamination: dedup.Contamination) -> dict[str, str]:
-    """Global decisions on the key projection: sample_id → reject reason (dedup, contamination, mix)."""
-    reasons: dict[str, str] = {}
+
+class Reject(NamedTuple):
+    reason: str
+    of: str | None = None  # duplicates: the kept sample_id; contamination: the benchmark item ("task:id")
+
+
+def decide(keys: list[dict], cfg: DataConfig, contamination: dedup.Contamination) -> dict[str, Reject]:
+    """Global decisions on the key projection: sample_id → Reject (dedup, contamination, mix)."""
+    rejects: dict[str, Reject] = {}
     live = [k for k in keys if not k["reason"]]
     # exact duplicates: earliest wins (sources in a fixed order, then row order)
     live.sort(key=lambda k: (k["source"], k["order"]))
-    seen: set[str] = set()
+    first: dict[str, str] = {}
     for k in live:
-        if k["exact"] in seen:
-            reasons[k["sample_id"]] = "exact_duplicate"
-        seen.add(k["exact"])
-    live = [k for k in live if k["sample_id"] not in reasons]
-    for k in live:  # decontamination before near-dup: a leak must not become a group's keeper
-        reason = contamination.check(k["phash"], k["question"])
-        if reason:
-            reasons[k["sample_id"]] = reason
-    live = [k for k in live if k["sample_id"] not in reasons]
-    groups = dedup.near_duplicate_groups([k["phash"] for k in live], cfg.phash_threshold)
-    ratings = [k["rating"] for k in live]
-    orders = [(hashlib.sha256(k["source"].encode()).hexdigest(), k["order"]) for k in live]
-    rank = {o: i for i, o in enumerate(sorted(set(orders)))}
-    keep = dedup.keep_best(list(groups), ratings, [rank[o] for o in orders])
-    for k, ok in zip(live, keep):
-        if not ok:
-            reasons[k["sample_id"]] = "near_duplicate"
-    live = [k for k, ok in zip(live, keep) if ok]
+        if k["exact"] in first:
+            rejects[k["sample_id"]] = Reject("exact_duplicate", first[k["exact"]])
+        else:
+            first[k["exact"]] = k["sample_id"]
+    live = [k for k in live if k["sample_id"] not in rejects]
+    for k in live:  # decontamination before near-dup: a leak must not become a keeper
+        found = contamination.check(k["phash"], k["colour"], k["question"])
+        if found:
+            rejects[k["sample_id"]] = Reject(*found)
+    live = [k for k in live if k["sample_id"] not in rejects]
+    # leader order: best rating, then a fixed order of sources, then row order
+    order = sorted(range(len(live)), key=lambda i: (-live[i]["rating"],
+                                                     hashlib.sha256(live[i]["source"].encode()).hexdigest(),
+                                                     live[i]["order"]))
+    for i, keeper in dedup.near_duplicates(live, order, cfg.phash_threshold, cfg.colour_threshold).items():
+        rejects[live[i]["sample_id"]] = Reject("near_duplicate", live[keeper]["sample_id"])
+    live = [k for k in live if k["sample_id"] not in rejects]
     mixed = dedup.mix_keep([k["sample_id"] for k in live], [k["source"] for k in live], cfg.weights,
                            cfg.target_size, cfg.seed)
     for k, ok in zip(live, mixed):
         if not ok:
-            reasons[k["sample_id"]] = "mix_not_selected"
-    return reasons
+            rejects[k["sample_id"]] = Reject("mix_not_selected")
+    return rejects
+
+
+def duplicate_clusters(rejects: dict[str, Reject], keys: list[dict], top: int = 10) -> list[dict]:
+    """The largest groups of duplicates by the row they kept: keeper, its source, how many rows name it, and a
+    few of them — for a person to eyeball in the manifest."""
+    named = Counter(r.of for r in rejects.values() if r.reason in DUPLICATES)
+    source = {k["sample_id"]: k["source"] for k in keys}
+    examples: dict[str, list[str]] = {}
+    for sample, r in rejects.items():
+        if r.reason in DUPLICATES and len(examples.setdefault(r.of, [])) < 3:
+            examples[r.of].append(sample)
+    return [{"kept": keeper, "source": source.get(keeper), "duplicates": n, "examples": sorted(examples[keeper])}
+            for keeper, n in sorted(named.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
