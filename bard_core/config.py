@@ -353,6 +353,9 @@ class DataConfig:
     # measured in docs/curation.md)
     phash_threshold: int = 14
     colour_threshold: int = 27
+    # rows showing the very same images merge into one multi-turn row (as FineVision's rows are); off: each
+    # conversation stays its own row
+    merge_same_image: bool = False
     ngram: int = 13  # question n-gram length (words) for text decontamination
     min_image_side: int = 28
     max_aspect_ratio: float = 200.0

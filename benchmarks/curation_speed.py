@@ -71,8 +71,8 @@ def main() -> None:
     for d in data:
         result = inspect_image(d, cfg)
         assert not isinstance(result, str), result
-    seconds = time.perf_counter() - t0
-    per_core = args.images / seconds
+    image_seconds = time.perf_counter() - t0
+    per_core = args.images / image_seconds
 
     dedup_seconds, rows = {}, []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -84,7 +84,7 @@ def main() -> None:
         rows.append({"rows": n, "planted": planted, "rejected": len(found), "seconds": seconds})
 
     print(f"curation speed — one core; images {args.side}px ({args.images}, PNG/JPEG alternating)")
-    print(f"decode + validate + pHash + colour: {per_core:.0f} images/s/core ({seconds:.2f} s)")
+    print(f"decode + validate + pHash + colour: {per_core:.0f} images/s/core ({image_seconds:.2f} s)")
     print(f"{'rows':>9} {'planted':>8} {'rejected':>9} {'seconds':>8} {'s per 1k':>9}")
     for r in rows:
         print(f"{r['rows']:>9} {r['planted']:>8} {r['rejected']:>9} {r['seconds']:>8.2f} "

@@ -34,7 +34,7 @@ from bard_core.curation.normalise import (
     text_of,
     to_table,
 )
-from bard_core.curation.policy import DUPLICATES, decide, duplicate_clusters
+from bard_core.curation.policy import DUPLICATES, MERGED, decide, duplicate_clusters, merged_messages
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import DatasetRef, code_version
@@ -208,7 +208,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
     t1 = time.monotonic()
     keys = []
     for batch in processed.select_columns(["sample_id", "source", "order", "images", "messages", "phash", "colour",
-                                           "quality", "reason"]).iter_batches(batch_format="pyarrow"):
+                                           "quality", "num_tokens", "reason"]).iter_batches(batch_format="pyarrow"):
         for r in batch.to_pylist():
             text = " ".join(text_of(m) for m in r["messages"])
             quality = r["quality"] or {}
@@ -217,22 +217,41 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
                          "reason": r["reason"], "exact": dedup.exact_key(text, r["images"]),
                          "phash": [int(h) for h in r["phash"]], "colour": list(r["colour"]),
                          "text": dedup.text_key("\n".join(f"{m['role']}: {text_of(m)}" for m in r["messages"])),
-                         "rating": min(rated) if rated else 0, "question": _question(r["messages"])})
+                         "rating": min(rated) if rated else 0, "question": _question(r["messages"]),
+                         "images": dedup.images_key(r["images"]), "num_tokens": r["num_tokens"] or 0,
+                         **({"messages": r["messages"]} if cfg.merge_same_image else {})})
     contamination = benchmark_contamination(benchmarks_dir, cfg, [k["question"] for k in keys if not k["reason"]])
     decisions = decide(keys, cfg, contamination)
     clusters = duplicate_clusters(decisions, keys)
+    merges: dict[str, dict] = {}  # leader sample_id -> the turns and tokens it gains (data.merge_same_image)
+    by_id = {k["sample_id"]: k for k in keys}
+    for sample, j in sorted(decisions.items(), key=lambda kv: (by_id[kv[0]]["source"], by_id[kv[0]]["order"])):
+        if j.reason == MERGED:
+            entry = merges.setdefault(j.of, {"messages": [], "tokens": 0})
+            entry["messages"].append(by_id[sample]["messages"])
+            entry["tokens"] += by_id[sample]["num_tokens"]
     timings["dedup_decontam_mix_s"] = time.monotonic() - t1
 
     t2 = time.monotonic()
-    decisions_ref = ray.put(decisions)
+    decisions_ref = ray.put((decisions, merges))
 
     def apply(batch: pa.Table) -> pa.Table:
-        table = ray.get(decisions_ref) if isinstance(decisions_ref, ray.ObjectRef) else decisions_ref
+        table, gains = ray.get(decisions_ref) if isinstance(decisions_ref, ray.ObjectRef) else decisions_ref
         ids = batch.column("sample_id").to_pylist()
+        if any(i in gains for i in ids):  # merged rows: the leader's turns, then those of the rows merged into it
+            messages, tokens = batch.column("messages").to_pylist(), batch.column("num_tokens").to_pylist()
+            for n, i in enumerate(ids):
+                if i in gains:
+                    messages[n] = merged_messages(messages[n], gains[i]["messages"])
+                    tokens[n] += gains[i]["tokens"]
+            batch = batch.set_column(batch.schema.get_field_index("messages"), "messages",
+                                     pa.array(messages, batch.schema.field("messages").type))
+            batch = batch.set_column(batch.schema.get_field_index("num_tokens"), "num_tokens",
+                                     pa.array(tokens, pa.int64()))
         rejects = [None if r else table.get(i) for i, r in zip(ids, batch.column("reason").to_pylist())]
         reasons = [r if r else (j.reason if j else None) for r, j in zip(batch.column("reason").to_pylist(), rejects)]
         batch = batch.set_column(batch.schema.get_field_index("reason"), "reason", pa.array(reasons, pa.string()))
-        duplicate_of = [j.of if j and j.reason in DUPLICATES else None for j in rejects]
+        duplicate_of = [j.of if j and (j.reason in DUPLICATES or j.reason == MERGED) else None for j in rejects]
         contaminates = [j.of if j and j.reason.startswith("benchmark_") else None for j in rejects]
         return (batch.append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
                 .append_column("contaminates", pa.array(contaminates, pa.string()))

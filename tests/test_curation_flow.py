@@ -64,13 +64,18 @@ def test_every_reject_names_what_it_duplicates_or_contaminates(curated, world_di
     rejects = {r["sample_id"]: r for r in _rejects(out)}
     kept = set(pq.read_table(glob.glob(str(out / "data" / "*.parquet")), columns=["sample_id"]).column(
         "sample_id").to_pylist())
+    image_of = {f"{path.parent.name}:{r['id']}": (path.parent.name, r["image_id"])
+                for path in (world_dir / "benchmarks").glob("*/test.parquet")
+                for r in pq.read_table(path, columns=["id", "image_id"]).to_pylist()}
     checked = Counter()
     for defect in ("exact_duplicate", "near_duplicate", "benchmark_leak"):
         for r in planted[defect]:
             llava = r["source"].startswith("llava_ov")
             row = rejects[sample_id(r["source"], r["id"] if llava else str(r["row"]))]
             if defect == "benchmark_leak":
-                assert row["contaminates"] == f"{r['benchmark']}:{r['item']}" and row["duplicate_of"] is None
+                # the item whose image it shows (yesno asks two questions of one image: either names it)
+                assert image_of[row["contaminates"]] == image_of[f"{r['benchmark']}:{r['item']}"]
+                assert row["duplicate_of"] is None
             else:  # the clean row it copies (`of`: its row id, "<subset>-<position>")
                 original = sample_id(r["source"], r["of"] if llava else str(int(r["of"].rsplit("-", 1)[1])))
                 assert row["duplicate_of"] == original and original in kept and row["contaminates"] is None
@@ -194,6 +199,37 @@ def test_hostile_rows_run_to_completion_with_the_right_reasons(tmp_path, tiny_mo
     kept = pq.read_table(glob.glob(str(tmp_path / "out" / "data" / "*.parquet")))
     for images in kept.column("images").to_pylist():
         assert all(Image.open(io.BytesIO(b)).mode == "RGB" for b in images)
+
+
+def test_one_image_with_three_questions_is_three_samples_or_one_merged_row(tmp_path, tiny_model_dir, local_ray):
+    import dataclasses
+
+    from bard_core.recipes import get_recipe
+    from tasks.curate import run_curation
+
+    images = [_png() for _ in range(3)]
+    rows = [{"id": f"i{i}q{q}", "image": {"bytes": image, "path": None},
+             "conversations": _turns(f"Question {q} about picture {i}?", f"Answer {q}."), "data_source": "x"}
+            for i, image in enumerate(images) for q in range(3)]
+    (tmp_path / "llava" / "s").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "llava" / "s" / "train.parquet")
+    cfg = get_recipe("tiny").data
+    separate = run_curation({"llava_ov": str(tmp_path / "llava")}, tmp_path / "separate", cfg, str(tiny_model_dir))
+    assert separate.counts["kept"] == 9 and separate.counts["rejected"] == 0  # same image, other question: kept
+
+    merged = run_curation({"llava_ov": str(tmp_path / "llava")}, tmp_path / "merged",
+                          dataclasses.replace(cfg, merge_same_image=True), str(tiny_model_dir))
+    assert merged.counts["kept"] == 3 and merged.counts["rows_in"] == 9
+    kept = pq.read_table(glob.glob(str(tmp_path / "merged" / "data" / "*.parquet"))).to_pylist()
+    for row in kept:
+        users = [m for m in row["messages"] if m["role"] == "user"]
+        texts = [p["text"] for m in users for p in m["content"] if p["type"] == "text"]
+        assert len(users) == 3 and len({t.split("picture ")[1] for t in texts}) == 1  # one picture's questions
+        assert sum(p["type"] == "image" for m in row["messages"] for p in m["content"]) == 1
+    leaders = {r["sample_id"] for r in kept}
+    rejects = _rejects(tmp_path / "merged")
+    assert {r["reason"] for r in rejects} == {"merged_same_image"} and len(rejects) == 6
+    assert all(r["duplicate_of"] in leaders for r in rejects)
 
 
 def test_streamed_source_matches_the_parquet_reader(world_dir, tiny_model_dir, tmp_path, local_ray):

@@ -59,6 +59,16 @@ def exact_key(text: str, images: list[bytes]) -> str:
     return h.hexdigest()
 
 
+def images_key(images: list[bytes]) -> str:
+    """The identity of a row's images, byte for byte ("" for none): rows with one key show the same images."""
+    if not images:
+        return ""
+    h = hashlib.sha256()
+    for data in images:
+        h.update(hashlib.sha256(data).digest())
+    return h.hexdigest()
+
+
 def normalise_text(text: str) -> str:
     """A conversation's text as compared for near duplicates: Unicode NFKC, case-folded, whitespace collapsed."""
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
