@@ -39,7 +39,7 @@ def _train(model, teacher, batches, progress, restore=None, stop_at=None):
     saved = {}
 
     class Stop(Exception):
-        pass
+        """Ends the run right after the checkpoint at `stop_at`."""
 
     def on_checkpoint(progress, phase, optimizer, metrics, final):
         if progress.step == stop_at:
