@@ -34,7 +34,14 @@ from bard_core.curation.normalise import (
     text_of,
     to_table,
 )
-from bard_core.curation.policy import DUPLICATES, MERGED, decide, duplicate_clusters, merged_messages
+from bard_core.curation.policy import (
+    DUPLICATES,
+    MERGED,
+    decide,
+    duplicate_clusters,
+    merge_gains,
+    merged_messages,
+)
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import DatasetRef, code_version
@@ -213,23 +220,18 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
             text = " ".join(text_of(m) for m in r["messages"])
             quality = r["quality"] or {}
             rated = [v for v in quality.values() if v is not None]
+            images = dedup.images_key(r["images"])  # the bytes are hashed once per row
             keys.append({"sample_id": r["sample_id"], "source": r["source"], "order": r["order"],
-                         "reason": r["reason"], "exact": dedup.exact_key(text, r["images"]),
+                         "reason": r["reason"], "exact": dedup.exact_key(text, images),
                          "phash": [int(h) for h in r["phash"]], "colour": list(r["colour"]),
                          "text": dedup.text_key("\n".join(f"{m['role']}: {text_of(m)}" for m in r["messages"])),
                          "rating": min(rated) if rated else 0, "question": _question(r["messages"]),
-                         "images": dedup.images_key(r["images"]), "num_tokens": r["num_tokens"] or 0,
+                         "images": images, "num_tokens": r["num_tokens"] or 0,
                          **({"messages": r["messages"]} if cfg.merge_same_image else {})})
     contamination = benchmark_contamination(benchmarks_dir, cfg, [k["question"] for k in keys if not k["reason"]])
     decisions = decide(keys, cfg, contamination)
     clusters = duplicate_clusters(decisions, keys)
-    merges: dict[str, dict] = {}  # leader sample_id -> the turns and tokens it gains (data.merge_same_image)
-    by_id = {k["sample_id"]: k for k in keys}
-    for sample, j in sorted(decisions.items(), key=lambda kv: (by_id[kv[0]]["source"], by_id[kv[0]]["order"])):
-        if j.reason == MERGED:
-            entry = merges.setdefault(j.of, {"messages": [], "tokens": 0})
-            entry["messages"].append(by_id[sample]["messages"])
-            entry["tokens"] += by_id[sample]["num_tokens"]
+    merges = merge_gains(decisions, keys)
     timings["dedup_decontam_mix_s"] = time.monotonic() - t1
 
     t2 = time.monotonic()

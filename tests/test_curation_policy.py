@@ -114,19 +114,20 @@ def test_the_mix_selects_the_target_size_by_source_weight_and_names_the_rest():
 
 
 def test_rows_showing_the_same_images_merge_only_when_asked_and_within_the_token_cap():
-    from bard_core.curation.policy import merged_messages
+    from bard_core.curation.policy import merge_gains, merged_messages
 
     def row(sample_id: str, order: int, image: bytes, tokens: int, question: str) -> dict:
         return {**key(sample_id, "finevision", order, FAR[order % 5], question=question),
-                "images": dedup.images_key([image]), "num_tokens": tokens}
+                "images": dedup.images_key([image]), "num_tokens": tokens, "messages": [question]}
 
     keys = [row("a", 0, b"img1", 100, "Q1"), row("b", 1, b"img1", 100, "Q2"), row("c", 2, b"img2", 100, "Q3"),
             row("d", 3, b"img1", 100, "Q4"), row("e", 4, b"img1", 100, "Q5")]
     assert decide(keys, DataConfig(phash_threshold=0), nothing()) == {}  # off by default: every conversation kept
     merging = DataConfig(phash_threshold=0, merge_same_image=True, max_tokens=300)
     # a, b and d fill the cap (300 tokens); e would not fit, so it leads a new merged row
-    assert decide(keys, merging, nothing()) == {"b": Reject("merged_same_image", "a"),
-                                                "d": Reject("merged_same_image", "a")}
+    rejects = decide(keys, merging, nothing())
+    assert rejects == {"b": Reject("merged_same_image", "a"), "d": Reject("merged_same_image", "a")}
+    assert merge_gains(rejects, keys) == {"a": {"messages": [["Q2"], ["Q4"]], "tokens": 200}}  # in row order
     user = lambda q, image: {"role": "user", "content": ([{"type": "image", "text": None}] if image else [])  # noqa: E731
                              + [{"type": "text", "text": q}]}
     answer = {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}

@@ -193,8 +193,9 @@ def test_mixing_is_deterministic_and_follows_weights():
 
 
 def test_exact_key_normalises_text_but_not_images():
-    assert dedup.exact_key("Hello  World", [b"x"]) == dedup.exact_key("hello world", [b"x"])
-    assert dedup.exact_key("hello world", [b"x"]) != dedup.exact_key("hello world", [b"y"])
+    x, y = dedup.images_key([b"x"]), dedup.images_key([b"y"])
+    assert dedup.exact_key("Hello  World", x) == dedup.exact_key("hello world", x)
+    assert dedup.exact_key("hello world", x) != dedup.exact_key("hello world", y)
 
 
 def test_curation_speed_benchmark_prints_a_table_and_a_json_line():

@@ -6,7 +6,7 @@ bits AND no grid cell's chroma differs by more than ``c`` levels: re-encoded, re
 copies pass both; the same picture in other colours fails the second, which pHash (grey levels, and blind to
 contrast) cannot see. Why these keys and thresholds: docs/curation.md (`benchmarks/dedup_quality.py`).
 
-Exact duplicates: same normalised text and same image bytes (``exact_key``).
+Exact duplicates: same normalised text and same image bytes (``exact_key`` over ``images_key``).
 Near duplicates: the same sample, i.e. the same number of images, pairwise near-identical in order, AND the
 same conversation up to case, Unicode form and whitespace (``text_key``). The same image with another
 question is another sample and is kept. Candidates are rows with one text key; among them, banded buckets
@@ -52,11 +52,9 @@ def colours_agree(a: bytes, b: bytes, colour_threshold: int) -> bool:
                                           - np.frombuffer(b, np.uint8)).max(initial=0)) <= colour_threshold
 
 
-def exact_key(text: str, images: list[bytes]) -> str:
-    h = hashlib.sha256(" ".join(text.lower().split()).encode())
-    for data in images:
-        h.update(hashlib.sha256(data).digest())
-    return h.hexdigest()
+def exact_key(text: str, images: str) -> str:
+    """Same lower-cased, whitespace-collapsed text and the same image bytes (`images`: their `images_key`)."""
+    return hashlib.sha256(f"{' '.join(text.lower().split())}\x00{images}".encode()).hexdigest()
 
 
 def images_key(images: list[bytes]) -> str:

@@ -82,6 +82,19 @@ def same_image_merges(keys: list[dict], max_tokens: int) -> dict[str, str]:
     return merged
 
 
+def merge_gains(rejects: dict[str, Reject], keys: list[dict]) -> dict[str, dict]:
+    """Per row that others were merged into: the turns it gains (their ``messages``, in source then row order)
+    and their tokens."""
+    by_id = {k["sample_id"]: k for k in keys}
+    gains: dict[str, dict] = {}
+    for sample in sorted((s for s, r in rejects.items() if r.reason == MERGED),
+                         key=lambda s: (by_id[s]["source"], by_id[s]["order"])):
+        entry = gains.setdefault(rejects[sample].of, {"messages": [], "tokens": 0})
+        entry["messages"].append(by_id[sample]["messages"])
+        entry["tokens"] += by_id[sample]["num_tokens"]
+    return gains
+
+
 def merged_messages(leader: list[dict], others: list[list[dict]]) -> list[dict]:
     """The leader's turns, then each merged row's turns with their image parts dropped (the leader shows the
     images once, at its first turn)."""
