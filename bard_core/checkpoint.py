@@ -51,8 +51,25 @@ def load(path: str | Path, attn_implementation: str = "sdpa"):
 
     import bard_core  # noqa: F401  (registers the processor)
 
-    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation)
+    # safetensors only: a pickled .bin in a checkpoint directory would run code when loaded
+    model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation,
+                                                        use_safetensors=True)
     return model, AutoProcessor.from_pretrained(path), read_meta(path)
+
+
+def read_training_state(path: str | Path) -> dict:
+    """A resume's optimizer/scheduler state file, loaded with ``weights_only=True``: tensors and plain
+    containers only. Anything else (a planted pickle would run code on load) is refused, naming the file."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeError(f"{path}: refused: it holds more than tensors and plain containers, and loading it would "
+                           f"run code ({reason})") from None
 
 
 def mask_token_id(tokenizer, explicit: int | None = None, *, required: bool = True) -> int | None:

@@ -35,7 +35,8 @@ OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static")
 DECODE_FALLBACKS = ("leftmost", "confident")
 DTYPES = ("float32", "bfloat16", "float16")
-STAGE_FIELDS = ("merge_steps", "distill_steps", "lr")  # what `TrainConfig.stages` may set per block size
+# what `TrainConfig.stages` may set per block size
+STAGE_FIELDS = ("merge_steps", "distill_steps", "lr", "long_share")
 
 
 def _fail(cls: str, name: str, value: Any, expected: str) -> None:
@@ -182,6 +183,10 @@ class TrainConfig:
     # batches of similar lengths (`layout.length_grouped`): less padding, 19–30% faster steps
     # (docs/stage_budget.md, "Length-grouped batches")
     group_by_length: bool = True
+    # share of every batch buffer given to rows whose response spans more than one block of the stage
+    # (repeated from the buffer, short rows subsampled; 0: the data's own mix). Parallel decoding of long
+    # answers is learned from those rows only (docs/stage_budget.md, "Long rows")
+    long_share: float = 0.0
     # driver: a curated dataset up to this size on disk is read once per Ray session into the object store
     # and shared by every stage trained on it (each fit() then skips the read pipeline's start, ~4 s on 2
     # cores); a larger one streams from its files in every stage; 0 turns it off
@@ -207,7 +212,7 @@ class TrainConfig:
             stages = {int(b): {k: (int(v) if k.endswith("_steps") else float(v)) for k, v in entry.items()}
                       for b, entry in self.stages.items()}
         except (TypeError, ValueError, AttributeError):
-            _fail(c, "stages", self.stages, "a map of block size -> {merge_steps, distill_steps, lr}")
+            _fail(c, "stages", self.stages, f"a map of block size -> {{{', '.join(STAGE_FIELDS)}}}")
         object.__setattr__(self, "stages", stages)
         bad = {k for entry in stages.values() for k in entry} - set(STAGE_FIELDS)
         if bad or any(b < 1 for b in stages):
@@ -238,6 +243,8 @@ class TrainConfig:
                   "vision_lr_scale >= 0 (0 freezes the vision tower) and distill_lr_scale > 0")
         if self.keep_loss_weight < 0:
             _fail(c, "keep_loss_weight", self.keep_loss_weight, "a non-negative weight (0: corrupted tokens only)")
+        if not 0.0 <= self.long_share < 1.0:
+            _fail(c, "long_share", self.long_share, "a share in [0, 1) (0: the data's own mix)")
         if self.anchor_weight < 0:
             _fail(c, "anchor_weight", self.anchor_weight, "a non-negative weight (0 turns the AR anchor off)")
         if self.anchor_weight > 0 and not self.label_shift:

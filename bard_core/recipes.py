@@ -41,9 +41,9 @@ def tiny() -> Recipe:
                                   16: {"merge_steps": 100, "distill_steps": 40, "lr": 2e-4},
                                   32: {"merge_steps": 420, "distill_steps": 60, "lr": 2e-4}}),
         decode=DecodeConfig(max_new_tokens=96, batch_size=32),
-        # min_tpf: what the chain reaches today, about one token per forward at every stage (docs/evaluation.md);
-        # one threshold: lower ones lost accuracy for ≤ 0.02 more TPF and cost 3× the gate's time (docs/pipeline.md);
-        # raising both is issue 21's
+        # min_tpf: what the chain reaches today, about one token per forward at every stage (docs/evaluation.md;
+        # what was tried to raise it: docs/stage_budget.md, "Tokens per forward"); one threshold: lower ones
+        # lost accuracy for ≤ 0.02 more TPF and cost 3× the gate's time (docs/pipeline.md)
         gate=GateConfig(limit=None, thresholds=(0.9,), min_tpf={4: 0.95, 8: 0.95, 16: 0.95, 32: 0.95}),
         data=DataConfig(max_tokens=512, min_image_side=32),
     )

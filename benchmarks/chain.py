@@ -54,15 +54,18 @@ def chain_params(work: str | Path, *, seed: int = 11, size: int = 3000, limit: i
 
 
 def run_chain(work: str | Path, **settings) -> dict:
-    """Run the pipeline flow with `chain_params(work, **settings)` and return its report (``report.json``),
-    each stage with its ``final_loss`` (the mean loss of its last 10% of steps), ``steps`` (merge+distill),
-    merge ``lr`` and ``train_seconds`` added."""
+    """Run the pipeline flow with `chain_params(work, **settings)` and return its report (``report.json``)
+    with `annotate`'s additions."""
     from flows.pipeline import pipeline_flow
 
     params = chain_params(work, **settings)
-    work, run_name = Path(params.root), params.run_name
     pipeline_flow(params)
-    report = json.loads((work / run_name / "report.json").read_text())
+    return annotate(json.loads((Path(params.root) / params.run_name / "report.json").read_text()))
+
+
+def annotate(report: dict) -> dict:
+    """`report` (a pipeline run's ``report.json``) with, per stage, ``final_loss`` (the mean loss of its last
+    10% of steps), ``steps`` (merge+distill), merge ``lr`` and ``train_seconds``, read from its checkpoint."""
     for stage in report["stages"]:
         meta = json.loads((Path(stage["checkpoint"]) / "bard.json").read_text())
         tail = meta["history"][-max(1, len(meta["history"]) // 10):]

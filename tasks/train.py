@@ -160,7 +160,8 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
             "data_fingerprint": data.fingerprint, "recipe": recipe.name, "phases": phases, "total_steps": total,
             "label_shift": train.label_shift, "prompt_mask": train.prompt_mask, "noise": recipe.noise.kind,
             "prefix_prob": recipe.noise.prefix_prob, "anchor": anchor.uri if anchor else None,
-            "anchor_weight": train.anchor_weight if anchor else 0.0, "keep_loss_weight": train.keep_loss_weight}
+            "anchor_weight": train.anchor_weight if anchor else 0.0, "keep_loss_weight": train.keep_loss_weight,
+            "long_share": train.long_share}
     config = {
         "init": init.uri, "teacher": teacher.uri if teacher else None, "anchor": anchor.uri if anchor else None,
         "teacher_block_size": teacher.block_size if teacher else None, "block_size": block_size,

@@ -38,10 +38,16 @@ class EncodedStream:
     deadlock). With `group` (the worker's batch size), every flushed buffer is ordered by
     `length_grouped` instead of shuffled: consecutive runs of `group` samples have similar lengths, and
     streams with one seed over shards of one size put their buffers' batches in the same length order.
+    With `long_share` > 0, a buffer whose share of samples with more than `block_size` response tokens is
+    below it is rebalanced before ordering (`rebalance`): long samples repeated, short ones subsampled, the
+    buffer's size kept, so epochs stay equally long on every worker.
     """
 
-    def __init__(self, shard, encode, seed: int, cache_bytes: int, buffer: int = 256, group: int = 0):
+    def __init__(self, shard, encode, seed: int, cache_bytes: int, buffer: int = 256, group: int = 0,
+                 long_share: float = 0.0, block_size: int | None = None):
         self.shard, self.encode, self.cache_bytes, self.buffer, self.group = shard, encode, cache_bytes, buffer, group
+        self.long_share, self.block_size = (long_share, block_size) if block_size else (0.0, None)
+        self.mix_rng = random.Random(seed + 1)  # its own: the batch order's draws stay the same on every rank
         self.rng = random.Random(seed)
         self.skipped, self.epochs = 0, 0
         self.cache: dict = {}  # sample_id -> encoded sample, or None for a rejected row
@@ -88,12 +94,31 @@ class EncodedStream:
         yield from self._order(buffer)
 
     def _order(self, buffer: list) -> list:
+        if self.long_share > 0:
+            buffer = rebalance(buffer, lambda s: s.response_ids.numel() > self.block_size, self.long_share,
+                               self.mix_rng)
         if self.group > 1:
             from bard_core.layout import length_grouped
 
             return length_grouped(buffer, self.group, self.rng)
         self.rng.shuffle(buffer)
         return buffer
+
+
+def rebalance(buffer: list, is_long, share: float, rng: random.Random) -> list:
+    """`buffer` with at least round(`share` × its size) samples for which `is_long` holds, as many samples as
+    before: every long sample kept, then repeated in a shuffled cycle; short samples drawn without
+    replacement for the rest. Unchanged when its long share is already `share` or more, or when it has no
+    long or no short sample."""
+    long = [s for s in buffer if is_long(s)]
+    short = [s for s in buffer if not is_long(s)]
+    want = min(len(buffer) - 1, round(share * len(buffer)))
+    if not long or not short or len(long) >= want:
+        return buffer
+    cycle = long[:]
+    rng.shuffle(cycle)
+    extra = [cycle[i % len(cycle)] for i in range(want - len(long))]
+    return long + extra + rng.sample(short, len(buffer) - want)
 
 
 def with_anchor_targets(sample, row: dict):
@@ -175,7 +200,7 @@ def train_loop_per_worker(config: dict) -> None:
         with resume.as_directory() as d:
             model, processor, meta = checkpoint.load(d, config["attn_implementation"])
             progress = Progress.resumed(meta)
-            optimizer_state = torch.load(Path(d) / "optimizer.pt", weights_only=False)
+            optimizer_state = checkpoint.read_training_state(Path(d) / "optimizer.pt")
     else:
         model, processor, _ = checkpoint.load(config["init"], config["attn_implementation"])
         optimizer_state = None
@@ -209,7 +234,8 @@ def train_loop_per_worker(config: dict) -> None:
     group = per_worker if train.group_by_length else 0
     stream = EncodedStream(ray.train.get_dataset_shard("train"), encode,
                            train.seed + (0 if group else 1000 * rank) + progress.step, train.encode_cache_mb << 20,
-                           group=group)
+                           group=group, long_share=train.long_share,
+                           block_size=config["block_size"] if config["objective"] != "ar" else None)
     samples_iter = iter(stream)
 
     def next_batch():

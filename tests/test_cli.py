@@ -247,7 +247,9 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path, capsys):
              ("--steps", "600:0,220"): "MERGE:DISTILL", ("--steps", "6:0,1:1,1:1,1:1,1:1"): "block sizes",
              ("--steps", "6:0,1:1", "--lr", "1e-3,1e-3,1e-3"): "one per stage",
              ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope",
-             ("--set", "train.lr=1e-3"): "with --lr"}
+             ("--set", "train.lr=1e-3"): "with --lr", ("--ablate", "train.nope=0"): "nope",
+             ("--ablate", "train.long_share"): "KEY=VALUE", ("--set", "train.long_share=1.5"): "long_share",
+             ("--speed-batch", "0"): "speed-batch"}
     from benchmarks.stage_budget import main
 
     for args, message in cases.items():

@@ -120,3 +120,12 @@ def test_each_stage_takes_its_own_schedule_unless_a_setting_is_overridden_for_al
         get_recipe("tiny", {"train.stages": '{"8": {"warmup_steps": 3}}'})
     with pytest.raises(ValueError, match="lr"):
         get_recipe("tiny", {"train.stages": '{"8": {"lr": -1}}'})
+
+
+def test_a_stage_can_set_its_own_long_share_and_a_bad_share_is_refused():
+    train = get_recipe("tiny", {"train.stages": '{"4": {"long_share": "0.5"}, "8": {"merge_steps": 3}}'}).train
+    assert train.for_stage(4).long_share == 0.5 and train.for_stage(8).long_share == 0.0
+    with pytest.raises(ValueError, match="long_share"):
+        get_recipe("tiny", {"train.stages": '{"4": {"long_share": 1}}'})
+    with pytest.raises(ValueError, match="long_share"):
+        get_recipe("tiny", {"train.long_share": "-0.1"})

@@ -164,3 +164,58 @@ def test_grouped_streams_with_one_seed_put_their_kth_shortest_batches_on_the_sam
     shard_b = [{"sample_id": f"s{i}", "id": i, "bad": False} for i in good[16:32]]
     assert batch_ranks(shard_a, 5) == batch_ranks(shard_b, 5)
     assert any(batch_ranks(shard_a, 5) != batch_ranks(shard_a, seed) for seed in range(6, 12))
+
+
+def test_rebalance_gives_long_samples_their_share_and_keeps_the_buffer_size():
+    import random
+
+    from tasks.train_worker import rebalance
+
+    buffer = [_sized(i, 40 if i % 5 == 0 else 3) for i in range(40)]  # 8 long, 32 short
+    is_long = lambda s: s.response_ids.numel() > 4  # noqa: E731
+    out = rebalance(buffer, is_long, 0.5, random.Random(0))
+    ids = [int(s.prompt_ids[0]) for s in out]
+    long_ids = [i for i in ids if i % 5 == 0]
+    short_ids = [i for i in ids if i % 5]
+    assert len(out) == 40 and len(long_ids) == 20
+    assert set(long_ids) == set(range(0, 40, 5))  # every long sample kept, the extra ones repeats of them
+    assert max(long_ids.count(i) for i in set(long_ids)) - min(long_ids.count(i) for i in set(long_ids)) <= 1
+    assert len(set(short_ids)) == len(short_ids) == 20  # short ones subsampled, never repeated
+    assert rebalance(buffer, is_long, 0.1, random.Random(0)) == buffer  # already at its share: unchanged
+    assert rebalance(buffer, lambda s: False, 0.5, random.Random(0)) == buffer  # nothing long to repeat
+
+
+def test_a_long_share_holds_in_every_buffer_and_epochs_stay_one_sample_per_row():
+    rows = [{"sample_id": f"s{i}", "id": i, "bad": False} for i in range(64)]
+
+    class Lengths(Encoder):
+        def __call__(self, row):
+            return _sized(row["id"], 20 if row["id"] % 8 == 0 else 2)  # 1 in 8 longer than a block of 4
+
+    for group in (0, 4):
+        stream = EncodedStream(Shard(rows), Lengths(), seed=4, cache_bytes=1 << 20, buffer=16, group=group,
+                               long_share=0.5, block_size=4)
+        it = iter(stream)
+        for _ in range(2):
+            epoch = list(itertools.islice(it, len(rows)))
+            assert len(epoch) == len(rows)
+            for start in range(0, 64, 16):
+                assert sum(s.response_ids.numel() > 4 for s in epoch[start:start + 16]) == 8
+    # no block size (the AR objective): the data's own mix
+    plain = EncodedStream(Shard(rows), Lengths(), seed=4, cache_bytes=1 << 20, buffer=16, long_share=0.5)
+    assert sum(s.response_ids.numel() > 4 for s in itertools.islice(iter(plain), 64)) == 8
+
+
+def test_rebalancing_leaves_the_ranks_batch_order_aligned():
+    # workers whose buffers hold different numbers of long samples still order their batches with the
+    # same draws (the rebalancing has its own generator)
+    def order(rows):
+        stream = EncodedStream(Shard(rows), SizedEncoder(), seed=5, cache_bytes=1 << 20, buffer=16, group=4,
+                               long_share=0.6, block_size=6)
+        first = list(itertools.islice(iter(stream), 16))
+        lengths = [max(s.response_ids.numel() for s in first[i:i + 4]) for i in range(0, 16, 4)]
+        return [sorted(lengths).index(x) for x in lengths]
+
+    shard_a = [{"sample_id": f"s{i}", "id": i, "bad": False} for i in range(16)]
+    shard_b = [{"sample_id": f"s{i}", "id": i, "bad": False} for i in range(16, 32)]
+    assert order(shard_a) == order(shard_b)

@@ -64,6 +64,33 @@ def test_the_pipeline_chains_curation_stages_gates_and_promotions(first_run):
     assert progress == {"train-b4": 100.0, "train-b8": 100.0}
 
 
+def test_the_stage_budget_summary_reads_the_chain_report(first_run, capsys):
+    # benchmarks/stage_budget.py's figures come from the pipeline's own report: the worst drop over every
+    # stage, the final stage's TPF and its speed-ups over the AR base measured beside it
+    from benchmarks.chain import annotate
+    from benchmarks.stage_budget import chain_summary, print_table
+
+    _, root = first_run
+    report = annotate(json.loads((root / "first" / "report.json").read_text()))
+    names = report["benchmarks"]
+    batch = max(int(k) for k in report["baseline"]["speed"]["batch"])
+    summary = chain_summary(report, names, 1.0, batch)
+    assert summary["final_block_size"] == 8 and summary["every_within"]
+    drops = [c["drop"] for s in report["stages"] for c in s["checks"] if c["benchmark"] in names]
+    assert summary["max_drop"] == max(drops)
+    assert summary["train_seconds"] == pytest.approx(report["timing"]["B4_train"] + report["timing"]["B8_train"])
+    b8 = report["stages"][1]
+    eval_json = json.loads((Path(b8["sweep"][0]["samples"]).parent / "eval.json").read_text())
+    ar, own = eval_json["speed"]["ar"], eval_json["speed"]["batch"]
+    assert summary["final_tpf_extract"] == b8["tpf"] > 0
+    assert summary["speedup_batch1"] == pytest.approx(own["1"]["tok_s"] / ar["1"]["tok_s"])
+    assert summary[f"speedup_batch{batch}"] == pytest.approx(own[str(batch)]["tok_s"] / ar[str(batch)]["tok_s"])
+    assert not chain_summary(report, names, min(drops) - 1e-9, batch)["every_within"]
+    print_table(report, summary, names, batch, [{"set": {"train.long_share": "0"}, **summary}], None)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:5]] == ["AR", "B4", "B8", "abl"]
+
+
 def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
     from flows.pipeline import pipeline_flow
 

@@ -89,3 +89,38 @@ def test_a_resumed_stage_takes_the_same_steps_as_an_uninterrupted_one(kit, batch
     # the comparison can fail: without the optimizer's moments the resumed weights end elsewhere
     fresh, _ = resume(False)
     assert max((a - b).abs().max().item() for a, b in zip(straight.parameters(), fresh.parameters())) > 1e-4
+
+
+class _Planted:
+    """A pickle that runs code when loaded: what a tampered checkpoint's optimizer.pt could hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import pathlib
+
+        return pathlib.Path.touch, (pathlib.Path(self.marker),)
+
+
+def test_resume_state_loads_tensors_and_refuses_a_planted_pickle(tmp_path):
+    from bard_core.checkpoint import read_training_state
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    model(torch.randn(4, 3)).sum().backward()
+    optimizer.step()
+    good = tmp_path / "optimizer.pt"
+    torch.save({"phase": "merge", "optimizer": optimizer.state_dict()}, good)
+    state = read_training_state(good)
+    assert state["phase"] == "merge"
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    fresh.load_state_dict(state["optimizer"])  # a real optimizer's state loads under weights_only
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+    marker = tmp_path / "ran"
+    bad = tmp_path / "planted.pt"
+    torch.save({"phase": "merge", "optimizer": _Planted(marker)}, bad)
+    with pytest.raises(RuntimeError, match="planted.pt: refused"):
+        read_training_state(bad)
+    assert not marker.exists()  # the payload never ran
