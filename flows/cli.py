@@ -196,19 +196,13 @@ def cmd_train(args) -> int:
     except ValueError as exc:
         raise UsageError(f"bard train: {exc}") from None
     if args.dry_run:
-        train = recipe.train.for_stage(args.block_size if args.objective == "diffusion" else None)
-        payload = {"recipe": recipe.name, "objective": args.objective, "block_size": args.block_size,
-                   "workers": train.num_workers, "use_gpu": train.use_gpu,
-                   "parallel": train.parallel,
-                   "backend": "nccl" if train.use_gpu else "gloo",
-                   "dtype": recipe.model.dtype if train.use_gpu else "float32",
-                   "master_weights": "float32" if train.parallel == "fsdp" or not train.use_gpu
-                   else recipe.model.dtype, "batch_size": train.batch_size,
-                   "lr": {"merge": train.lr, "vision": train.lr * train.vision_lr_scale,
-                          "distill": train.distill_lr if args.teacher else None},
-                   "steps": {"merge": train.merge_steps, "distill": train.distill_steps if args.teacher else 0,
-                             "ar": train.base_steps},
-                   "anchor": {"uri": anchor.uri, "weight": train.anchor_weight} if anchor else None}
+        from flows.train_plan import dry_run_plan
+
+        payload, refused = dry_run_plan(recipe, objective=args.objective, block_size=args.block_size,
+                                        workers=args.workers, init=Path(args.init), data=data,
+                                        teacher=bool(args.teacher), anchor=anchor, gpu_gib=args.gpu_memory)
+        if refused:
+            raise UsageError(f"bard train: {refused}")
         _emit(payload, args.json, [f"dry run: {json.dumps(payload)}"])
         return 0
     from tasks.refs import DatasetRef
@@ -270,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--workers", type=int, default=None, help="Ray Train workers (default: the recipe's)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, e.g. train.merge_steps=100")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved training plan and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved training plan (with the memory per GPU "
+                                                          "it needs) and exit; exit 2 when it cannot fit")
+    p.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB",
+                   help="memory of one GPU for --dry-run's fit check (default 80: H100)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_train)
 

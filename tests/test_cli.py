@@ -146,6 +146,7 @@ def test_train_dry_run_shows_the_parallel_plan_of_each_recipe(tmp_path):
         plans[recipe] = json.loads(out.stdout)
     assert plans["tiny"]["parallel"] == "ddp" and plans["tiny"]["backend"] == "gloo"
     assert plans["tiny"]["dtype"] == "float32"
+    assert plans["tiny"]["memory"] is None and "no safetensors" in plans["tiny"]["memory_note"]  # size unknown
     assert plans["tiny"]["anchor"]["uri"] == str(tmp_path.resolve()) and plans["tiny"]["anchor"]["weight"] > 0
     assert plans["qwen3-vl-2b"]["anchor"] is None  # train.anchor_weight 0 (no label shift)
     out = run("train", "--recipe", "qwen3-vl-2b", "--data", str(tmp_path), "--init", str(tmp_path), "--anchor",
