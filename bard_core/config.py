@@ -187,6 +187,11 @@ class TrainConfig:
     # (repeated from the buffer, short rows subsampled; 0: the data's own mix). Parallel decoding of long
     # answers is learned from those rows only (docs/stage_budget.md, "Long rows")
     long_share: float = 0.0
+    # each step's batch as this many equal micro-batches, gradients accumulated (`train.train_step`): the
+    # same step in less activation memory (bard train --dry-run, docs/memory_plan.md)
+    grad_accum_steps: int = 1
+    # recompute each block's activations in the backward (`train.enable_activation_checkpointing`)
+    activation_checkpointing: bool = False
     # driver: a curated dataset up to this size on disk is read once per Ray session into the object store
     # and shared by every stage trained on it (each fit() then skips the read pipeline's start, ~4 s on 2
     # cores); a larger one streams from its files in every stage; 0 turns it off
@@ -223,7 +228,7 @@ class TrainConfig:
             _fail(c, "block_sizes", self.block_sizes, "a non-empty tuple of positive ints")
         if list(self.block_sizes) != sorted(set(self.block_sizes)):
             _fail(c, "block_sizes", self.block_sizes, "strictly increasing block sizes (progressive merging)")
-        _check_positive(c, batch_size=self.batch_size, lr=self.lr,
+        _check_positive(c, batch_size=self.batch_size, lr=self.lr, grad_accum_steps=self.grad_accum_steps,
                         kd_top_k=self.kd_top_k, kd_temperature=self.kd_temperature,
                         num_workers=self.num_workers, checkpoint_every=self.checkpoint_every)
         for name in ("base_steps", "merge_steps", "distill_steps", "warmup_steps", "encode_cache_mb",

@@ -7,9 +7,9 @@ gradients, DDP's gradient buckets and AdamW's two moments in the model dtype on 
 shards fp32 master weights, gradients and moments over the workers and gathers one block at a time
 in the compute dtype; a distillation teacher is one more frozen copy (sharded under FSDP). A frozen
 vision tower (``train.vision_lr_scale`` 0) has no gradients or moments. Activations are an upper
-bound for a batch of the longest rows (no activation checkpointing): ~34 bytes per token, layer and
-hidden unit in 16-bit (Korthikanti et al., 2022), plus fp32 logits and their gradient at the loss
-positions. Numbers and the model they come from: docs/memory_plan.md.
+bound for a (micro-)batch of the longest rows: ~34 bytes per token, layer and hidden unit in 16-bit
+(Korthikanti et al., 2022), or with activation checkpointing each block's input plus one block's
+activations; plus fp32 logits and their gradient at the loss positions. Numbers and the model they come from: docs/memory_plan.md.
 """
 
 from __future__ import annotations
@@ -81,9 +81,12 @@ def read_shape(model_dir: str | Path) -> ModelShape | None:
 
 
 def stage_memory(shape: ModelShape, *, parallel: str, workers: int, dtype: str, use_gpu: bool, batch_size: int,
-                 row_tokens: int, vision_frozen: bool, teacher: bool) -> dict:
+                 row_tokens: int, vision_frozen: bool, teacher: bool, micro_batches: int = 1,
+                 recompute: bool = False) -> dict:
     """GiB per worker of a stage's training step (see module docstring); `row_tokens`: the longest packed
-    row (prompt + response + its noisy copy)."""
+    row (prompt + response + its noisy copy); `micro_batches`: ``train.grad_accum_steps`` (activations are
+    one micro-batch's); `recompute`: ``train.activation_checkpointing`` (each block keeps only its input,
+    one block's activations live at a time)."""
     d = DTYPE_BYTES[dtype] if use_gpu else 4  # CPU stages train in fp32
     trainable = shape.params - (shape.vision_params if vision_frozen else 0)
     per_worker = max(1, batch_size // workers)
@@ -97,13 +100,16 @@ def stage_memory(shape: ModelShape, *, parallel: str, workers: int, dtype: str, 
         grads = 2 * d * trainable  # the gradients and DDP's buckets
         optimizer = 2 * d * trainable
         copy = d * shape.params if teacher else 0
-    tokens = per_worker * row_tokens
-    activations = tokens * shape.layers * shape.hidden * 17 * d
-    logits = 2 * 4 * per_worker * (row_tokens // 2) * shape.vocab  # loss positions: at most the noisy half
+    rows = max(1, per_worker // micro_batches)
+    tokens = rows * row_tokens
+    per_block = tokens * shape.hidden * 17 * d
+    activations = tokens * shape.hidden * d * shape.layers + per_block if recompute else per_block * shape.layers
+    logits = 2 * 4 * rows * (row_tokens // 2) * shape.vocab  # loss positions: at most the noisy half
     parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "teacher": copy,
              "activations": activations, "logits": logits}
     out = {f"{k}_gib": round(v / GIB, 2) for k, v in parts.items()}
-    out.update(total_gib=round(sum(parts.values()) / GIB, 2), per_worker_batch=per_worker, row_tokens=row_tokens,
+    out.update(total_gib=round(sum(parts.values()) / GIB, 2), per_worker_batch=per_worker, micro_batch=rows,
+               activation_checkpointing=recompute, row_tokens=row_tokens,
                params=shape.params, trainable_params=trainable)
     return out
 
@@ -114,11 +120,12 @@ def refusal(memory: dict, gpu_gib: float) -> str | None:
     if memory["total_gib"] <= limit:
         return None
     states = memory["total_gib"] - memory["activations_gib"] - memory["logits_gib"]
-    hint = ("more workers, a smaller batch (train.batch_size) or shorter rows (data.max_tokens)"
+    hint = ("train.grad_accum_steps, train.activation_checkpointing=true, more workers, a smaller batch "
+            "(train.batch_size) or shorter rows (data.max_tokens)"
             if states <= limit else "FSDP (train.parallel=fsdp) or more workers: the weights and optimizer state "
             "alone do not fit")
     return (f"the plan needs ~{memory['total_gib']:.1f} GiB per GPU (weights {memory['weights_gib']:.1f}, grads "
             f"{memory['grads_gib']:.1f}, optimizer {memory['optimizer_gib']:.1f}, teacher {memory['teacher_gib']:.1f}, "
             f"activations {memory['activations_gib']:.1f}, logits {memory['logits_gib']:.1f} for "
-            f"{memory['per_worker_batch']} rows of {memory['row_tokens']} tokens) and {HEADROOM:.0%} of a "
+            f"{memory['micro_batch']} rows of {memory['row_tokens']} tokens at a time) and {HEADROOM:.0%} of a "
             f"{gpu_gib:g} GiB GPU is {limit:.1f}: use {hint}")

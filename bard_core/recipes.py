@@ -61,8 +61,11 @@ def _qwen3_vl(size: str) -> Recipe:
         # the paper's objective: the tiny recipe's departures (AR anchor, kept-token loss, label shift, prefix
         # noise; docs/stage_budget.md) were measured on the shapes world only, not at this scale (issue 24)
         noise=NoiseConfig(kind="mixed", prefix_prob=0.0),
+        # 8 micro-batches of 4 rows per GPU, blocks recomputed: the batch of 256 on 8 80-GiB GPUs is ~190 GiB of
+        # activations per GPU at 1k-token rows otherwise (bard train --dry-run, docs/memory_plan.md)
         train=TrainConfig(batch_size=256, num_workers=8, use_gpu=True, merge_steps=2000, distill_steps=500,
-                          parallel=parallel, label_shift=False, keep_loss_weight=0.0, anchor_weight=0.0),
+                          parallel=parallel, label_shift=False, keep_loss_weight=0.0, anchor_weight=0.0,
+                          grad_accum_steps=8, activation_checkpointing=True),
         gate=GateConfig(
             benchmarks=("mmmu_val", "mmmu_pro", "mme", "realworldqa", "mmstar", "ai2d", "chartqa", "ocrbench"),
             speed_benchmark="chartqa",

@@ -109,11 +109,23 @@ def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None,
 
 def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | None = None,
                scheduler=None, anchor: torch.nn.Module | None = None) -> dict:
-    """One optimisation step; returns float metrics (loss, ce, kd, anchor, grad_norm, lr, positions)."""
+    """One optimisation step; returns float metrics (loss, ce, kd, anchor, grad_norm, lr, positions).
+
+    `batch` may be a list of equal-sized micro-batches (``train.grad_accum_steps``): their gradients are
+    accumulated, each loss divided by their number, and synchronised across workers on the last one only.
+    The CE, a mean over samples, is then exactly the whole batch's; KD and anchor terms are means over
+    positions, so theirs are the mean of the micro-batches' means."""
     model.train()
-    loss, metrics = compute_loss(model, batch, cfg, teacher, anchor)  # `model`: a VLM, or its (DDP-wrapped) runner
+    micro = batch if isinstance(batch, list) else [batch]
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    sums: dict[str, float] = {}
+    for i, part in enumerate(micro):
+        with _gradient_sync(model, i == len(micro) - 1):
+            loss, metrics = compute_loss(model, part, cfg, teacher, anchor)  # `model`: a VLM or its runner
+            (loss / len(micro)).backward()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    metrics = {k: (v if k == "positions" else v / len(micro)) for k, v in sums.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     if scheduler is not None:
@@ -121,6 +133,24 @@ def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | Non
     metrics["grad_norm"] = float(grad_norm)
     metrics["lr"] = optimizer.param_groups[0]["lr"]
     return metrics
+
+
+def _gradient_sync(model, sync: bool):
+    """A context in which `model`'s backward all-reduces its gradients only when `sync` (DDP's `no_sync`;
+    FSDP2's `set_requires_gradient_sync`); a plain module has nothing to synchronise."""
+    import contextlib
+
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    elif not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each decoder and vision block's activations in the backward instead of keeping them
+    (``train.activation_checkpointing``): per block, only its input is kept. Call before wrapping."""
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 @torch.no_grad()

@@ -30,12 +30,17 @@ def dry_run_plan(recipe, *, objective: str, block_size: int | None, workers: int
             "use_gpu": train.use_gpu, "parallel": train.parallel, "backend": "nccl" if train.use_gpu else "gloo",
             "dtype": dtype, "master_weights": "float32" if train.parallel == "fsdp" or not train.use_gpu
             else recipe.model.dtype, "attn_implementation": recipe.model.attn_implementation,
-            "batch_size": train.batch_size,
+            "batch_size": train.batch_size, "grad_accum_steps": train.grad_accum_steps,
+            "activation_checkpointing": train.activation_checkpointing,
             "lr": {"merge": train.lr, "vision": train.lr * train.vision_lr_scale,
                    "distill": train.distill_lr if teacher else None},
             "steps": {"merge": train.merge_steps, "distill": train.distill_steps if teacher else 0,
                       "ar": train.base_steps},
             "anchor": {"uri": anchor.uri, "weight": train.anchor_weight} if anchor else None}
+    per_worker = train.batch_size // workers
+    if per_worker < train.grad_accum_steps or per_worker % train.grad_accum_steps:
+        return plan, (f"train.batch_size {train.batch_size} over {workers} workers ({per_worker} rows each) does not "
+                      f"split into {train.grad_accum_steps} equal micro-batches (train.grad_accum_steps)")
     shape = read_shape(init)
     if shape is None:
         plan["memory"] = None
@@ -45,6 +50,7 @@ def dry_run_plan(recipe, *, objective: str, block_size: int | None, workers: int
     packed = 2 * row if objective == "diffusion" else row  # the response's noisy copy doubles a diffusion row
     plan["memory"] = stage_memory(shape, parallel=train.parallel, workers=workers, dtype=dtype, use_gpu=train.use_gpu,
                                   batch_size=train.batch_size, row_tokens=packed,
-                                  vision_frozen=train.vision_lr_scale == 0, teacher=teacher)
+                                  vision_frozen=train.vision_lr_scale == 0, teacher=teacher,
+                                  micro_batches=train.grad_accum_steps, recompute=train.activation_checkpointing)
     plan["memory"]["gpu_gib"] = gpu_gib if train.use_gpu else None
     return plan, refusal(plan["memory"], gpu_gib) if train.use_gpu else None

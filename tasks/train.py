@@ -154,6 +154,9 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
     if total < 1:
         raise ValueError("the stage has no steps to run (check the recipe's step counts)")
     workers = workers or train.num_workers
+    if (train.batch_size // workers) % train.grad_accum_steps or train.batch_size < workers * train.grad_accum_steps:
+        raise ValueError(f"train.batch_size {train.batch_size} over {workers} workers does not split into "
+                         f"{train.grad_accum_steps} equal micro-batches (train.grad_accum_steps)")
     meta = {"fingerprint": fingerprint, "block_size": block_size if objective == "diffusion" else None,
             "objective": objective, "parent": init.uri, "teacher": teacher.uri if teacher else None,
             "teacher_block_size": teacher.block_size if teacher else None, "data": data.uri,
@@ -161,7 +164,8 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
             "label_shift": train.label_shift, "prompt_mask": train.prompt_mask, "noise": recipe.noise.kind,
             "prefix_prob": recipe.noise.prefix_prob, "anchor": anchor.uri if anchor else None,
             "anchor_weight": train.anchor_weight if anchor else 0.0, "keep_loss_weight": train.keep_loss_weight,
-            "long_share": train.long_share}
+            "long_share": train.long_share, "grad_accum_steps": train.grad_accum_steps,
+            "activation_checkpointing": train.activation_checkpointing}
     config = {
         "init": init.uri, "teacher": teacher.uri if teacher else None, "anchor": anchor.uri if anchor else None,
         "teacher_block_size": teacher.block_size if teacher else None, "block_size": block_size,

@@ -186,7 +186,12 @@ def train_loop_per_worker(config: dict) -> None:
     from bard_core.inputs import RejectedSample, encode_sample
     from bard_core.layout import ar_batch, noise_spec_for, pack
     from bard_core.parallel import full_state, load_optimizer_state, shard
-    from bard_core.train import LogitsAtLossPositions, freeze_fixed, to_device
+    from bard_core.train import (
+        LogitsAtLossPositions,
+        enable_activation_checkpointing,
+        freeze_fixed,
+        to_device,
+    )
     from bard_core.train_loop import Progress, checkpoint_meta, from_dicts, load_teacher, run_phases
 
     torch.set_num_threads(config["threads"])
@@ -205,6 +210,8 @@ def train_loop_per_worker(config: dict) -> None:
         model, processor, _ = checkpoint.load(config["init"], config["attn_implementation"])
         optimizer_state = None
     device, dtype, fsdp = get_device(), getattr(torch, config["dtype"]), train.parallel == "fsdp"
+    if train.activation_checkpointing:
+        enable_activation_checkpointing(model)
     freeze_fixed(model, train)
     if fsdp:  # fp32 master weights, sharded; compute in `dtype`
         runner = shard(LogitsAtLossPositions(model.to(device)), dtype)
@@ -238,13 +245,19 @@ def train_loop_per_worker(config: dict) -> None:
                            block_size=config["block_size"] if config["objective"] != "ar" else None)
     samples_iter = iter(stream)
 
-    def next_batch():
-        samples = [next(samples_iter) for _ in range(per_worker)]
+    def encode_batch(samples):
         if config["objective"] == "ar":
             return to_device(ar_batch(samples, spec.pad_id), device)
         return to_device(pack(samples, model, config["block_size"], spec, prompt_mask=train.prompt_mask,
                               label_shift=train.label_shift, pad_loss_weight=train.pad_loss_weight,
                               keep_loss_weight=train.keep_loss_weight, generator=generator), device)
+
+    def next_batch():
+        samples = [next(samples_iter) for _ in range(per_worker)]
+        if train.grad_accum_steps == 1:
+            return encode_batch(samples)
+        size = per_worker // train.grad_accum_steps  # equal micro-batches (tasks/train.py checks the division)
+        return [encode_batch(samples[i:i + size]) for i in range(0, per_worker, size)]
 
     def restore(phase_name: str, optimizer) -> None:
         if optimizer_state is not None and optimizer_state.get("phase") == phase_name:

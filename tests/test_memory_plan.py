@@ -76,6 +76,11 @@ def test_ddp_holds_everything_per_gpu_and_fsdp_shards_the_states():
     assert frozen["trainable_params"] == 3_600_000_000 and frozen["grads_gib"] < ddp["grads_gib"]
     taught = stage_memory(SHAPE, parallel="ddp", workers=8, **{**common, "teacher": True})
     assert taught["total_gib"] == pytest.approx(ddp["total_gib"] + 2 * 4e9 / GIB, abs=0.02)
+    accumulated = stage_memory(SHAPE, parallel="fsdp", workers=8, **common, micro_batches=8)
+    assert accumulated["micro_batch"] == 1 and accumulated["activations_gib"] == fsdp64["activations_gib"]
+    recomputed = stage_memory(SHAPE, parallel="fsdp", workers=64, **common, recompute=True)
+    # each block keeps its input (2 bytes a hidden unit) instead of 34 bytes: 1/17 of it, plus one block's
+    assert recomputed["activations_gib"] == pytest.approx(fsdp64["activations_gib"] * (1 / 17 + 1 / 36), rel=1e-2)
     assert refusal(fsdp64, 80) is None
     reason = refusal(ddp, 80)  # 8 rows of 2048 tokens and a whole bf16 replica with its moments
     assert "per GPU" in reason and "activations" in reason and "72.0" in reason
@@ -92,22 +97,31 @@ def _data(tmp_path, longest: int):
 def test_recipes_dry_run_plans_on_1_8_and_64_gpus(tmp_path):
     model, _ = header_only_checkpoint(tmp_path / "4b", **QWEN3_VL_4B)
     data = _data(tmp_path, 1024)
-    plans, errors = {}, {}
-    for workers in (1, 8, 64):
+
+    def plan(workers: int, *settings: str):
+        sets = [x for kv in settings for x in ("--set", kv)]
         out = run("train", "--recipe", "qwen3-vl-4b", "--data", str(data), "--init", str(model), "--out",
-                  str(tmp_path / "o"), "--block-size", "8", "--workers", str(workers), "--dry-run", "--json")
+                  str(tmp_path / "o"), "--block-size", "8", "--workers", str(workers), *sets, "--dry-run", "--json")
         if out.returncode == 0:
-            plans[workers] = json.loads(out.stdout)
-        else:
-            assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
-            errors[workers] = out.stderr
-    assert set(plans) == {64} and set(errors) == {1, 8}  # 256 rows of up to 2048 packed tokens need 64 GPUs
-    plan = plans[64]
-    assert plan["attn_implementation"] == "sdpa" and plan["workers"] == 64 and plan["parallel"] == "fsdp"
-    memory = plan["memory"]
-    assert memory["row_tokens"] == 2 * 1024 and memory["per_worker_batch"] == 4 and memory["total_gib"] <= 72
-    assert "GiB per GPU" in errors[8] and "32 rows of 2048 tokens" in errors[8]
+            return json.loads(out.stdout)
+        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        return out.stderr
+
+    # the recipe: 256 rows of up to 2048 packed tokens, 8 micro-batches per step, blocks recomputed
+    one, eight, many = plan(1), plan(8), plan(64)
+    assert "GiB per GPU" in one and "32 rows of 2048 tokens at a time" in one  # 1 GPU: too much even so
+    assert eight["attn_implementation"] == "sdpa" and eight["parallel"] == "fsdp" and eight["workers"] == 8
+    memory = eight["memory"]
+    assert memory["row_tokens"] == 2 * 1024 and memory["micro_batch"] == 4 and memory["total_gib"] <= 72
+    assert "does not split into 8 equal micro-batches" in many  # 4 rows per GPU
+    plain = plan(64, "train.grad_accum_steps=1")
+    assert plain["memory"]["micro_batch"] == 4 and plain["memory"]["total_gib"] <= 72
+    # without accumulation and recomputation, 8 GPUs hold 32 rows' activations each
+    bare = plan(8, "train.grad_accum_steps=1", "train.activation_checkpointing=false")
+    assert "32 rows of 2048 tokens at a time" in bare and "train.grad_accum_steps" in bare
+    assert float(bare.split("~")[1].split(" ")[0]) > 100
     bigger = run("train", "--recipe", "qwen3-vl-4b", "--data", str(data), "--init", str(model), "--out",
-                 str(tmp_path / "o"), "--block-size", "8", "--workers", "8", "--gpu-memory", "1000", "--dry-run")
+                 str(tmp_path / "o"), "--block-size", "8", "--workers", "8", "--set", "train.grad_accum_steps=1",
+                 "--set", "train.activation_checkpointing=false", "--gpu-memory", "1000", "--dry-run")
     assert bigger.returncode == 0, bigger.stderr  # the same plan fits a (hypothetical) 1000 GiB GPU
     assert not (tmp_path / "o").exists()

@@ -238,3 +238,47 @@ def test_over_long_and_empty_samples_are_rejected_with_reasons(kit):
     with pytest.raises(RejectedSample) as info:
         encode_sample(bad, processor, 512)
     assert info.value.reason == "image_count_mismatch"
+
+
+def _grads(model) -> dict:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_micro_batches_give_the_whole_batchs_ce_gradient(kit):
+    # the CE is a mean over samples, so two micro-batches of two samples, each loss halved, must give the
+    # gradient of one batch of four (same samples, same noise)
+    processor, model, spec = kit
+    samples = [sample(processor, 60 + i, family) for i, family in enumerate(("extract", "ocr", "mcq", "count"))]
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, grad_clip=1e9)  # gradients are compared: no clipping
+    whole_model, split_model = copy.deepcopy(model), copy.deepcopy(model)
+    whole = pack(samples, whole_model, 8, spec, generator=torch.Generator().manual_seed(3))
+    generator = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    parts = [pack(samples[:2], split_model, 8, spec, generator=generator),
+             pack(samples[2:], split_model, 8, spec, generator=generator)]
+    assert torch.equal(torch.cat([p.labels for p in parts]), whole.labels)  # the same corruption
+    one = train_step(whole_model, whole, build_optimizer(whole_model, cfg), cfg)
+    two = train_step(split_model, parts, build_optimizer(split_model, cfg), cfg)
+    assert two["ce"] == pytest.approx(one["ce"], rel=1e-5) and two["positions"] == one["positions"]
+    g1, g2 = _grads(whole_model), _grads(split_model)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-4, atol=1e-6)
+
+
+def test_activation_checkpointing_changes_memory_not_gradients(kit):
+    from bard_core.train import enable_activation_checkpointing
+
+    processor, model, spec = kit
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, grad_clip=1e9)
+    plain, recomputed = copy.deepcopy(model), copy.deepcopy(model)
+    enable_activation_checkpointing(recomputed)
+    assert recomputed.model.language_model.gradient_checkpointing
+    batch = pack([sample(processor, 70), sample(processor, 71, "yesno")], plain, 8, spec,
+                 generator=torch.Generator().manual_seed(5))
+    a = train_step(plain, batch, build_optimizer(plain, cfg), cfg)
+    b = train_step(recomputed, batch, build_optimizer(recomputed, cfg), cfg)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6)
+    ga, gb = _grads(plain), _grads(recomputed)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6)

@@ -183,7 +183,8 @@ def test_anchor_targets_are_a_column_per_row_that_the_worker_attaches(data_ref, 
 
 def test_fsdp_sharding_matches_ddp_step_for_step(tiny_model_dir, tmp_path):
     """The same per-rank batches through DDP and through `bard_core.parallel.shard` (FSDP2) give the same losses and
-    the same weights after 3 AdamW steps; gathering the full state works (it is what checkpoints save)."""
+    the same weights after 3 AdamW steps, whole or as two accumulated micro-batches; gathering the full state
+    works (it is what checkpoints save) and reloads under weights_only."""
     import socket
     import subprocess
     import sys
@@ -210,6 +211,10 @@ def test_fsdp_sharding_matches_ddp_step_for_step(tiny_model_dir, tmp_path):
     gap = max(float((ddp[k] - fsdp[k]).abs().max()) for k in ddp)
     assert moved > 1e-3  # the steps did change the weights (≈ lr per step under AdamW)
     assert gap < 1e-4, gap  # …identically under both strategies (no missing all-reduce / shard mix-up)
+    for strategy, whole in (("ddp", ddp), ("fsdp", fsdp)):  # two accumulated micro-batches, synced once a step
+        accum = torch.load(tmp_path / f"{strategy}-accum.pt")
+        assert results[f"{strategy}-accum"]["losses"] == pytest.approx(results[strategy]["losses"], rel=1e-4)
+        assert max(float((accum[k] - whole[k]).abs().max()) for k in whole) < 1e-4, strategy
 
 
 def test_an_fsdp_stage_distills_checkpoints_and_resumes_after_a_worker_dies(stage_b4, data_ref, tmp_path):
