@@ -87,6 +87,15 @@ def mask_token_id(tokenizer, explicit: int | None = None, *, required: bool = Tr
     return int(found)
 
 
+def untagged_stage(meta: dict) -> str | None:
+    """Why a block-diffusion checkpoint cannot be block-decoded: its bard.json lacks the token ids it trained
+    with (None when it has them, or is not a block-diffusion stage)."""
+    if meta.get("block_size") and not meta.get("token_ids"):
+        return (f"a block-diffusion stage (B={meta['block_size']}) whose bard.json does not record the token ids it "
+                "trained with (token_ids: mask, eos, pad); retrain it with this version")
+    return None
+
+
 def token_ids(tokenizer, meta: dict | None = None, mask_id: int | None = None, *,
               require_mask: bool = True) -> TokenIds:
     """The ids a decoder needs: from ``bard.json`` (``token_ids``) when the checkpoint recorded them,
@@ -95,6 +104,9 @@ def token_ids(tokenizer, meta: dict | None = None, mask_id: int | None = None, *
     recorded = (meta or {}).get("token_ids")
     if recorded:
         return TokenIds(mask=recorded["mask"], eos=recorded["eos"], pad=recorded["pad"])
+    untagged = untagged_stage(meta or {})
+    if require_mask and untagged:  # a trained stage's mask id is not the tokenizer's to guess
+        raise ValueError(untagged)
     eos = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
     if eos is None or eos == tokenizer.unk_token_id:
         raise ValueError(f"the tokenizer has no {EOS_TOKEN} token")

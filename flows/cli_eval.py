@@ -59,8 +59,11 @@ def cmd_generate(args) -> int:
                 images.append(im.convert("RGB"))
         except (OSError, ValueError) as exc:
             raise UsageError(f"bard generate: cannot read image {path!r}: {exc}") from None
-    model, processor, meta = checkpoint.load(model_dir)
+    meta = checkpoint.read_meta(model_dir)
     ar = args.ar or (args.block_size is None and not meta.get("block_size"))
+    if not ar and checkpoint.untagged_stage(meta):  # before minutes of loading
+        raise UsageError(f"bard generate: {model_dir} is {checkpoint.untagged_stage(meta)}")
+    model, processor, meta = checkpoint.load(model_dir)
     try:  # the checkpoint's promoted decode setting, then the flags that were given
         cfg = checkpoint.decode_config(meta, None, **decode_flags(args))
         ids = checkpoint.token_ids(processor.tokenizer, meta, require_mask=not ar)
@@ -153,16 +156,19 @@ def _check_decode(decode: dict, model: Path, mode: str | None) -> None:
     """Decode settings are DecodeConfig fields (its ``mode`` as ``decode_mode``); block decoding needs a block size."""
     import dataclasses
 
-    from bard_core.checkpoint import read_meta
+    from bard_core.checkpoint import read_meta, untagged_stage
     from bard_core.config import DecodeConfig
 
     fields = {f.name for f in dataclasses.fields(DecodeConfig)} - {"mode"} | {"decode_mode"}
     unknown = sorted(set(decode) - fields)
     if unknown:
         raise UsageError(f"bard eval: --set {unknown[0]}: not a decode setting; valid: {', '.join(sorted(fields))}")
-    if mode == "diffusion" and not read_meta(model).get("block_size") and "block_size" not in decode:
+    meta = read_meta(model)
+    if mode == "diffusion" and not meta.get("block_size") and "block_size" not in decode:
         raise UsageError(f"bard eval: --mode diffusion: {model} is an AR checkpoint; give --set block_size=B to "
                          "decode it in blocks anyway")
+    if mode != "ar" and untagged_stage(meta):
+        raise UsageError(f"bard eval: {model} is {untagged_stage(meta)}")
 
 
 def cmd_eval(args) -> int:
@@ -210,8 +216,11 @@ def cmd_gate(args) -> int:
     overrides = _pairs(args.set, "gate", "--set")
     recipe = _recipe(args.recipe, overrides, "gate")
     include = _include_paths(args.include_path, "gate")
+    from bard_core.checkpoint import read_meta, untagged_stage
     from tasks.refs import checkpoint_ref
 
+    if untagged_stage(read_meta(candidate)):
+        raise UsageError(f"bard gate: --candidate {candidate} is {untagged_stage(read_meta(candidate))}")
     if checkpoint_ref(candidate).block_size is None:
         raise UsageError(f"bard gate: --candidate {candidate} is not a block-diffusion checkpoint (no block size)")
     _known_tasks(include, recipe.gate.benchmarks, "gate")

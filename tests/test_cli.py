@@ -113,7 +113,12 @@ def test_new_commands_reject_bad_arguments_in_one_line(tmp_path, capsys):
 
 
 def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir, capsys):
+    import shutil
+
     model = str(tiny_model_dir)
+    untagged = tmp_path / "untagged"  # a stage whose bard.json lacks the token ids it trained with
+    shutil.copytree(tiny_model_dir, untagged)
+    (untagged / "bard.json").write_text(json.dumps({"block_size": 4, "label_shift": True}))
     for args, message in {
         ("eval", "--model", str(tmp_path), "--out", "o"): "not a model directory",
         ("eval", "--model", model, "--limit", "0", "--out", "o"): "--limit must be positive",
@@ -122,6 +127,9 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         ("eval", "--model", model, "--recipe", "huge", "--out", "o"): "unknown recipe",
         ("eval", "--model", model, "--set", "thresh=0.5", "--out", "o"): "not a decode setting",
         ("eval", "--model", model, "--mode", "diffusion", "--out", "o"): "is an AR checkpoint",
+        ("eval", "--model", str(untagged), "--out", "o"): "does not record the token ids",
+        ("generate", "--model", str(untagged), "--prompt", "hi"): "does not record the token ids",
+        ("gate", "--candidate", str(untagged), "--baseline", model, "--out", "o"): "does not record the token ids",
         ("gate", "--candidate", model, "--baseline", model, "--out", "o"): "not a block-diffusion checkpoint",
         ("gate", "--candidate", model, "--baseline", model, "--set", "gate.z=-1", "--out", "o"): "z",
     }.items():

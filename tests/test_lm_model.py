@@ -180,6 +180,10 @@ def test_token_ids_come_from_the_checkpoint_or_the_recipe_never_the_tokenizer_al
     recorded = {"token_ids": {"mask": 9, "eos": 1, "pad": 0}}
     assert checkpoint.token_ids(hub_like, recorded, mask_id=qwen).mask == 9  # what the stage trained with wins
     assert checkpoint.token_ids(hub_like, require_mask=False).mask is None  # AR decoding needs none
+    stage = {"block_size": 8, "label_shift": True}  # a trained stage that did not record its ids
+    with pytest.raises(ValueError, match="does not record the token ids it trained with"):
+        checkpoint.token_ids(hub_like, stage, mask_id=qwen)
+    assert checkpoint.token_ids(hub_like, stage, require_mask=False).eos == 1  # it still decodes as AR
 
 
 @pytest.mark.slow
