@@ -35,20 +35,23 @@ CHAT_TEMPLATE = (
 TOKENIZER_CORPUS_SEED = 1234
 
 
-def build_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on the shapes world's text; the Qwen specials and <|mask|> come first."""
+def build_tokenizer(vocab_size: int, with_mask: bool = True) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on the shapes world's text; the Qwen specials and <|mask|> come first
+    (`with_mask=False`: no <|mask|>, like the hub's Qwen3-VL tokenizers)."""
+    specials = [t for t in SPECIAL_TOKENS if with_mask or t != MASK_TOKEN]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     chat_words = ["user", "assistant", "system", "\n"]
     tokenizer.train_from_iterator(world.corpus(random.Random(TOKENIZER_CORPUS_SEED)) + chat_words, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token="<|endoftext|>",
-                                   additional_special_tokens=[t for t in SPECIAL_TOKENS
+                                   additional_special_tokens=[t for t in specials
                                                               if t not in (EOS_TOKEN, "<|endoftext|>")],
                                    chat_template=CHAT_TEMPLATE)
-    fast.mask_token = MASK_TOKEN
+    if with_mask:
+        fast.mask_token = MASK_TOKEN
     return fast
 
 
@@ -64,10 +67,10 @@ def build_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast | None 
                                      chat_template=CHAT_TEMPLATE)
 
 
-def build_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen3VLConfig:
+def build_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, spare_rows: int = 0) -> Qwen3VLConfig:
     ids = tokenizer.convert_tokens_to_ids
     text = {
-        "vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "vocab_size": len(tokenizer) + spare_rows, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.max_position_embeddings, "pad_token_id": ids("<|endoftext|>"),
@@ -90,9 +93,10 @@ def build_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen3V
     return config
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen3VLForConditionalGeneration:
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast,
+                spare_rows: int = 0) -> Qwen3VLForConditionalGeneration:
     torch.manual_seed(cfg.seed)
-    model = Qwen3VLForConditionalGeneration(build_config(cfg, tokenizer))
+    model = Qwen3VLForConditionalGeneration(build_config(cfg, tokenizer, spare_rows))
     # HF initialises the learned vision position table with std 0.02, ~30x weaker than the patch
     # features: the vision tokens then barely know which cell they are (measured; see issue notes).
     with torch.no_grad():
@@ -113,3 +117,23 @@ def save_tiny_model(out: str | Path, cfg: ModelConfig | None = None) -> Path:
          "mask_token_id": processor.tokenizer.convert_tokens_to_ids(MASK_TOKEN),
          "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
     return out
+
+
+HUB_LIKE_SPARE_ROWS = 8  # embedding rows past the tokenizer, like Qwen3-VL's 151,936 rows for ~151,670 tokens
+
+
+def save_hub_like_model(out: str | Path, cfg: ModelConfig | None = None) -> tuple[Path, int]:
+    """A tiny Qwen3-VL shaped like a hub checkpoint for the mask token: its tokenizer has no <|mask|> and
+    its embedding has spare rows past the tokenizer; the mask id a recipe must name (``model.mask_token_id``,
+    as the qwen3 recipes name 151671) is the second spare row. Returns (directory, mask id)."""
+    cfg = cfg or ModelConfig()
+    out = Path(out)
+    processor = build_processor(cfg, build_tokenizer(cfg.vocab_size, with_mask=False))
+    model = build_model(cfg, processor.tokenizer, spare_rows=HUB_LIKE_SPARE_ROWS)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    mask_id = len(processor.tokenizer) + 1
+    (out / "bard_model.json").write_text(json.dumps(
+        {"family": "hub-like", "world_version": world.WORLD_VERSION, "mask_token": None, "mask_token_id": mask_id,
+         "parameters": sum(p.numel() for p in model.parameters())}, indent=1))
+    return out, mask_id
