@@ -13,22 +13,14 @@ import pytest
 from bard_core.memory_plan import GIB, ModelShape, read_shape, refusal, stage_memory
 from tests.test_cli import run
 
-# Qwen3-VL-4B-Instruct's published architecture (config.json on the hub): what the header below describes
-QWEN3_VL_4B = {"text": dict(hidden_size=2560, num_hidden_layers=36, intermediate_size=9728, num_attention_heads=32,
-                            num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-               "vision": dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560,
-                              deepstack_visual_indexes=[5, 11, 17])}
 
+def header_only_checkpoint(out):
+    """A checkpoint directory whose safetensors header lists every tensor of the Qwen3-VL-4B shape the GPU
+    benchmarks use (`benchmarks.layout_memory.build_model`, real layer types, built on the meta device),
+    without the weights: what the plan reads, at full scale. Returns (directory, parameter count)."""
+    from benchmarks.layout_memory import build_model
 
-def header_only_checkpoint(out, text: dict, vision: dict):
-    """A checkpoint directory whose safetensors header lists every tensor of a real Qwen3-VL architecture of
-    these dimensions (built on the meta device), without the weights: what the plan reads, at full scale."""
-    import torch
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    config = Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=text["tie_word_embeddings"])
-    with torch.device("meta"):
-        model = Qwen3VLForConditionalGeneration(config)
+    model, config = build_model("4b", "meta")
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, p in model.named_parameters():  # tied weights once, as save_pretrained writes them
         size = p.numel() * 2
@@ -52,8 +44,8 @@ def test_sizes_are_read_exactly_from_the_safetensors_headers(tiny_model_dir, tmp
     assert shape.largest_block == max(layer, sum(p.numel() for p in model.model.visual.blocks[0].parameters()))
     text = model.config.text_config
     assert (shape.hidden, shape.layers, shape.vocab) == (text.hidden_size, text.num_hidden_layers, text.vocab_size)
-    big, params = header_only_checkpoint(tmp_path / "4b", **QWEN3_VL_4B)
-    assert read_shape(big).params == params and 4.4e9 < params < 4.5e9
+    big, params = header_only_checkpoint(tmp_path / "4b")
+    assert read_shape(big).params == params and 4.4e9 < params < 5e9
     assert read_shape(tmp_path) is None  # no weights: size unknown, not guessed
     (tmp_path / "broken.safetensors").write_bytes(b"\x01")
     with pytest.raises(ValueError, match="broken.safetensors: not a safetensors file"):
@@ -95,7 +87,7 @@ def _data(tmp_path, longest: int):
 
 
 def test_recipes_dry_run_plans_on_1_8_and_64_gpus(tmp_path):
-    model, _ = header_only_checkpoint(tmp_path / "4b", **QWEN3_VL_4B)
+    model, _ = header_only_checkpoint(tmp_path / "4b")
     data = _data(tmp_path, 1024)
 
     def plan(workers: int, *settings: str):
