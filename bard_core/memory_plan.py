@@ -64,20 +64,24 @@ def read_shape(model_dir: str | Path) -> ModelShape | None:
     headers = _headers(model_dir)
     if not headers:
         return None
-    total = vision = 0
-    blocks: dict[str, int] = {}
-    for header in headers:
-        for name, entry in header.items():
-            count = math.prod(entry["shape"])
-            total += count
-            vision += count if "visual" in name else 0
-            block = _BLOCK.match(name)
-            if block:
-                blocks[block.group(1)] = blocks.get(block.group(1), 0) + count
     config = json.loads((model_dir / "config.json").read_text())
     text = config.get("text_config", config)
-    return ModelShape(total, vision, max(blocks.values(), default=total), int(text["hidden_size"]),
-                      int(text["num_hidden_layers"]), int(text["vocab_size"]))
+    return shape_of(((name, entry["shape"]) for header in headers for name, entry in header.items()),
+                    int(text["hidden_size"]), int(text["num_hidden_layers"]), int(text["vocab_size"]))
+
+
+def shape_of(tensors, hidden: int, layers: int, vocab: int) -> ModelShape:
+    """A `ModelShape` from ``(name, shape)`` pairs (a safetensors header's, or a live model's parameters)."""
+    total = vision = 0
+    blocks: dict[str, int] = {}
+    for name, shape in tensors:
+        count = math.prod(shape)
+        total += count
+        vision += count if "visual" in name else 0
+        block = _BLOCK.match(name)
+        if block:
+            blocks[block.group(1)] = blocks.get(block.group(1), 0) + count
+    return ModelShape(total, vision, max(blocks.values(), default=total), hidden, layers, vocab)
 
 
 def stage_memory(shape: ModelShape, *, parallel: str, workers: int, dtype: str, use_gpu: bool, batch_size: int,

@@ -9,7 +9,8 @@ Each runs `--steps` merge steps, one distillation step with a teacher of the sam
 under FSDP) and one more merge step. Before that last step FSDP gathers the full state a checkpoint
 saves (`full_state`, CPU offload) and puts the optimizer state back into a fresh optimizer
 (`load_optimizer_state`), as a restart does. Reported per strategy:
-median step seconds (first step excluded), peak GPU memory, losses, gradient norms, gather seconds.
+median step seconds (first step excluded), peak GPU memory beside `bard train --dry-run`'s estimate of it
+(`bard_core.memory_plan`), losses, gradient norms, gather seconds.
 
 The process group has one rank (a single GPU): FSDP then shards nothing, but every collective, the
 mixed-precision policy and the gather run as they do on N ranks.
@@ -37,6 +38,7 @@ import torch.distributed as dist
 
 from bard_core.config import NoiseConfig, TrainConfig
 from bard_core.layout import NoiseSpec, pack
+from bard_core.memory_plan import shape_of, stage_memory
 from bard_core.parallel import full_state, load_optimizer_state, shard
 from bard_core.train import LogitsAtLossPositions, Teacher, build_optimizer, to_device, train_step
 from benchmarks.layout_memory import SPECIALS, build_model, synthetic_sample
@@ -80,6 +82,13 @@ def run_strategy(name: str, args, batch, cfg: TrainConfig) -> dict:
         runner = LogitsAtLossPositions(model)
         teacher = Teacher(teacher_model, args.teacher_block_size)
     params = sum(p.numel() for p in model.parameters())
+    text = model.config.text_config
+    shape = shape_of(((n, tuple(p.shape)) for n, p in model.named_parameters()), text.hidden_size,
+                     text.num_hidden_layers, text.vocab_size)
+    # `bard train --dry-run`'s estimate of this step (the replica is not DDP-wrapped: no bucket copy here)
+    plan = stage_memory(shape, parallel="fsdp" if name == "fsdp" else "ddp", workers=1, dtype="bfloat16",
+                        use_gpu=device == "cuda", batch_size=args.batch, row_tokens=batch.input_ids.shape[1],
+                        vision_frozen=cfg.vision_lr_scale == 0, teacher=True)
     optimizer = build_optimizer(runner, cfg)
     times, history = [], []
 
@@ -99,7 +108,7 @@ def run_strategy(name: str, args, batch, cfg: TrainConfig) -> dict:
     result = {"strategy": name, "params_b": params / 1e9, "master_dtype": str(next(model.parameters()).dtype),
               "step_s": statistics.median(times[1:args.steps]) if args.steps > 1 else times[0],
               "first_step_s": times[0], "distill_step_s": times[args.steps], "history": history,
-              "kd": distill["kd"]}
+              "kd": distill["kd"], "plan_gib": plan["total_gib"]}
     if name == "fsdp":
         sync(device)
         t0 = time.perf_counter()
@@ -162,12 +171,12 @@ def main() -> None:
     print(f"train step — shape={args.shape} device={args.device} tokens={batch.input_ids.numel()} "
           f"(P={args.prompt}, R={args.response}, image tokens {args.image_tokens}, batch {args.batch}) "
           f"B={args.block_size} teacher B={args.teacher_block_size}")
-    print(f"{'strategy':>8} {'masters':>14} {'step s':>7} {'1st s':>6} {'distill s':>9} {'peak GiB':>8} "
+    print(f"{'strategy':>8} {'masters':>14} {'step s':>7} {'1st s':>6} {'distill s':>9} {'peak GiB':>8} {'plan':>6} "
           f"{'loss first→last':>17} {'kd':>6} {'gather s':>8} {'loss after':>10} {'finite':>6}")
     for r in rows:
         h = r["history"]
         print(f"{r['strategy']:>8} {r['master_dtype']:>14} {r['step_s']:7.3f} {r['first_step_s']:6.2f} "
-              f"{r['distill_step_s']:9.3f} {r.get('peak_gib', float('nan')):8.1f} "
+              f"{r['distill_step_s']:9.3f} {r.get('peak_gib', float('nan')):8.1f} {r['plan_gib']:6.1f} "
               f"{h[0]['loss']:8.3f}→{h[args.steps - 1]['loss']:<8.3f} {r['kd']:6.3f} "
               f"{r.get('gather_s', float('nan')):8.2f} {r['last_loss']:10.4f} {str(r['finite']):>6}")
     print(json.dumps({"benchmark": "gpu_fsdp", "shape": args.shape, "device": args.device,
