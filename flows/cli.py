@@ -146,9 +146,14 @@ def cmd_curate(args) -> int:
     unknown = set(sources) - {"llava_ov", "finevision"}
     if unknown:
         raise UsageError(f"bard curate: unknown source {sorted(unknown)[0]!r}; valid: llava_ov, finevision")
-    for name, uri in sources.items():
-        if "://" not in uri and not Path(uri).exists():
-            raise UsageError(f"bard curate: source {name}={uri}: no such file or directory")
+    from bard_core.curation.normalise import REQUIRED
+    from tasks.sources import check_source
+
+    for name, uri in sorted(sources.items()):
+        try:
+            check_source(name, uri, REQUIRED)
+        except ValueError as exc:
+            raise UsageError(f"bard curate: {exc}") from None
     if args.benchmarks and not Path(args.benchmarks).is_dir():
         raise UsageError(f"bard curate: --benchmarks {args.benchmarks}: not a directory")
     overrides = _pairs(args.set, "curate", "--set")

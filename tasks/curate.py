@@ -45,7 +45,7 @@ from bard_core.curation.policy import (
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import DatasetRef, code_version
-from tasks.sources import open_stream, retry_on_hub_io, source_units
+from tasks.sources import check_source, open_stream, retry_on_hub_io, source_units
 
 KINDS = tuple(REQUIRED)  # the source kinds: one per schema
 
@@ -316,5 +316,7 @@ def curate_sources(sources: dict[str, str], out: str, recipe_name: str, override
     from bard_core.recipes import get_recipe
 
     recipe = get_recipe(recipe_name, overrides)
+    for kind, uri in sorted(sources.items()):  # a whole source of the wrong shape fails here, before any work
+        check_source(kind, uri, REQUIRED)
     return run_curation(sources, out, recipe.data, processor or default_processor(recipe), benchmarks_dir,
                         ray_address=recipe.ray_address)

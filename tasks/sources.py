@@ -66,6 +66,52 @@ def source_units(kind: str, uri: str) -> list[dict]:
     return units
 
 
+def _parquet_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+
+
+def check_source(kind: str, uri: str, required: dict[str, tuple[str, ...]]) -> None:
+    """A source-level error before any work, as one ValueError line: no such path, a file that is not
+    parquet, no rows, a schema without `required[kind]`'s columns (naming the kind it looks like), or files
+    of different schemas in one source. Row-level problems stay rows with reasons. A hub id is checked
+    when the hub can be asked (an unknown one is an error; an unreachable hub is not decided here)."""
+    if uri.startswith("hf://"):
+        try:
+            hub_revision(parse_stream_uri(uri)["name"])
+        except HubUnavailable:
+            pass
+        return
+    path = Path(parse_stream_uri(uri)["name"]) if uri.startswith("stream://") else Path(uri)
+    where = f"source {kind}={uri}"
+    if not path.exists():
+        raise ValueError(f"{where}: no such file or directory (hub ids use hf://NAME)")
+    files = _parquet_files(path)
+    if not files:
+        raise ValueError(f"{where}: no parquet files under it")
+    schemas, rows = {}, 0
+    for f in files:
+        try:
+            meta = pq.ParquetFile(f).metadata
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid/OSError for non-parquet bytes
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{where}: {f} is not a readable parquet file ({reason})") from None
+        schemas.setdefault(tuple(meta.schema.to_arrow_schema().names), []).append(f)
+        rows += meta.num_rows
+    if len(schemas) > 1:
+        (a, fa), (b, fb) = list(schemas.items())[:2]
+        raise ValueError(f"{where}: files of different schemas in one source: {fa[0].name} has {list(a)}, "
+                         f"{fb[0].name} has {list(b)}")
+    (names,) = schemas
+    missing = [c for c in required[kind] if c not in names]
+    if missing:
+        like = [k for k, cols in required.items() if k != kind and all(c in names for c in cols)]
+        hint = f"; it looks like a {like[0]} source ({like[0]}=...)" if like else ""
+        raise ValueError(f"{where}: not a {kind} source: expected columns {list(required[kind])}, found "
+                         f"{list(names)}{hint}")
+    if rows == 0:
+        raise ValueError(f"{where}: the source holds no rows")
+
+
 def open_stream(unit: dict):
     """The rows of a streamed subset, as an iterable of dicts (hub or local parquet via `datasets`)."""
     from datasets import load_dataset

@@ -81,3 +81,52 @@ def test_the_sensor_records_first_then_reports_what_changed(prefect_server, worl
     assert changed["changed"] == ["finevision"]
     with pytest.raises(ValueError, match="lowercase"):
         SensorParams(sources={}, watch="Not OK")
+
+
+def test_a_whole_source_of_the_wrong_shape_is_one_clear_error_before_any_work(world_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from bard_core.curation.normalise import REQUIRED
+    from flows.cli import main
+    from tasks.sources import check_source
+
+    llava, fine = world_dir / "sources" / "llava_ov", world_dir / "sources" / "finevision"
+    check_source("llava_ov", str(llava), REQUIRED)  # the real thing passes
+    check_source("finevision", f"stream://{fine}?split=train", REQUIRED)
+    text = tmp_path / "notes.parquet"
+    text.write_text("id,image\n1,a.png\n")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    no_rows = tmp_path / "no_rows.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "image": pa.array([], pa.binary()),
+                             "conversations": pa.array([], pa.string())}), no_rows)
+    mixed = tmp_path / "mixed"
+    shutil.copytree(llava, mixed / "a")
+    shutil.copy(sorted(fine.rglob("*.parquet"))[0], mixed / "b.parquet")
+    cases = {
+        ("llava_ov", str(text)): "notes.parquet is not a readable parquet file",
+        ("llava_ov", str(fine)): "not a llava_ov source: expected columns ['id', 'image', 'conversations']",
+        ("finevision", str(llava)): "it looks like a llava_ov source",
+        ("llava_ov", str(empty_dir)): "no parquet files under it",
+        ("llava_ov", str(no_rows)): "holds no rows",
+        ("llava_ov", str(mixed)): "files of different schemas in one source",
+        ("llava_ov", str(tmp_path / "nope")): "no such file or directory",
+    }
+    for (kind, uri), message in cases.items():
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            check_source(kind, uri, REQUIRED)
+    assert "it looks like a finevision source" in _error(lambda: check_source("llava_ov", str(fine), REQUIRED))
+    for kind, uri in [("llava_ov", str(text)), ("llava_ov", str(fine))]:  # the command: exit 2, one line, no work
+        out = tmp_path / f"out-{kind}"
+        assert main(["curate", "--source", f"{kind}={uri}", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and f"source {kind}={uri}" in err and not out.exists()
+
+
+def _error(call) -> str:
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    raise AssertionError("no error")
