@@ -8,6 +8,7 @@ sources (``hf://NAME?...``) are digested by the dataset's current revision on th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
 
@@ -76,10 +77,8 @@ def check_source(kind: str, uri: str, required: dict[str, tuple[str, ...]]) -> N
     of different schemas in one source. Row-level problems stay rows with reasons. A hub id is checked
     when the hub can be asked (an unknown one is an error; an unreachable hub is not decided here)."""
     if uri.startswith("hf://"):
-        try:
+        with contextlib.suppress(HubUnavailable):  # an unreachable hub is decided by the read (it retries)
             hub_revision(parse_stream_uri(uri)["name"])
-        except HubUnavailable:
-            pass
         return
     path = Path(parse_stream_uri(uri)["name"]) if uri.startswith("stream://") else Path(uri)
     where = f"source {kind}={uri}"
