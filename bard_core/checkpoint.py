@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
+from bard_core import files
 from bard_core.config import EOS_TOKEN, MASK_TOKEN, DecodeConfig
 from bard_core.decode import TokenIds
 
 META = "bard.json"
+TRAINING_STATE = "optimizer.pt"
 
 
 def read_meta(path: str | Path) -> dict:
@@ -27,21 +28,48 @@ def read_meta(path: str | Path) -> dict:
 
 
 def save_checkpoint(model, processor, out: Path, meta: dict, meta_name: str = META,
-                    state_dict: dict | None = None) -> Path:
-    """Write an HF directory atomically (temp dir, then rename) with its metadata file.
+                    state_dict: dict | None = None, training_state: dict | None = None) -> Path:
+    """Write an HF directory whole or not at all (`files.staged_dir`) with its metadata file, which records
+    every other file's sha256 (``files``) for `load` to verify.
 
-    `state_dict` replaces the model's own tensors (a sharded model passes its gathered full state).
+    `state_dict` replaces the model's own tensors (a sharded model passes its gathered full state);
+    `training_state` (optimizer and scheduler state) goes to ``optimizer.pt``.
     """
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-    processor.save_pretrained(tmp)
-    (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with files.staged_dir(out, "checkpoint") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+        processor.save_pretrained(tmp)
+        if training_state is not None:
+            import torch
+
+            torch.save(training_state, tmp / TRAINING_STATE)
+        meta = {**meta, "files": files.digests(tmp, exclude=(meta_name,))}
+        (tmp / meta_name).write_text(json.dumps(meta, indent=1, sort_keys=True, default=str))
     return out
+
+
+def drop_training_state(path: str | Path) -> None:
+    """Remove a finished stage's ``optimizer.pt`` and its digest (nothing resumes a finished stage)."""
+    path = Path(path)
+    meta = read_meta(path)
+    (path / TRAINING_STATE).unlink(missing_ok=True)
+    if "files" in meta:
+        meta["files"].pop(TRAINING_STATE, None)
+        files.write_json(path / META, meta)
+
+
+def verify(path: str | Path) -> dict:
+    """The checkpoint's metadata, after checking its files against the digests it records (a torn or altered
+    checkpoint raises `files.CorruptFile` naming the file; a directory that records none — a hub model, the
+    shipped base — is taken as it is)."""
+    path = Path(path)
+    recorded = {}
+    for name in (META, "bard_model.json"):
+        if (path / name).exists():
+            recorded = json.loads((path / name).read_text()).get("files") or {}
+            break
+    files.verify(path, recorded)
+    return read_meta(path)
 
 
 def load(path: str | Path, attn_implementation: str = "sdpa"):
@@ -51,10 +79,11 @@ def load(path: str | Path, attn_implementation: str = "sdpa"):
 
     import bard_core  # noqa: F401  (registers the processor)
 
+    meta = verify(path)
     # safetensors only: a pickled .bin in a checkpoint directory would run code when loaded
     model = AutoModelForImageTextToText.from_pretrained(path, attn_implementation=attn_implementation,
                                                         use_safetensors=True)
-    return model, AutoProcessor.from_pretrained(path), read_meta(path)
+    return model, AutoProcessor.from_pretrained(path), meta
 
 
 def read_training_state(path: str | Path) -> dict:
@@ -64,6 +93,7 @@ def read_training_state(path: str | Path) -> dict:
 
     import torch
 
+    verify(Path(path).parent)
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:

@@ -162,11 +162,13 @@ def cmd_curate(args) -> int:
     except ValueError as exc:
         raise UsageError(f"bard curate: {exc}") from None
     from flows.curate import CurateParams, curate_flow
+    from flows.local_server import flow_server
 
     params = CurateParams(sources=sources, out=str(Path(args.out).resolve()), recipe=args.recipe, overrides=overrides,
                           benchmarks_dir=str(Path(args.benchmarks).resolve()) if args.benchmarks else None,
                           processor=args.processor)
-    result = curate_flow(params)
+    with flow_server():
+        result = curate_flow(params)
     counts = result["counts"]
     lines = [f"curated {result['num_rows']} rows into {result['uri']}",
              f"  rows in {counts['rows_in']} = kept {counts['kept']} + rejected {counts['rejected']}"]
@@ -310,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the stage's checkpoints, the cache and the registry stay (docs/reliability.md)
+        print("bard: interrupted; finished work is kept (the cache under the run root, the stage's last checkpoint, "
+              "the registry): run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # `python -m flows.cli`: run the importable module, whose UsageError cli_eval raises

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from flows.cli import UsageError, _pairs
+from flows.local_server import flow_server
 
 
 def _summary(report: dict, seconds: float) -> list[str]:
@@ -45,7 +46,8 @@ def _run(params, as_json: bool) -> int:
 
     started = time.monotonic()
     try:
-        result = pipeline_flow(params)
+        with flow_server():
+            result = pipeline_flow(params)
         report_md = result["report"]
     except GateFailed as exc:
         report_md = exc.report

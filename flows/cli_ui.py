@@ -3,11 +3,9 @@ deployments (`flows/deployments.py`). Prints the URL; Ctrl-C (or SIGTERM) stops 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,32 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.cli import UsageError
-
-
-def _port_busy(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _poll(ready, child: subprocess.Popen, what: str, timeout: float) -> None:
-    """Until `ready()` is true (an OSError counts as not yet); fail if `child` exits or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if child.poll() is not None:
-            raise RuntimeError(f"{what}: its process exited with status {child.returncode}")
-        with contextlib.suppress(OSError):  # not listening yet
-            if ready():
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"{what}: not after {timeout:.0f} s")
-
-
-def _wait_healthy(url: str, server: subprocess.Popen, timeout: float) -> None:
-    def healthy() -> bool:
-        with urllib.request.urlopen(f"{url}/api/health", timeout=2) as response:
-            return response.status == 200
-
-    _poll(healthy, server, f"the Prefect server at {url} healthy", timeout)
+from flows.local_server import _poll, _port_busy, _stop, _wait_healthy
 
 
 def _wait_served(url: str, name: str, count: int, runner: subprocess.Popen, timeout: float) -> None:
@@ -53,23 +26,6 @@ def _wait_served(url: str, name: str, count: int, runner: subprocess.Popen, time
             return len(json.loads(response.read())) >= count
 
     _poll(served, runner, f"the {count} deployments '{name}' served", timeout)
-
-
-def _stop(proc: subprocess.Popen | None, grace: float = 30.0) -> None:
-    """SIGTERM to the process group (the runner then cancels its runs and pauses its deployments, the server
-    shuts down), SIGKILL after `grace` seconds."""
-    if proc is None or proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def cmd_ui(args) -> int:

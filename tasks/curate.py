@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -22,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 
+from bard_core import files
 from bard_core.config import DataConfig
 from bard_core.curation import dedup
 from bard_core.curation.filters import TokenCounter, check_row
@@ -260,40 +260,38 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
                 .append_column("shuffle", pa.array(_shuffle_keys(ids, fingerprint), pa.uint64())))
 
     final = processed.map_batches(apply, batch_format="pyarrow").materialize()
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # Arrow-level filters: row-level ones round-trip through Python objects and would pickle phash
-    kept = final.map_batches(lambda t: t.filter(pc.is_null(t["reason"])), batch_format="pyarrow")
-    rejected = final.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])), batch_format="pyarrow")
-    # kept rows in a seeded pseudo-random order (see _shuffle_keys); rejects keep the sources' order
-    kept.sort("shuffle").drop_columns(["reason", "duplicate_of", "contaminates", "order", "shuffle"]).repartition(
-        max(1, kept.count() // 2000 + 1)).write_parquet(str(tmp / "data"), min_rows_per_file=1000)
-    rejected.drop_columns(["shuffle"]).repartition(1).write_parquet(str(tmp / "rejects"))
-    timings["write_s"] = time.monotonic() - t2
+    with files.staged_dir(out, "curated dataset") as tmp:
+        # Arrow-level filters: row-level ones round-trip through Python objects and would pickle phash
+        kept = final.map_batches(lambda t: t.filter(pc.is_null(t["reason"])), batch_format="pyarrow")
+        rejected = final.map_batches(lambda t: t.filter(pc.is_valid(t["reason"])), batch_format="pyarrow")
+        # kept rows in a seeded pseudo-random order (see _shuffle_keys); rejects keep the sources' order
+        kept.sort("shuffle").drop_columns(["reason", "duplicate_of", "contaminates", "order", "shuffle"]).repartition(
+            max(1, kept.count() // 2000 + 1)).write_parquet(str(tmp / "data"), min_rows_per_file=1000)
+        rejected.drop_columns(["shuffle"]).repartition(1).write_parquet(str(tmp / "rejects"))
+        timings["write_s"] = time.monotonic() - t2
 
-    kept_by_source = Counter(r["source"] for r in kept.select_columns(["source"]).iter_rows())
-    reasons = Counter()
-    per_source_reasons: dict[str, Counter] = {}
-    for r in rejected.select_columns(["source", "reason"]).iter_rows():
-        family = r["reason"].split(":")[0]
-        reasons[family] += 1
-        per_source_reasons.setdefault(r["source"], Counter())[family] += 1
-    n_in, n_kept, n_rej = sum(rows_in.values()), sum(kept_by_source.values()), sum(reasons.values())
-    if n_in != n_kept + n_rej:
-        raise AssertionError(f"rows lost: {n_in} in, {n_kept} kept + {n_rej} rejected")
-    timings["total_s"] = time.monotonic() - t0
-    manifest = {
-        "fingerprint": fingerprint, "code_version": code_version(), "sources": sources,
-        "benchmarks_dir": benchmarks_dir, "data_config": cfg.__dict__, "rows_in": n_in, "kept": n_kept,
-        "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())), "duplicate_clusters": clusters,
-        "per_source": {s: {"in": rows_in[s], "kept": kept_by_source.get(s, 0),
-                           "rejected": dict(per_source_reasons.get(s, {}))} for s in sorted(rows_in)},
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        kept_by_source = Counter(r["source"] for r in kept.select_columns(["source"]).iter_rows())
+        reasons = Counter()
+        per_source_reasons: dict[str, Counter] = {}
+        for r in rejected.select_columns(["source", "reason"]).iter_rows():
+            family = r["reason"].split(":")[0]
+            reasons[family] += 1
+            per_source_reasons.setdefault(r["source"], Counter())[family] += 1
+        n_in, n_kept, n_rej = sum(rows_in.values()), sum(kept_by_source.values()), sum(reasons.values())
+        if n_in != n_kept + n_rej:
+            raise AssertionError(f"rows lost: {n_in} in, {n_kept} kept + {n_rej} rejected")
+        timings["total_s"] = time.monotonic() - t0
+        manifest = {
+            "fingerprint": fingerprint, "code_version": code_version(), "sources": sources,
+            "benchmarks_dir": benchmarks_dir, "data_config": cfg.__dict__, "rows_in": n_in, "kept": n_kept,
+            "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())), "duplicate_clusters": clusters,
+            "per_source": {s: {"in": rows_in[s], "kept": kept_by_source.get(s, 0),
+                               "rejected": dict(per_source_reasons.get(s, {}))} for s in sorted(rows_in)},
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+        }
+        # the manifest is written last, recording every shard's digest: a reader trusts nothing it does not list
+        manifest["files"] = files.digests(tmp, exclude=("manifest.json",))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str))
     return DatasetRef.from_manifest(out, manifest)
 
 

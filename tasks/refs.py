@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import bard_core.files as files  # a module path, as tests/test_layering.py reads imports
 from bard_core.gate import EvalReport, GateResult  # noqa: F401  (refs of the evaluate and gate tasks)
 
 _PACKAGES = tuple(Path(__file__).resolve().parents[1] / p for p in ("bard_core", "tasks"))
@@ -49,12 +50,21 @@ class DatasetRef:
 
     @classmethod
     def from_manifest(cls, out: Path, manifest: dict) -> DatasetRef:
+        """The ref of a curated directory, after checking its files against the manifest's digests."""
+        files.verify(out, manifest.get("files") or {})
         counts = {"rows_in": manifest["rows_in"], "kept": manifest["kept"], "rejected": manifest["rejected"],
                   "rejected_by_reason": manifest["rejected_by_reason"]}
         return cls(str(Path(out).resolve()), manifest["kept"], manifest["fingerprint"], counts)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
+
+    def verify(self) -> None:
+        """Check the directory's files against its manifest before use (`files.CorruptFile` names a bad one)."""
+        manifest = Path(self.uri) / "manifest.json"
+        if not manifest.exists():
+            raise files.CorruptFile(f"{manifest}: missing: {self.uri} is not a complete curated dataset")
+        files.verify(self.uri, json.loads(manifest.read_text()).get("files") or {})
 
 
 @dataclass(frozen=True)

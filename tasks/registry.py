@@ -19,10 +19,12 @@ import os
 import shutil
 from pathlib import Path
 
+from bard_core import files
 from bard_core.gate import EvalReport, GateResult
 from tasks.locks import locked
 
 PROMOTED = "promoted.json"
+TRAINING_STATE = "optimizer.pt"  # bard_core.checkpoint's name; a resume's state is never promoted
 
 
 def default_root() -> Path:
@@ -38,12 +40,6 @@ def _link_or_copy(src: str, dst: str) -> None:
         os.link(src, dst)
     except OSError:  # another file system, or links not allowed
         shutil.copy2(src, dst)
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def read(root: str | Path, recipe: str) -> dict:
@@ -65,6 +61,8 @@ def promote(root: str | Path, recipe: str, result: GateResult, candidate: str | 
         raise ValueError(f"stage {result.stage} did not pass its gate: {'; '.join(result.reasons)}")
     candidate = Path(candidate).resolve()
     meta = json.loads((candidate / "bard.json").read_text()) if (candidate / "bard.json").exists() else {}
+    recorded = {k: v for k, v in (meta.get("files") or {}).items() if k != TRAINING_STATE}
+    files.verify(candidate, recorded)  # the bytes the gate measured are the bytes promoted
     directory = Path(root).resolve() / recipe
     with _locked(directory):  # the entry's time is taken under the lock: the history is in time order
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -77,20 +75,19 @@ def promote(root: str | Path, recipe: str, result: GateResult, candidate: str | 
                  "checks": [dataclasses.asdict(c) for c in result.checks],
                  "time": now.isoformat(timespec="milliseconds"), "run": run}
         target = directory / name
-        promoted_meta = {**meta, "decode": dict(result.decode),
+        promoted_meta = {**meta, "files": recorded, "decode": dict(result.decode),
                          "promoted": {k: entry[k] for k in ("stage", "source", "time", "run")}}
         if not target.exists():
-            tmp = directory / f".{name}.{os.getpid()}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(candidate, tmp, copy_function=_link_or_copy,
-                            ignore=shutil.ignore_patterns("bard.json", "optimizer.pt"))
-            _write_json(tmp / "bard.json", promoted_meta)
-            os.replace(tmp, target)
+            with files.staged_dir(target, "promoted stage") as tmp:
+                shutil.copytree(candidate, tmp, copy_function=_link_or_copy, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("bard.json", TRAINING_STATE))
+                files.write_json(tmp / "bard.json", promoted_meta)
         else:  # the same weights promoted again: its bard.json takes this promotion's decode setting
-            _write_json(target / "bard.json", promoted_meta)
+            files.verify(target, promoted_meta["files"])
+            files.write_json(target / "bard.json", promoted_meta)
         state = read(Path(root).resolve(), recipe)
         state["history"].append(entry)
         state["current"][result.stage] = entry
         state["latest"] = entry
-        _write_json(directory / PROMOTED, state)
+        files.write_json(directory / PROMOTED, state)
     return entry

@@ -21,13 +21,17 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 import threading
 from pathlib import Path
 
 from prefect import task
 
+from bard_core import checkpoint
 from bard_core.config import OBJECTIVES, TrainConfig
+from bard_core.files import CorruptFile, staged_dir
 from bard_core.recipes import get_recipe
 from bard_core.train_loop import as_dicts, plan
 from tasks.locks import locked
@@ -52,6 +56,7 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
     four stages instead of one extra AR forward per training step."""
     import ray
 
+    data.verify()  # the shards' digests against the manifest, before any worker reads them
     files = Path(data.uri) / "data"
 
     def build():
@@ -179,6 +184,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
     dataset = training_dataset(data, train.dataset_cache_mb, anchor, train, workers, config["dtype"],
                                recipe.data.max_tokens)
     storage = out.with_name(out.name + ".ray")
+    _discard_unusable_resume(storage / f"stage-{fingerprint}")
     board = ray.remote(num_cpus=0)(_ProgressBoard).remote() if on_progress else None
     config["progress"] = board
     trainer = TorchTrainer(
@@ -188,23 +194,55 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
                                        failure_config=ray.train.FailureConfig(max_failures=2),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
-    with _watching(board, on_progress):
+    with _watching(board, on_progress), _interruptible():
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage produced no checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as d:
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(d, tmp)
-    (tmp / "optimizer.pt").unlink(missing_ok=True)
-    final = json.loads((tmp / "bard.json").read_text())
-    if final["step"] != total:
-        raise RuntimeError(f"stage ended at step {final['step']} of {total}")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with result.checkpoint.as_directory() as d, staged_dir(out, "stage checkpoint") as tmp:
+        shutil.copytree(d, tmp, dirs_exist_ok=True)
+        final = checkpoint.verify(tmp)  # Ray's copy of it, checked against the digests the worker recorded
+        if final["step"] != total:
+            raise RuntimeError(f"stage ended at step {final['step']} of {total}")
+        checkpoint.drop_training_state(tmp)
     shutil.rmtree(storage, ignore_errors=True)
     return checkpoint_ref(out)
+
+
+def _discard_unusable_resume(run_dir: Path) -> None:
+    """Start the stage over rather than resume from a state that cannot be trusted: Ray's checkpoint snapshot
+    torn (it rewrites it in place after every checkpoint), or naming a checkpoint that is gone or fails its
+    digests. Ray would otherwise refuse the run directory, or hand a torn checkpoint to every restart."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return
+    why = None
+    try:
+        text = snapshot.read_text()
+        json.loads(text)
+        for name in sorted(set(re.findall(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+", text))):
+            checkpoint.verify(run_dir / name)  # a checkpoint directory without its bard.json fails too
+            if not (run_dir / name / checkpoint.META).exists():
+                raise CorruptFile(f"{run_dir / name / checkpoint.META}: missing")
+    except (ValueError, OSError, CorruptFile) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if why:
+        print(f"stage storage {run_dir}: not resumable ({why}); starting the stage over")
+        shutil.rmtree(run_dir)
+
+
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C during `fit()` is a KeyboardInterrupt, as everywhere else: Ray Train's SIGINT handler aborts the run
+    and then ends it with SystemExit(0) (an interrupted stage would exit 0) and stays installed after `fit()`."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        yield
+    except SystemExit as exc:
+        raise KeyboardInterrupt(f"stage training interrupted (Ray Train exit {exc.code})") from None
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _ProgressBoard:

@@ -205,7 +205,7 @@ def train_loop_per_worker(config: dict) -> None:
         with resume.as_directory() as d:
             model, processor, meta = checkpoint.load(d, config["attn_implementation"])
             progress = Progress.resumed(meta)
-            optimizer_state = checkpoint.read_training_state(Path(d) / "optimizer.pt")
+            optimizer_state = checkpoint.read_training_state(Path(d) / checkpoint.TRAINING_STATE)
     else:
         model, processor, _ = checkpoint.load(config["init"], config["attn_implementation"])
         optimizer_state = None
@@ -278,8 +278,8 @@ def train_loop_per_worker(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             meta = checkpoint_meta(config["meta"], progress, phase, final, parallel=train.parallel,
                                    token_ids=token_ids)
-            checkpoint.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta, state_dict=model_state)
-            torch.save({"phase": phase.name, "optimizer": optim_state}, Path(tmp) / "ckpt" / "optimizer.pt")
+            checkpoint.save_checkpoint(model, processor, Path(tmp) / "ckpt", meta, state_dict=model_state,
+                                       training_state={"phase": phase.name, "optimizer": optim_state})
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))
 
     run_phases(runner, from_dicts(config["phases"]), train, next_batch, progress, teacher=teacher,

@@ -18,19 +18,24 @@ def _parent(pid: int) -> int:
     return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
-def train_workers() -> list[int]:
-    """Process ids of the Ray Train workers of this process's local Ray (titled ``ray::RayTrainWorker...`` by Ray;
-    their raylet is a child of this process), not of another Ray on the same machine."""
+def local_ray_processes(title: bytes) -> list[int]:
+    """Process ids of this process's local Ray (its raylet is a child of this process, not another Ray on the same
+    machine) whose command line (Ray's process title) contains `title`."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and title in (proc / "cmdline").read_bytes():
                 raylet = _raylet_of(int(proc.name))
                 if raylet is not None and _parent(raylet) == os.getpid():
                     found.append(int(proc.name))
         except (OSError, ValueError):  # gone meanwhile
             continue
     return sorted(found)
+
+
+def train_workers() -> list[int]:
+    """The Ray Train workers of this process's local Ray (titled ``ray::RayTrainWorker...`` by Ray)."""
+    return local_ray_processes(b"RayTrainWorker")
 
 
 class WorkerCrash:
@@ -48,3 +53,34 @@ class WorkerCrash:
             if workers:
                 os.kill(workers[-1], signal.SIGKILL)
                 self.killed = value["step"]
+
+
+def marked(marker: str) -> list[int]:
+    """Process ids whose environment carries ``BARD_FAULT_RUN=<marker>``: a spawned command and everything it
+    started (its Prefect server, Ray's daemons and workers inherit the environment), wherever they re-parented."""
+    found, needle = [], f"BARD_FAULT_RUN={marker}".encode()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int(proc.name) != os.getpid() and \
+                    needle in (proc / "environ").read_bytes().split(b"\0"):
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":  # a zombie holds nothing: it waits for its parent to reap it
+                    found.append(int(proc.name))
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read
+            continue
+    return sorted(found)
+
+
+def wait_until(predicate, timeout: float, proc=None, what: str = "the condition", every: float = 0.05):
+    """Poll `predicate` until it is true; fail after `timeout` seconds, or as soon as `proc` exits first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process exited ({proc.returncode}) before {what}")
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

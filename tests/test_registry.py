@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bard_core import files
 from bard_core.gate import EvalReport, GateResult
 from tasks import registry
 
@@ -67,7 +68,7 @@ def test_a_failure_between_write_and_rename_keeps_the_previous_promotion(tmp_pat
         return real_replace(src, dst)
 
     monkeypatch.setattr(registry.os, "replace", crash_on_promoted_json)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(files.WriteFailed, match="disk full"):
         registry.promote(root, "tiny", _passed("B8"), _candidate(tmp_path / "b", "b1"), REPORT)
     assert (root / "tiny" / registry.PROMOTED).read_bytes() == promoted_json
     assert [e["stage"] for e in registry.read(root, "tiny")["history"]] == ["B4"]
