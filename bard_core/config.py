@@ -32,7 +32,7 @@ PROMPT_MASKS = ("causal", "block")
 CONVERSATION_FORMATS = ("single", "sources")  # shapes-world training streams (bard_core.shapes.data)
 PARALLEL = ("ddp", "fsdp")  # data parallel with replicas, or fully sharded (params, grads, optimizer state)
 OBJECTIVES = ("ar", "diffusion")
-DECODE_MODES = ("dynamic", "static")
+DECODE_MODES = ("dynamic", "static", "speculative")
 DECODE_FALLBACKS = ("leftmost", "confident")
 DTYPES = ("float32", "bfloat16", "float16")
 # what `TrainConfig.stages` may set per block size
@@ -270,7 +270,8 @@ class DecodeConfig:
 
     block_size: int = _opt(32, "tokens decoded per block")
     mode: str = _opt("dynamic", "dynamic: commit every position above the threshold; static: a fixed number "
-                     "per step", choices=DECODE_MODES)
+                     "per step; speculative: draft a block, verify it causally, output identical to AR greedy",
+                     choices=DECODE_MODES)
     threshold: float = _opt(0.9, "dynamic mode: commit a position whose top probability clears this")
     fallback: str = _opt("leftmost", "dynamic mode, when no position clears the threshold: commit the leftmost "
                          "masked one or the most confident", choices=DECODE_FALLBACKS)
@@ -302,6 +303,8 @@ class DecodeConfig:
             _fail(c, "max_edits_per_position", self.max_edits_per_position, "a non-negative int")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             _fail(c, "temperature/top_p", (self.temperature, self.top_p), "temperature >= 0 and top_p in (0, 1]")
+        if self.mode == "speculative" and self.temperature != 0:
+            _fail(c, "temperature", self.temperature, "0 in speculative mode (lossless for greedy decoding only)")
         if self.tokens_per_step > self.block_size:
             _fail(c, "tokens_per_step", self.tokens_per_step, f"<= block_size={self.block_size}")
         if self.sure_eos and self.mode == "dynamic" and self.threshold >= 1.0:

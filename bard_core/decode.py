@@ -56,6 +56,7 @@ class Generation:
     seconds: float
     edits: int = 0
     steps_per_block: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)  # speculative mode: drafted tokens accepted per step
 
     @property
     def tpf(self) -> float:
@@ -206,13 +207,18 @@ def _finish_at_eos(block: torch.Tensor, visible: torch.Tensor, eos: int) -> tupl
 
 @torch.no_grad()
 def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenIds, *, use_cache: bool = True,
-             fuse: bool = True, generator: torch.Generator | None = None) -> list[Generation]:
-    """Block-diffusion decoding of a batch of prompts (see module docstring)."""
+             fuse: bool = True, generator: torch.Generator | None = None, verifier=None) -> list[Generation]:
+    """Block-diffusion decoding of a batch of prompts (see module docstring); ``cfg.mode == "speculative"``:
+    the lossless mode, whose output is the greedy answer of `verifier` (default: these weights)."""
     from transformers import DynamicCache
 
     if ids.mask is None:
         raise ValueError("block-diffusion decoding needs a mask token id (bard.json token_ids or the recipe's "
                          "model.mask_token_id)")
+    if cfg.mode == "speculative":  # lossless mode: bard_core/speculative.py
+        from bard_core.speculative import speculative_generate
+
+        return speculative_generate(model, prompts, cfg, ids, verifier, fuse)
     model.eval()
     device = next(model.parameters()).device
     B = cfg.block_size
@@ -302,11 +308,7 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
                 out[i].nfe += 1
         next_pos = next_pos + B
 
-    for g in out:
-        g.token_ids, g.tokens = _to_first_eos(g.token_ids, ids.eos, cfg.max_new_tokens)
-        if g.seconds == 0.0:
-            g.seconds = time.perf_counter() - start
-    return out
+    return _finished(out, ids.eos, cfg.max_new_tokens, start)
 
 
 def _select_images(prompts: list[EncodedSample], rows: torch.Tensor):
@@ -315,11 +317,17 @@ def _select_images(prompts: list[EncodedSample], rows: torch.Tensor):
     return (torch.cat(pixels) if pixels else None), (torch.cat(grids) if grids else None)
 
 
-def _to_first_eos(token_ids: list[int], eos: int, limit: int) -> tuple[list[int], int]:
-    if eos in token_ids:
-        token_ids = token_ids[: token_ids.index(eos) + 1]
-    token_ids = token_ids[:limit]
-    return token_ids, len(token_ids)
+def _finished(out: list[Generation], eos: int, limit: int, start: float) -> list[Generation]:
+    """Every answer cut after its first EOS (and at `limit`), its token count, and — for rows that never
+    finished — the time they ran."""
+    for g in out:
+        if eos in g.token_ids:
+            g.token_ids = g.token_ids[: g.token_ids.index(eos) + 1]
+        g.token_ids = g.token_ids[:limit]
+        g.tokens = len(g.token_ids)
+        if g.seconds == 0.0:
+            g.seconds = time.perf_counter() - start
+    return out
 
 
 @torch.no_grad()
@@ -365,6 +373,4 @@ def ar_generate_cached(model, prompts: list[EncodedSample], max_new_tokens: int,
         kept_valid = torch.cat([kept_valid, torch.ones(m, 1, dtype=torch.bool)], dim=1)
         next_pos = next_pos + 1
         last = h[:, -1]
-    for g in out:
-        g.token_ids, g.tokens = _to_first_eos(g.token_ids, ids.eos, max_new_tokens)
-    return out
+    return _finished(out, ids.eos, max_new_tokens, start)

@@ -14,6 +14,11 @@ accuracy) is learned late — at 600 steps per stage the later stages decode nea
 mask noise learns it faster than mixed noise at this scale.
 
     python -m benchmarks.decode_speed [--limit 60] [--thresholds 0.5,0.7,0.9] [--stages DIR | --steps 1500:0,...]
+                                      [--batch-sizes 1,16] [--modes dynamic,speculative]
+
+The lossless mode (``speculative``, `bard_core/speculative.py`) is measured beside: its TPF, tokens/s, drafted
+tokens accepted per step, and the share of answers identical to the stage's own AR greedy answers (1.0 by
+construction; anything less is a bug or a floating-point tie).
 
 The last line printed is one JSON object.
 """
@@ -56,7 +61,11 @@ def main() -> None:
     parser.add_argument("--benchmark", default="shapes_extract")
     parser.add_argument("--limit", type=int, default=60)
     parser.add_argument("--thresholds", default="0.5,0.7,0.9,0.95")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-sizes", default="16", help="comma-separated; each measured side by side with AR")
+    parser.add_argument("--verifier", default=None, help="speculative rows: verify with this model (e.g. the AR "
+                        "base) instead of the stage's own weights; 'same' then compares with its answers")
+    parser.add_argument("--modes", default="dynamic,speculative",
+                        help="block decoding at each tau (dynamic) and the lossless mode (speculative)")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--steps", default="1500:0,2500:0,2000:0,1500:0",
                         help="merge:distill steps per stage B4,B8,… when training here (cached)")
@@ -81,42 +90,72 @@ def main() -> None:
     checkpoints = stage_checkpoints(args)
     ar_model, processor, ar_meta = checkpoint.load(args.ar_model)
     prompts = suite.prompts_for(items, processor)
-    ar = suite.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, args.batch_size,
-                      checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False))
-    rows = []
-    for B, path in checkpoints.items():
-        model, _, meta = checkpoint.load(path)
-        for tau in thresholds:
-            cfg = DecodeConfig(block_size=B, threshold=tau, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, label_shift=bool(meta.get("label_shift", False)))
-            d = suite.run_diffusion(model, processor, args.benchmark, items, prompts, cfg,
-                                    checkpoint.token_ids(processor.tokenizer, meta))
-            rows.append({"block_size": B, "threshold": tau, "checkpoint": str(path),
-                         "accuracy": d.accuracy["accuracy"], "scores": d.accuracy, "tokens": d.tokens, "nfe": d.nfe,
-                         "tpf": d.tpf, "tok_s": d.tok_s, "edits": d.edits, "speedup": d.tok_s / ar.tok_s})
-
-    print(f"decode speed — {args.benchmark}, {len(items)} items, batch {args.batch_size}, "
-          f"torch threads {torch.get_num_threads()}, AR model {args.ar_model}")
-    print(f"{'decoder':<10} {'B':>3} {'tau':>5} {'accuracy':>8} {'exact':>6} {'tokens':>7} {'NFE':>6} {'TPF':>5} "
-          f"{'tok/s':>7} {'speed-up':>8}")
-    print(f"{'AR':<10} {'-':>3} {'-':>5} {ar.accuracy['accuracy']:>8.3f} {ar.accuracy.get('exact_match', 0):>6.3f} "
-          f"{ar.tokens:>7} {ar.nfe:>6} {ar.tpf:>5.2f} {ar.tok_s:>7.1f} {1.0:>8.2f}")
-    for r in rows:
-        print(f"{'diffusion':<10} {r['block_size']:>3} {r['threshold']:>5.2f} {r['accuracy']:>8.3f} "
-              f"{r['scores'].get('exact_match', 0):>6.3f} {r['tokens']:>7} {r['nfe']:>6} {r['tpf']:>5.2f} "
-              f"{r['tok_s']:>7.1f} {r['speedup']:>8.2f}")
-    within = [r for r in rows if r["accuracy"] >= ar.accuracy["accuracy"] - 0.01]
-    best = max(within, key=lambda r: r["tok_s"]) if within else max(rows, key=lambda r: r["accuracy"])
-    print(f"fastest setting within 1 point of AR: B={best['block_size']} tau={best['threshold']} "
-          f"TPF={best['tpf']:.2f} speed-up={best['speedup']:.2f}x" if within else
-          "no setting within 1 point of AR; reporting the most accurate one")
+    ar_ids = checkpoint.token_ids(processor.tokenizer, ar_meta, require_mask=False)
+    verifier = checkpoint.load(args.verifier)[0] if args.verifier else None
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    modes = args.modes.split(",")
+    ars, rows = {}, []
+    for bs in batches:  # every batch size side by side: AR base, then each stage's rows
+        ars[bs] = suite.run_ar(ar_model, processor, args.benchmark, items, prompts, args.max_new_tokens, bs, ar_ids)
+        for B, path in checkpoints.items():
+            model, _, meta = checkpoint.load(path)
+            ids = checkpoint.token_ids(processor.tokenizer, meta)
+            settings = [("dynamic", tau) for tau in thresholds] if "dynamic" in modes else []
+            settings += [("speculative", None)] if "speculative" in modes else []
+            own = None  # the causal greedy answers of these weights: what the lossless mode must reproduce
+            for mode, tau in settings:
+                cfg = DecodeConfig(block_size=B, mode=mode, threshold=tau or 0.9, max_new_tokens=args.max_new_tokens,
+                                   batch_size=bs, label_shift=bool(meta.get("label_shift", False)))
+                d = suite.run_diffusion(model, processor, args.benchmark, items, prompts, cfg, ids,
+                                        verifier if mode == "speculative" else None)
+                row = {"mode": mode, "batch": bs, "block_size": B, "threshold": tau, "checkpoint": str(path),
+                       "accuracy": d.accuracy["accuracy"], "scores": d.accuracy, "tokens": d.tokens, "nfe": d.nfe,
+                       "tpf": d.tpf, "tok_s": d.tok_s, "edits": d.edits, "speedup": d.tok_s / ars[bs].tok_s}
+                if mode == "speculative":
+                    own = own or suite.run_ar(verifier or model, processor, args.benchmark, items, prompts,
+                                              args.max_new_tokens, bs, ids)
+                    row["identical"] = sum(a == b for a, b in zip(d.outputs, own.outputs)) / len(items)
+                    row["accepted_mean"] = sum(d.accepted) / max(1, len(d.accepted))
+                rows.append(row)
+    print_table(args, items, ars, rows)
+    within = [r for r in rows if r["mode"] == "dynamic" and r["batch"] == batches[-1]
+              and r["accuracy"] >= ars[batches[-1]].accuracy["accuracy"] - 0.01]
+    plain = [r for r in rows if r["mode"] == "dynamic" and r["batch"] == batches[-1]]
+    best = (max(within, key=lambda r: r["tok_s"]) if within else max(plain, key=lambda r: r["accuracy"])) \
+        if plain else None
+    if best:
+        print(f"fastest block setting within 1 point of AR (batch {batches[-1]}): B={best['block_size']} "
+              f"tau={best['threshold']} TPF={best['tpf']:.2f} speed-up={best['speedup']:.2f}x" if within else
+              "no block setting within 1 point of AR; reporting the most accurate one")
+    spec = {str(bs): max((r for r in rows if r["mode"] == "speculative" and r["batch"] == bs),
+                         key=lambda r: r["tok_s"], default=None) for bs in batches}
+    ar = ars[batches[-1]]
     print(json.dumps({
-        "benchmark": args.benchmark, "items": len(items), "within_1_point": bool(within),
-        "block_size": best["block_size"], "threshold": best["threshold"], "ar_accuracy": ar.accuracy["accuracy"],
-        "diffusion_accuracy": best["accuracy"], "tpf": best["tpf"], "ar_tok_s": ar.tok_s,
-        "diffusion_tok_s": best["tok_s"], "speedup": best["speedup"], "ar_checkpoint": args.ar_model,
+        "benchmark": args.benchmark, "items": len(items), "within_1_point": bool(within), "batch": batches[-1],
+        "block_size": best and best["block_size"], "threshold": best and best["threshold"],
+        "ar_accuracy": ar.accuracy["accuracy"], "diffusion_accuracy": best and best["accuracy"],
+        "tpf": best and best["tpf"], "ar_tok_s": ar.tok_s, "diffusion_tok_s": best and best["tok_s"],
+        "speedup": best and best["speedup"], "ar_tok_s_by_batch": {str(b): m.tok_s for b, m in ars.items()},
+        "speculative": spec, "ar_checkpoint": args.ar_model,
         "checkpoints": {str(b): str(p) for b, p in checkpoints.items()}, "rows": rows,
     }))
+
+
+def print_table(args, items, ars: dict, rows: list[dict]) -> None:
+    print(f"decode speed — {args.benchmark}, {len(items)} items, torch threads {torch.get_num_threads()}, "
+          f"AR model {args.ar_model}; 'same' = share of answers identical to the stage's own AR greedy answers")
+    print(f"{'decoder':<12} {'batch':>5} {'B':>3} {'tau':>5} {'accuracy':>8} {'exact':>6} {'tokens':>7} {'NFE':>6} "
+          f"{'TPF':>5} {'tok/s':>7} {'speed-up':>8} {'accept':>6} {'same':>5}")
+    for bs, ar in ars.items():
+        print(f"{'AR':<12} {bs:>5} {'-':>3} {'-':>5} {ar.accuracy['accuracy']:>8.3f} "
+              f"{ar.accuracy.get('exact_match', 0):>6.3f} {ar.tokens:>7} {ar.nfe:>6} {ar.tpf:>5.2f} {ar.tok_s:>7.1f} "
+              f"{1.0:>8.2f}")
+        for r in (r for r in rows if r["batch"] == bs):
+            tau = f"{r['threshold']:>5.2f}" if r["threshold"] is not None else f"{'-':>5}"
+            spec = (f" {r['accepted_mean']:>6.2f} {r['identical']:>5.2f}" if r["mode"] == "speculative" else "")
+            print(f"{r['mode']:<12} {bs:>5} {r['block_size']:>3} {tau} {r['accuracy']:>8.3f} "
+                  f"{r['scores'].get('exact_match', 0):>6.3f} {r['tokens']:>7} {r['nfe']:>6} {r['tpf']:>5.2f} "
+                  f"{r['tok_s']:>7.1f} {r['speedup']:>8.2f}{spec}")
 
 
 if __name__ == "__main__":

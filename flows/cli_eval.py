@@ -64,6 +64,8 @@ def cmd_generate(args) -> int:
     ar = args.ar or (args.block_size is None and not meta.get("block_size"))
     if not ar and checkpoint.untagged_stage(meta):  # before minutes of loading
         raise UsageError(f"bard generate: {model_dir} is {checkpoint.untagged_stage(meta)}")
+    if args.verifier and args.mode != "speculative":
+        raise UsageError("bard generate: --verifier is for --mode speculative")
     model, processor, meta = checkpoint.load(model_dir)
     try:  # the checkpoint's promoted decode setting, then the flags that were given
         cfg = checkpoint.decode_config(meta, None, **decode_flags(args))
@@ -74,6 +76,11 @@ def cmd_generate(args) -> int:
     if ar:
         (g,) = ar_generate_cached(model, [enc], cfg.max_new_tokens, ids)
         decoder = "ar"
+    elif cfg.mode == "speculative":
+        verifier = checkpoint.load(_existing_dir(args.verifier, "generate", "--verifier"))[0] if args.verifier else None
+        (g,) = generate(model, [enc], cfg, ids, verifier=verifier)
+        decoder = (f"speculative B={cfg.block_size} (lossless: the greedy answer of "
+                   f"{args.verifier or 'these weights'})")
     else:
         (g,) = generate(model, [enc], cfg, ids)
         decoder = f"block-diffusion B={cfg.block_size} tau={cfg.threshold:g} fallback={cfg.fallback}"
@@ -81,8 +88,12 @@ def cmd_generate(args) -> int:
     text = processor.tokenizer.decode(g.token_ids, skip_special_tokens=True)
     payload = {"text": text, "decoder": decoder, "tokens": g.tokens, "nfe": g.nfe, "tpf": g.tpf,
                "seconds": g.seconds, "tok_s": g.tokens / max(g.seconds, 1e-9), "edits": g.edits}
+    extra = f"{g.edits} edits"
+    if g.accepted:  # speculative: drafted tokens accepted per step, after the exact first one
+        payload["accepted"] = g.accepted
+        extra = f"{len(g.accepted)} steps, {sum(g.accepted) / len(g.accepted):.2f} drafted tokens accepted per step"
     _emit(payload, args.json, [text, f"-- {decoder}: {g.tokens} tokens, {g.nfe} forwards, TPF {g.tpf:.2f}, "
-                                     f"{payload['tok_s']:.1f} tok/s, {g.edits} edits"])
+                                     f"{payload['tok_s']:.1f} tok/s, {extra}"])
     return 0
 
 
@@ -165,8 +176,8 @@ def _check_decode(decode: dict, model: Path, mode: str | None) -> None:
     if unknown:
         raise UsageError(f"bard eval: --set {unknown[0]}: not a decode setting; valid: {', '.join(sorted(fields))}")
     meta = read_meta(model)
-    if mode == "diffusion" and not meta.get("block_size") and "block_size" not in decode:
-        raise UsageError(f"bard eval: --mode diffusion: {model} is an AR checkpoint; give --set block_size=B to "
+    if mode in ("diffusion", "speculative") and not meta.get("block_size") and "block_size" not in decode:
+        raise UsageError(f"bard eval: --mode {mode}: {model} is an AR checkpoint; give --set block_size=B to "
                          "decode it in blocks anyway")
     if mode != "ar" and untagged_stage(meta):
         raise UsageError(f"bard eval: {model} is {untagged_stage(meta)}")
@@ -187,12 +198,17 @@ def cmd_eval(args) -> int:
         raise UsageError(f"bard eval: --threshold expects comma-separated numbers, got {args.threshold!r}") from None
     decode = _pairs(args.set, "eval", "--set")
     _check_decode(decode, model, args.mode)
+    if args.verifier and args.mode != "speculative":
+        raise UsageError("bard eval: --verifier is for --mode speculative")
+    if args.verifier:
+        _existing_dir(args.verifier, "eval", "--verifier")
     _known_tasks(include, names, "eval")
     from flows.evaluate import EvalParams, evaluate_flow
 
     with flow_server():
         result = evaluate_flow(EvalParams(model=str(model.resolve()), out=str(Path(args.out).resolve()),
                                           tasks=list(names), include_paths=include, mode=args.mode,
+                                          verifier=str(Path(args.verifier).resolve()) if args.verifier else None,
                                           ar_model=args.ar_model, recipe=args.recipe, limit=args.limit,
                                           thresholds=thresholds, decode=decode))
     lines = [f"evaluated {model} ({result['mode']}) -> {args.out}"]
@@ -268,6 +284,8 @@ def add_commands(sub) -> None:
     p.add_argument("--prompt", required=True)
     add_decode_flags(p, skip=("batch_size", "label_shift"))
     p.add_argument("--ar", action="store_true", help="decode autoregressively (one token per forward)")
+    p.add_argument("--verifier", default=None, help="--mode speculative: the model whose greedy answer comes out, e.g. "
+                                                    "the AR base (default: the model's own weights)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -289,8 +307,10 @@ def add_commands(sub) -> None:
                                                  "--include-path (default: the recipe's gate benchmarks)")
     p.add_argument("--include-path", action="append", help="directory of lm-eval task YAMLs (repeatable), e.g. "
                                                            "the benchmarks/ of `bard synth`")
-    p.add_argument("--mode", choices=["ar", "diffusion"], default=None,
-                   help="default: diffusion for a block-diffusion checkpoint, else ar")
+    p.add_argument("--mode", choices=["ar", "diffusion", "speculative"], default=None,
+                   help="default: diffusion for a block-diffusion checkpoint, else ar; speculative: lossless (the "
+                        "greedy answers of --verifier, default the model's own)")
+    p.add_argument("--verifier", default=None, help="--mode speculative: verify with this model (e.g. the AR base)")
     p.add_argument("--limit", type=int, default=None, help="items per task (default: the recipe's gate.limit)")
     p.add_argument("--threshold", default=None, help="comma-separated decode thresholds to evaluate (a sweep)")
     p.add_argument("--recipe", default="tiny")

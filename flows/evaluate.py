@@ -41,7 +41,10 @@ class EvalParams(BaseModel):
     tasks: list[str] = Field(default_factory=list, description="lm-eval task or group names (default: the recipe's "
                                                                "gate benchmarks)")
     include_paths: list[str] = Field(default_factory=list, description="directories with more lm-eval task YAMLs")
-    mode: str | None = Field(None, description="ar | diffusion (default: diffusion for a block-diffusion checkpoint)")
+    mode: str | None = Field(None, description="ar | diffusion | speculative (lossless: the greedy answers of the "
+                                               "verifier) (default: diffusion for a block-diffusion checkpoint)")
+    verifier: str | None = Field(None, description="speculative mode: the model whose greedy answers come out, e.g. "
+                                                   "the AR base (default: the checkpoint's own weights)")
     ar_model: str | None = Field(None, description="AR base whose decode speed is measured beside the model's")
     recipe: str = Field("tiny", description="named recipe: decode defaults, gate benchmarks, mask token id")
     limit: int | None = Field(None, description="items per benchmark (default: the recipe's gate.limit)")
@@ -67,7 +70,7 @@ def evaluate_flow(params: EvalParams) -> dict:
                   recipe.gate.speed_items)
     mode = params.mode or ("diffusion" if checkpoint_ref(params.model).block_size else "ar")
     reports = evaluate_task(params.model, suite, params.out, mode, tuple(params.thresholds) or None, params.ar_model,
-                            params.recipe, None, params.decode or None)
+                            params.recipe, None, params.decode or None, params.verifier)
     lines = [f"# Evaluation of `{params.model}` ({mode})", "", "| setting | " + " | ".join(names) + " | TPF | tok/s b1 |",
              "|---|" + "---|" * (len(names) + 2)]
     for r in reports:

@@ -188,17 +188,18 @@ def _speed(lm: BardLM, suite: Suite, results: dict, ar: BardLM | None, ar_speed:
 def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *, mode: str = "diffusion",
                         thresholds: tuple[float, ...] | None = None, ar_model: str | Path | None = None,
                         recipe: str | None = None, overrides: dict | None = None,
-                        decode: dict | None = None) -> list[EvalReport]:
+                        decode: dict | None = None, verifier: str | Path | None = None) -> list[EvalReport]:
     """Evaluate a checkpoint (loaded once) at each threshold of `thresholds` (None: its own decode setting);
     `ar_model`: the AR base whose decode speed is measured beside it, once for the sweep. `recipe` and its
     `overrides` give the decode defaults and the mask id; `decode`: explicit DecodeConfig fields."""
-    lm = BardLM(str(model_dir), mode=mode, recipe=recipe, recipe_overrides=overrides, **(decode or {}))
+    lm = BardLM(str(model_dir), mode=mode, recipe=recipe, recipe_overrides=overrides,
+                verifier=str(verifier) if verifier else None, **(decode or {}))
     ar = BardLM(str(ar_model), mode="ar", recipe=recipe, recipe_overrides=overrides) if ar_model else None
-    settings = [None] if mode == "ar" or not thresholds else list(thresholds)
+    settings = [None] if mode in ("ar", "speculative") or not thresholds else list(thresholds)
     reports, ar_speed = [], None
     for tau in settings:
         variant = lm if tau is None else lm.variant(threshold=tau)
-        label = "ar" if mode == "ar" else f"tau-{variant.decode.threshold:g}"
+        label = mode if mode in ("ar", "speculative") else f"tau-{variant.decode.threshold:g}"
         reports.append(evaluate(variant, suite, Path(out) / label, ar=ar, ar_speed=ar_speed, label=label))
         ar_speed = reports[-1].speed.get("ar")
     return reports
@@ -208,7 +209,7 @@ def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *,
 def evaluate_task(model_dir: str, suite: Suite, out: str, mode: str = "diffusion",
                   thresholds: tuple[float, ...] | None = None, ar_model: str | None = None,
                   recipe: str | None = None, overrides: dict | None = None,
-                  decode: dict | None = None) -> list[EvalReport]:
+                  decode: dict | None = None, verifier: str | None = None) -> list[EvalReport]:
     """Prefect task: `evaluate_checkpoint`."""
     return evaluate_checkpoint(model_dir, suite, out, mode=mode, thresholds=thresholds, ar_model=ar_model,
-                               recipe=recipe, overrides=overrides, decode=decode)
+                               recipe=recipe, overrides=overrides, decode=decode, verifier=verifier)

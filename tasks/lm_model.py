@@ -4,7 +4,8 @@
 `BardLM(...)` passed to ``lm_eval.simple_evaluate(model=...)``. ``mode=diffusion`` decodes in blocks
 (block size, label shift, token ids and the promoted decode setting from the checkpoint's ``bard.json``;
 any `DecodeConfig` field may be given by name, its ``mode`` as ``decode_mode``); ``mode=ar`` is the AR
-baseline in the same engine.
+baseline in the same engine; ``mode=speculative`` the lossless mode (drafted in blocks, verified causally:
+the greedy answers of ``verifier=DIR``, default the checkpoint's own weights).
 
 - ``generate_until``: the context's ``<image>`` placeholders mark where the request's images go in one
   user turn of the chat template; requests are batched through the engine, ``max_gen_toks`` caps the
@@ -34,7 +35,7 @@ from bard_core.inputs import context_messages, encode_prompt  # noqa: E402
 from bard_core.overrides import coerce  # noqa: E402
 from bard_core.recipes import get_recipe  # noqa: E402
 
-MODES = ("ar", "diffusion")
+MODES = ("ar", "diffusion", "speculative")  # speculative: lossless block drafts (bard_core/speculative.py)
 _GEN_KWARGS = {"until", "max_gen_toks", "do_sample", "temperature", "top_p"}  # what the engine honours
 
 
@@ -44,7 +45,8 @@ class BardLM(LM):
 
     def __init__(self, pretrained: str, mode: str = "diffusion", recipe: str | None = None,
                  mask_token_id: int | None = None, device: str | None = None, max_batch_size: int | None = None,
-                 recipe_overrides: dict | None = None, _loaded: tuple | None = None, **decode):
+                 recipe_overrides: dict | None = None, verifier: str | None = None, _loaded: tuple | None = None,
+                 _verifier=None, **decode):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"bard: mode={mode!r}; valid: {', '.join(MODES)}")
@@ -57,9 +59,15 @@ class BardLM(LM):
         self.model.to(self._device).eval()
         self.ids = checkpoint.token_ids(self.processor.tokenizer, self.meta,
                                         mask_token_id or (settings.model.mask_token_id if settings else None),
-                                        require_mask=mode == "diffusion")
+                                        require_mask=mode != "ar")
+        if mode == "speculative":
+            decode = {**decode, "decode_mode": "speculative", "temperature": 0.0}
+        elif verifier:
+            raise ValueError("bard: verifier= is for mode=speculative")
         self.decode = checkpoint.decode_config(self.meta, settings.decode if settings else None, **_typed(decode))
-        if mode == "diffusion" and not self.meta.get("block_size") and "block_size" not in decode:
+        self.verifier = str(verifier) if verifier else None  # the model whose greedy answers come out (default: self)
+        self.verifier_model = _verifier or (checkpoint.load(verifier)[0].to(self._device).eval() if verifier else None)
+        if mode != "ar" and not self.meta.get("block_size") and "block_size" not in decode:
             raise ValueError(f"bard: {pretrained} is an AR checkpoint (no block size in bard.json); use mode=ar, "
                              "or give block_size= to decode it in blocks anyway")
         self.stats: dict[tuple[str, int], list[dict]] = defaultdict(list)
@@ -74,14 +82,19 @@ class BardLM(LM):
         """The same loaded model with another mode or decode setting (a τ sweep loads the weights once)."""
         fields = {**dataclasses.asdict(self.decode), **decode}
         fields["decode_mode"] = fields.pop("mode")
+        if (mode or self.mode) != "speculative" and fields["decode_mode"] == "speculative":
+            fields["decode_mode"] = "dynamic"
         return BardLM(self.pretrained, mode or self.mode, self.recipe, self.ids.mask, str(self.device),
-                      recipe_overrides=self.recipe_overrides, _loaded=(self.model, self.processor, self.meta),
-                      **fields)
+                      recipe_overrides=self.recipe_overrides, verifier=self.verifier if (mode or self.mode) ==
+                      "speculative" else None, _loaded=(self.model, self.processor, self.meta),
+                      _verifier=self.verifier_model, **fields)
 
     def describe(self) -> dict:
         """What decoded: the engine and, for diffusion, the whole decode setting (`DecodeConfig` fields)."""
         if self.mode == "ar":
             return {"engine": "ar", "max_new_tokens": self.decode.max_new_tokens, "batch_size": self.decode.batch_size}
+        if self.mode == "speculative":
+            return {"engine": "speculative", "verifier": self.verifier or "self", **dataclasses.asdict(self.decode)}
         return {"engine": "diffusion", **dataclasses.asdict(self.decode)}
 
     # --- generation --------------------------------------------------------------------------------
@@ -113,13 +126,16 @@ class BardLM(LM):
                 if self.mode == "ar":
                     gens = ar_generate_cached(self.model, [prompts[i] for i in chunk], max_new, self.ids)
                 else:
-                    gens = generate(self.model, [prompts[i] for i in chunk], cfg, self.ids)
+                    gens = generate(self.model, [prompts[i] for i in chunk], cfg, self.ids,
+                                    verifier=self.verifier_model)
                 self.engine_seconds += time.perf_counter() - started
                 for i, g in zip(chunk, gens):
                     texts[i] = _cut(self.processor.tokenizer.decode(g.token_ids, skip_special_tokens=True),
                                     _until(args[i][1]))
                     stats[i] = {"tokens": g.tokens, "nfe": g.nfe, "seconds": round(g.seconds, 5),
                                 "edits": g.edits, "batch": len(chunk)}
+                    if g.accepted:  # speculative: drafted tokens accepted per step
+                        stats[i]["accepted"] = g.accepted
         return texts, stats
 
     def _settings(self, gen_kwargs: dict) -> tuple:
@@ -128,8 +144,9 @@ class BardLM(LM):
             raise ValueError(f"bard: generation settings {sorted(unknown)} are not supported; the engine honours "
                              f"{', '.join(sorted(_GEN_KWARGS))}")
         sampling = bool(gen_kwargs.get("do_sample")) and float(gen_kwargs.get("temperature") or 0) > 0
-        if sampling and self.mode == "ar":
-            raise ValueError("bard: mode=ar decodes greedily; this task asks for sampling (do_sample, temperature)")
+        if sampling and self.mode in ("ar", "speculative"):
+            raise ValueError(f"bard: mode={self.mode} decodes greedily; this task asks for sampling (do_sample, "
+                             "temperature)")
         temperature = float(gen_kwargs["temperature"]) if sampling else self.decode.temperature
         top_p = float(gen_kwargs.get("top_p", self.decode.top_p)) if sampling else self.decode.top_p
         return int(gen_kwargs.get("max_gen_toks", self.decode.max_new_tokens)), temperature, top_p
@@ -143,7 +160,7 @@ class BardLM(LM):
 
     def _refuse(self, kind: str):
         if self.mode != "ar":
-            raise ValueError(f"bard: mode=diffusion answers generate_until requests only; this task asks for "
+            raise ValueError(f"bard: mode={self.mode} answers generate_until requests only; this task asks for "
                              f"{kind}, which a block-diffusion model has no exact value for. Evaluate it with "
                              "mode=ar (exact), or choose a generative task.")
 
@@ -198,8 +215,9 @@ def _typed(decode: dict) -> dict:
     out = {}
     for key, value in decode.items():
         key = "mode" if key == "decode_mode" else key  # `mode` is the engine (ar | diffusion) here
-        if key == "mode" and value in MODES:
-            raise ValueError("bard: decode_mode is DecodeConfig.mode (dynamic | static); the engine is mode=")
+        if key == "mode" and value in ("ar", "diffusion"):
+            raise ValueError("bard: decode_mode is DecodeConfig.mode (dynamic | static | speculative); the engine "
+                             "is mode=")
         if key == "batch_size" and value in ("auto", None):
             continue  # lm-eval's auto batch size: keep the recipe's
         if key not in types:

@@ -285,3 +285,20 @@ def test_the_benchmarks_chain_is_the_pipeline_flow_with_per_stage_steps_and_open
     assert recipe.train.for_stage(8).merge_steps == 3 and recipe.train.for_stage(8).lr == 1e-3
     everything = chain_params(tmp_path)  # the recipe's own schedule, steps and rates
     assert everything.block_sizes == [4, 8, 16, 32] and everything.stage_overrides == {}
+
+
+def test_generate_in_lossless_mode_answers_what_the_verifier_answers(capsys, tiny_model_dir):
+    from bard_core.assets import shipped_base
+
+    base = str(shipped_base())
+    code, out, err = call(capsys, "generate", "--model", base, "--prompt", "Name a colour.", "--ar", "--json")
+    assert code == 0, err
+    ar = json.loads(out.strip().splitlines()[-1])
+    code, out, err = call(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "Name a colour.",
+                          "--block-size", "4", "--mode", "speculative", "--verifier", base, "--json")
+    assert code == 0, err
+    spec = json.loads(out.strip().splitlines()[-1])
+    assert spec["text"] == ar["text"] and spec["decoder"].startswith("speculative B=4")
+    assert spec["nfe"] == 2 * len(spec["accepted"])
+    code, _, err = call(capsys, "generate", "--model", base, "--prompt", "x", "--verifier", base)
+    assert code == 2 and "--verifier is for --mode speculative" in err

@@ -51,7 +51,7 @@ def _pipeline(root: Path, name: str, log: Path, api: str | None = None) -> tuple
         env["PREFECT_API_URL"] = api
     sets = [a for k, v in MINIMAL.items() for a in ("--set", f"{k}={v}")]
     args = [sys.executable, "-m", "flows.cli", "pipeline", "--root", str(root), "--run-name", name, "--block-sizes",
-            "4", "--world-seed", "7", "--world-size", "80", "--world-bench-size", "8", "--registry",
+            "4", "--world-seed", "7", "--world-size", "40", "--world-bench-size", "4", "--registry",
             str(root / "registry"), "--json", *sets]
     with open(log, "w") as out:  # its own session: a signal to its group reaches it and all it started
         return subprocess.Popen(args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,

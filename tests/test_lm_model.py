@@ -80,6 +80,25 @@ def test_a_trained_block_diffusion_checkpoint_decodes_in_blocks_and_reports_its_
     assert json.loads((tmp_path / "tau-0.3" / "eval.json").read_text())["scores"] == reports[1].scores
 
 
+def test_speculative_mode_through_lm_eval_scores_exactly_what_its_verifier_scores(base_lm, tiny_model_dir, world_dir,
+                                                                                   tmp_path):
+    """mode=speculative: a drafter that knows nothing (the random tiny model), the AR base as verifier: every
+    benchmark item gets the AR base's answer, so every score is the AR base's; the report says how it decoded."""
+    from bard_core.assets import shipped_base
+    from tasks.evaluate import evaluate
+    from tasks.lm_model import BardLM
+
+    lossless = BardLM(str(tiny_model_dir), mode="speculative", verifier=str(shipped_base()), block_size=4)
+    report = evaluate(lossless, _suite(world_dir), tmp_path / "spec")
+    ar = evaluate(base_lm, _suite(world_dir), tmp_path / "ar")
+    assert report.items == ar.items and report.scores == ar.scores
+    assert report.decode["engine"] == "speculative" and report.decode["verifier"] == str(shipped_base())
+    rows = [json.loads(line) for line in (tmp_path / "spec" / "samples" / "shapes_extract.jsonl").read_text().splitlines()]
+    assert all(r["decode"]["nfe"] == 2 * len(r["decode"]["accepted"]) for r in rows)
+    with pytest.raises(ValueError, match="verifier= is for mode=speculative"):
+        BardLM(str(tiny_model_dir), mode="diffusion", verifier=str(shipped_base()), block_size=4)
+
+
 def test_generation_honours_until_and_max_gen_toks(base_lm, world_dir):
     from bard_core.shapes import suite
 

@@ -72,6 +72,8 @@ class Measured:
     seconds: float
     edits: int
     per_item: list[float] = field(default_factory=list)  # the primary metric of every item, in order
+    outputs: list[list[int]] = field(default_factory=list)  # every item's answer tokens, in order
+    accepted: list[int] = field(default_factory=list)  # speculative mode: drafted tokens accepted, every step
 
     @property
     def tpf(self) -> float:
@@ -94,15 +96,16 @@ def run_ar(model, processor, name: str, items: list[dict], prompts, max_new_toke
     seconds = time.perf_counter() - start
     per_item = _process(name, items, [_decode_text(processor.tokenizer, g.token_ids) for g in gens])
     return Measured(_aggregate(name, per_item), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds, 0,
-                    _primary(name, per_item))
+                    _primary(name, per_item), [g.token_ids for g in gens])
 
 
 def run_diffusion(model, processor, name: str, items: list[dict], prompts, cfg: DecodeConfig,
-                  ids: TokenIds) -> Measured:
+                  ids: TokenIds, verifier=None) -> Measured:
     gens, start = [], time.perf_counter()
     for i in range(0, len(prompts), cfg.batch_size):
-        gens += generate(model, prompts[i:i + cfg.batch_size], cfg, ids)
+        gens += generate(model, prompts[i:i + cfg.batch_size], cfg, ids, verifier=verifier)
     seconds = time.perf_counter() - start
     per_item = _process(name, items, [_decode_text(processor.tokenizer, g.token_ids) for g in gens])
     return Measured(_aggregate(name, per_item), sum(g.tokens for g in gens), sum(g.nfe for g in gens), seconds,
-                    sum(g.edits for g in gens), _primary(name, per_item))
+                    sum(g.edits for g in gens), _primary(name, per_item), [g.token_ids for g in gens],
+                    [a for g in gens for a in g.accepted])

@@ -1,0 +1,124 @@
+"""Lossless mode (bard_core/speculative.py): token for token the verifier's greedy answer, and its benchmark."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bard_core.config import DecodeConfig
+from bard_core.decode import TokenIds, ar_generate_cached, generate
+from bard_core.inputs import encode_sample
+from tests.fakes import EOS, PAD
+
+
+def _shapes_and_random_prompts(processor, n_random: int = 3):
+    from bard_core.inputs import EncodedSample
+    from bard_core.shapes.data import conversations
+
+    prompts = []
+    for s in conversations(6, seed=9, families=["extract", "colour", "count", "mcq"]):
+        enc = encode_sample(s, processor, 512)
+        enc.response_ids = enc.response_ids[:0]
+        prompts.append(enc)
+    g = torch.Generator().manual_seed(3)
+    for length in torch.randint(3, 40, (n_random,), generator=g).tolist():  # token soup, no image
+        ids = torch.randint(10, processor.tokenizer.vocab_size, (length,), generator=g)
+        prompts.append(EncodedSample(ids, torch.zeros(length, dtype=torch.long), ids[:0], None, None))
+    return prompts
+
+
+@pytest.mark.parametrize("label_shift", [False, True])
+def test_speculative_output_is_ar_greedy_token_for_token(label_shift):
+    """Every block size, batch 1 and the whole batch, shapes prompts (with images) and random token prompts:
+    the drafted tokens are verified, so the answer is the AR greedy answer of the same weights whatever the
+    drafts are (the shipped base is an AR model: its drafts are poor, its answers confident)."""
+    from bard_core import checkpoint
+    from bard_core.assets import shipped_base
+
+    model, processor, _ = checkpoint.load(shipped_base())
+    tok = processor.tokenizer
+    ids = TokenIds(mask=tok.convert_tokens_to_ids("<|mask|>"), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    prompts = _shapes_and_random_prompts(processor)
+    ar = [g.token_ids for g in ar_generate_cached(model, prompts, 40, ids)]
+    for B in (4, 8, 16, 32):
+        cfg = DecodeConfig(block_size=B, mode="speculative", max_new_tokens=40, label_shift=label_shift)
+        batched = generate(model, prompts, cfg, ids)
+        assert [g.token_ids for g in batched] == ar
+        assert [generate(model, [p], cfg, ids)[0].token_ids for p in prompts] == ar
+        unfused = generate(model, prompts, cfg, ids, fuse=False)  # no look-ahead drafts: two forwards a step
+        assert [g.token_ids for g in unfused] == ar
+        for g in unfused:  # per step: the exact first draft, `accepted` more, the bonus
+            assert g.nfe == 2 * len(g.accepted) and all(0 <= a < B for a in g.accepted)
+            assert g.tokens <= sum(a + 2 for a in g.accepted)
+
+
+def test_with_a_separate_verifier_the_output_is_the_verifiers_greedy_answer(tiny_model_dir):
+    """A drafter that knows nothing (the random tiny model) and the trained AR base as verifier: nearly every
+    draft is rejected, and the answer is still the verifier's, token for token, in a batch and alone."""
+    from bard_core import checkpoint
+    from bard_core.assets import shipped_base
+
+    verifier, processor, _ = checkpoint.load(shipped_base())
+    drafter, _, _ = checkpoint.load(tiny_model_dir)
+    tok = processor.tokenizer
+    ids = TokenIds(mask=tok.convert_tokens_to_ids("<|mask|>"), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    prompts = _shapes_and_random_prompts(processor, n_random=2)
+    ar = [g.token_ids for g in ar_generate_cached(verifier, prompts, 24, ids)]
+    for B, shift in ((4, False), (32, True)):
+        cfg = DecodeConfig(block_size=B, mode="speculative", max_new_tokens=24, label_shift=shift)
+        batched = generate(drafter, prompts, cfg, ids, verifier=verifier)
+        assert [g.token_ids for g in batched] == ar
+        assert [generate(drafter, [p], cfg, ids, verifier=verifier)[0].token_ids for p in prompts] == ar
+        assert all(g.nfe == 2 * len(g.accepted) and g.tokens <= sum(a + 1 for a in g.accepted) for g in batched)
+    same = generate(verifier, prompts, DecodeConfig(block_size=4, mode="speculative", max_new_tokens=24), ids,
+                    verifier=checkpoint.load(shipped_base())[0])  # the two-model path, drafter = verifier's weights
+    assert [g.token_ids for g in same] == ar and sum(a for g in same for a in g.accepted) > 0
+
+
+def test_speculative_refuses_sampling_and_a_model_without_mask():
+    from bard_core.speculative import speculative_generate
+
+    with pytest.raises(ValueError, match="greedy decoding only"):
+        DecodeConfig(block_size=4, mode="speculative", temperature=0.7)
+    with pytest.raises(ValueError, match="mask token"):
+        speculative_generate(None, [], DecodeConfig(block_size=4, mode="speculative"), TokenIds(None, EOS, PAD))
+
+
+def test_speculative_on_a_trained_stage_is_its_causal_greedy(stage_b4):
+    """A block-diffusion stage (label shift and token ids from its bard.json) drafts; the same weights verify."""
+    from bard_core import checkpoint
+
+    model, processor, meta = checkpoint.load(stage_b4.uri)
+    ids = checkpoint.token_ids(processor.tokenizer, meta)
+    prompts = _shapes_and_random_prompts(processor)
+    ar = [g.token_ids for g in ar_generate_cached(model, prompts, 40, ids)]
+    cfg = checkpoint.decode_config(meta, None, mode="speculative", max_new_tokens=40)
+    assert cfg.block_size == 4 and cfg.label_shift == meta["label_shift"]
+    assert [g.token_ids for g in generate(model, prompts, cfg, ids)] == ar
+
+
+def test_decode_speed_measures_the_lossless_mode_beside_ar_and_block_decoding(world_dir, tmp_path):
+    """The benchmark on a 'stage' that is the shipped AR base: every row at both batch sizes, the lossless rows'
+    answers identical to the stage's own AR answers, and one JSON line to read them from."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bard_core.assets import shipped_base
+
+    shutil.copytree(shipped_base(), tmp_path / "stages" / "B4")
+    out = subprocess.run([sys.executable, "-m", "benchmarks.decode_speed", "--stages", str(tmp_path / "stages"),
+                          "--benchmarks-dir", str(world_dir / "benchmarks"), "--limit", "4", "--thresholds", "0.9",
+                          "--batch-sizes", "1,4", "--max-new-tokens", "24"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert sorted((r["mode"], r["batch"]) for r in result["rows"]) == [("dynamic", 1), ("dynamic", 4),
+                                                                      ("speculative", 1), ("speculative", 4)]
+    for bs in ("1", "4"):
+        spec = result["speculative"][bs]
+        assert spec["identical"] == 1.0 and spec["tpf"] >= 0.5 and spec["accepted_mean"] >= 0
+        assert spec["speedup"] == pytest.approx(spec["tok_s"] / result["ar_tok_s_by_batch"][bs])
+    assert "speculative" in out.stdout and "same" in out.stdout  # the table
