@@ -162,13 +162,13 @@ def cmd_curate(args) -> int:
     except ValueError as exc:
         raise UsageError(f"bard curate: {exc}") from None
     from flows.curate import CurateParams, curate_flow
-    from flows.local_server import flow_server
+    from flows.local_server import ensure_flow_server
 
     params = CurateParams(sources=sources, out=str(Path(args.out).resolve()), recipe=args.recipe, overrides=overrides,
                           benchmarks_dir=str(Path(args.benchmarks).resolve()) if args.benchmarks else None,
                           processor=args.processor)
-    with flow_server():
-        result = curate_flow(params)
+    ensure_flow_server()
+    result = curate_flow(params)
     counts = result["counts"]
     lines = [f"curated {result['num_rows']} rows into {result['uri']}",
              f"  rows in {counts['rows_in']} = kept {counts['kept']} + rejected {counts['rejected']}"]

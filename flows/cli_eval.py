@@ -8,7 +8,7 @@ import dataclasses
 from pathlib import Path
 
 from flows.cli import UsageError, _emit, _existing_dir, _pairs
-from flows.local_server import flow_server
+from flows.local_server import ensure_flow_server
 
 
 def _thresholds(text: str, command: str) -> list[float]:
@@ -205,12 +205,12 @@ def cmd_eval(args) -> int:
     _known_tasks(include, names, "eval")
     from flows.evaluate import EvalParams, evaluate_flow
 
-    with flow_server():
-        result = evaluate_flow(EvalParams(model=str(model.resolve()), out=str(Path(args.out).resolve()),
-                                          tasks=list(names), include_paths=include, mode=args.mode,
-                                          verifier=str(Path(args.verifier).resolve()) if args.verifier else None,
-                                          ar_model=args.ar_model, recipe=args.recipe, limit=args.limit,
-                                          thresholds=thresholds, decode=decode))
+    ensure_flow_server()
+    result = evaluate_flow(EvalParams(model=str(model.resolve()), out=str(Path(args.out).resolve()),
+                                      tasks=list(names), include_paths=include, mode=args.mode,
+                                      verifier=str(Path(args.verifier).resolve()) if args.verifier else None,
+                                      ar_model=args.ar_model, recipe=args.recipe, limit=args.limit,
+                                      thresholds=thresholds, decode=decode))
     lines = [f"evaluated {model} ({result['mode']}) -> {args.out}"]
     for r in result["reports"]:
         lines.append(f"  {r['label']}: " + ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items()))
@@ -249,8 +249,8 @@ def cmd_gate(args) -> int:
                         out=str(Path(args.out).resolve()), recipe=args.recipe, overrides=overrides,
                         include_paths=include, stage=args.stage, promote=not args.no_promote, registry=args.registry)
     try:
-        with flow_server():
-            result = gate_flow(params)
+        ensure_flow_server()
+        result = gate_flow(params)
     except GateFailed as exc:
         _emit({"passed": False, "reasons": str(exc), "report": exc.report}, args.json,
               [f"GATE FAILED: {exc}", f"report: {exc.report}"])

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from flows.cli import UsageError, _pairs
-from flows.local_server import flow_server
+from flows.local_server import ensure_flow_server
 
 
 def _summary(report: dict, seconds: float) -> list[str]:
@@ -46,8 +46,8 @@ def _run(params, as_json: bool) -> int:
 
     started = time.monotonic()
     try:
-        with flow_server():
-            result = pipeline_flow(params)
+        ensure_flow_server()
+        result = pipeline_flow(params)
         report_md = result["report"]
     except GateFailed as exc:
         report_md = exc.report

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from flows.cli import UsageError
-from flows.local_server import _poll, _port_busy, _stop, _wait_healthy
+from flows.local_server import die_with_parent, poll_until, port_busy, stop_group, wait_healthy
 
 
 def _wait_served(url: str, name: str, count: int, runner: subprocess.Popen, timeout: float) -> None:
@@ -25,7 +25,7 @@ def _wait_served(url: str, name: str, count: int, runner: subprocess.Popen, time
         with urllib.request.urlopen(request, timeout=5) as response:
             return len(json.loads(response.read())) >= count
 
-    _poll(served, runner, f"the {count} deployments '{name}' served", timeout)
+    poll_until(served, runner, f"the {count} deployments '{name}' served", timeout)
 
 
 def cmd_ui(args) -> int:
@@ -36,7 +36,7 @@ def cmd_ui(args) -> int:
     sensor_every = DEFAULT_SENSOR_SECONDS if args.sensor_every is None else args.sensor_every
     if not 1024 <= args.port <= 65535:
         raise UsageError(f"bard ui: --port must be in 1024..65535, got {args.port}")
-    if _port_busy(args.port):
+    if port_busy(args.port):
         raise UsageError(f"bard ui: port {args.port} is in use (another `bard ui`?); pick one with --port")
     if sensor_every < 10:
         raise UsageError("bard ui: --sensor-every must be at least 10 seconds")
@@ -60,10 +60,10 @@ def cmd_ui(args) -> int:
         with open(home / "server.log", "ab") as log:
             server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                        "--port", str(args.port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-        _wait_healthy(url, server, args.startup_timeout)
+                                      start_new_session=True, preexec_fn=die_with_parent)
+        wait_healthy(url, server, args.startup_timeout)
         runner = subprocess.Popen([sys.executable, "-m", "flows.deployments", "--config", cfg.model_dump_json()],
-                                  env=env, start_new_session=True)
+                                  env=env, start_new_session=True, preexec_fn=die_with_parent)
         names = ["pipeline", "curate", "evaluate", "gate"] + (["data-sensor"] if params.sources else [])
         _wait_served(url, args.name, len(names), runner, args.startup_timeout)
         print(f"Prefect UI: {url}\n  deployments: {', '.join(f'{n}/{args.name}' for n in names)}"
@@ -86,8 +86,8 @@ def cmd_ui(args) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave the children running
-        _stop(runner)
-        _stop(server)
+        stop_group(runner)
+        stop_group(server)
 
 
 def add_commands(sub) -> None:
