@@ -30,6 +30,7 @@ QWEN3_VL_MASK_TOKEN_ID = 151671  # an unused row of the 151936-row Qwen3-VL embe
 NOISE_KINDS = ("mask", "mixed")
 PROMPT_MASKS = ("causal", "block")
 CONVERSATION_FORMATS = ("single", "sources")  # shapes-world training streams (bard_core.shapes.data)
+TEACHERS = ("previous", "ar", "none")  # a stage's distillation teacher (TrainConfig.teacher)
 PARALLEL = ("ddp", "fsdp")  # data parallel with replicas, or fully sharded (params, grads, optimizer state)
 OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static", "speculative")
@@ -172,6 +173,9 @@ class TrainConfig:
     # AR model's (a block's first token); keeps one-token answers from drifting down the chain
     # (docs/stage_budget.md, "AR anchor"). Computed once per chain (tasks.train.training_dataset); 0: off
     anchor_weight: float = 0.0
+    # the distillation teacher: the previous stage (progressive, METHOD.md §4), the AR base (its causal view of
+    # prompt ‖ clean; the released code's fixed teacher), or none (no distill phase). Tested in docs/ablation.md
+    teacher: str = "previous"
     checkpoint_every: int = 100
     # per block size, the stage's own merge_steps / distill_steps / lr (`for_stage`); an override of one of
     # those fields (train.lr, ...) sets it for every stage, replacing the per-stage values
@@ -237,6 +241,7 @@ class TrainConfig:
                 _fail(c, name, getattr(self, name), "a non-negative int")
         _check_choice(c, "prompt_mask", self.prompt_mask, PROMPT_MASKS)
         _check_choice(c, "parallel", self.parallel, PARALLEL)
+        _check_choice(c, "teacher", self.teacher, TEACHERS)
         if self.pad_loss_weight not in (0.0, 0.5):
             _fail(c, "pad_loss_weight", self.pad_loss_weight, "0.0 (padding ignored) or 0.5 (reference)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
@@ -329,6 +334,10 @@ class GateConfig:
     # 0: a stage passes when its paired drop is within tolerance; > 0: when drop + z·se is (one-sided
     # non-inferiority, e.g. 1.645 for 95%), which needs far more items than a CPU evaluation has
     z: float = 0.0
+    # beside each stage, the lossless mode (speculative decoding verified by the AR base: its answers exactly)
+    # on the speed benchmark's items: tokens/s at batch 1 and N and the share of answers identical to the AR
+    # base's; reported, not gated (docs/decoding.md, "Lossless mode")
+    lossless: bool = True
 
     def __post_init__(self) -> None:
         c = "GateConfig"

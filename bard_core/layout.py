@@ -86,6 +86,19 @@ class PackedBatch:
             weights=self.weights[keep], t=self.t[keep], block_size=1, prompt_mask="causal", anchor_ids=None,
             anchor_probs=None)
 
+    def label_index(self, label_shift: bool) -> torch.Tensor:
+        """Long [K]: the response index r of each loss position's label x0[r] (see `pack` for where it is read)."""
+        P = torch.tensor(self.prompt_lens, device=self.loss_pos.device)[self.loss_sample]
+        R = torch.tensor(self.response_lens, device=self.loss_pos.device)[self.loss_sample]
+        return torch.where(self.loss_pos < P + R, self.loss_pos - P + 1, self.loss_pos - P - R + int(label_shift))
+
+    def ar_teacher_view(self, label_shift: bool) -> PackedBatch:
+        """An AR teacher's view of every loss position: the ``prompt ‖ clean`` prefix under a causal mask, each
+        label x0[r] read where an AR model predicts it (P + r − 1), in the batch's loss order."""
+        P = torch.tensor(self.prompt_lens, device=self.loss_pos.device)[self.loss_sample]
+        view = dataclasses.replace(self, loss_pos=P + self.label_index(label_shift) - 1)
+        return view.ar_view(torch.ones_like(self.loss_pos, dtype=torch.bool))
+
     @property
     def num_tokens(self) -> int:
         return sum(p + 2 * r for p, r in zip(self.prompt_lens, self.response_lens))

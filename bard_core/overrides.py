@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any
 
-from bard_core.config import STAGE_FIELDS, Recipe
+from bard_core.config import Recipe
 
 
 def coerce(current: Any, value: Any, key: str) -> Any:
@@ -40,7 +40,10 @@ def coerce(current: Any, value: Any, key: str) -> Any:
 
 
 def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
-    """Apply dotted overrides, e.g. ``{"train.lr": 1e-4, "noise.kind": "mask"}``; unknown keys raise."""
+    """Apply dotted overrides, e.g. ``{"train.lr": 1e-4, "noise.kind": "mask"}``; unknown keys raise. A section's
+    overrides are applied together and then checked, so their order never matters (train.label_shift=false with
+    train.anchor_weight=0 is valid either way round)."""
+    changes: dict[str, dict[str, Any]] = {}
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if not name:
@@ -56,8 +59,10 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
         names = [f.name for f in dataclasses.fields(sub)]
         if name not in names:
             raise ValueError(f"override {key!r}: {section} has no field {name!r}; valid: {', '.join(names)}")
-        changes = {name: coerce(getattr(sub, name), value, key)}
-        if section == "train" and name in STAGE_FIELDS:  # one value for every stage: drop the per-stage ones
-            changes["stages"] = {b: {k: v for k, v in e.items() if k != name} for b, e in sub.stages.items()}
-        recipe = dataclasses.replace(recipe, **{section: dataclasses.replace(sub, **changes)})
+        changes.setdefault(section, {})[name] = coerce(getattr(sub, name), value, key)
+    for section, fields in changes.items():
+        sub = getattr(recipe, section)
+        if section == "train" and "stages" not in fields:  # one value for every stage: drop the per-stage ones
+            fields["stages"] = {b: {k: v for k, v in e.items() if k not in fields} for b, e in sub.stages.items()}
+        recipe = dataclasses.replace(recipe, **{section: dataclasses.replace(sub, **fields)})
     return recipe

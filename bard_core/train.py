@@ -24,7 +24,7 @@ from bard_core.losses import ar_ce, diffusion_ce, distill_kd, soft_ce, top_k_tar
 @dataclass
 class Teacher:
     model: torch.nn.Module
-    block_size: int
+    block_size: int | None  # None: an AR model, read through the batch's causal view (`ar_teacher_view`)
 
 
 def to_device(batch, device):
@@ -87,7 +87,10 @@ def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None,
     if teacher is not None:
         teacher.model.eval()
         with torch.no_grad():
-            teacher_logits = packed_logits(teacher.model, batch, batch.mask_for(teacher.block_size))
+            if teacher.block_size is None:
+                teacher_logits = packed_logits(teacher.model, batch.ar_teacher_view(cfg.label_shift))
+            else:
+                teacher_logits = packed_logits(teacher.model, batch, batch.mask_for(teacher.block_size))
         kd = distill_kd(logits, teacher_logits, cfg.kd_top_k, cfg.kd_temperature)
         loss = loss + cfg.kd_weight * kd.loss
         metrics["kd"] = kd.loss.item()

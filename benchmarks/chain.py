@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-OPEN_GATES = {"gate.default_tolerance": "1", "gate.min_tpf": "{}"}
+from flows.pipeline import OPEN_GATES
 
 
 def parse_steps(text: str) -> list[tuple[int, int]]:

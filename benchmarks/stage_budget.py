@@ -30,6 +30,7 @@ from bard_core.gate import paired
 from bard_core.recipes import get_recipe
 from benchmarks.chain import chain_params, curated, parse_steps, run_chain
 from flows.pipeline import world_dir
+from tasks.report import chosen_entry
 
 
 def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict, limit: int, tolerance: float,
@@ -62,19 +63,13 @@ def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict,
             "scores": {c["benchmark"]: c["score"] for c in checks}, "drops": {c["benchmark"]: c["drop"] for c in checks}}
 
 
-def _speed(stage: dict) -> dict:
-    """The chosen decode setting's entry of a stage's τ sweep (the one the gate decided on)."""
-    tau = (stage.get("decode") or {}).get("threshold")
-    return next((e for e in stage["sweep"] if e["threshold"] == tau), stage["sweep"][0] if stage["sweep"] else {})
-
-
 def stage_rows(report: dict, names: list[str], tolerance: float, batch: int) -> list[dict]:
     """One summary per stage of an annotated chain report (`benchmarks.chain.annotate`)."""
     rows = []
     for r in report["stages"]:
         checks = {c["benchmark"]: c for c in r["checks"] if c["benchmark"] in names}
         worst = max(checks.values(), key=lambda c: c["drop"])
-        speed = _speed(r)
+        speed = chosen_entry(r)
         speedup = speed.get("speedup") or {}
         rows.append({"stage": r["stage"], "block_size": r["block_size"], "lr": r["lr"], "steps": r["steps"],
                      "train_seconds": r["train_seconds"], "final_loss": r["final_loss"], "tpf": r["tpf"],

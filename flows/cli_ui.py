@@ -64,7 +64,7 @@ def cmd_ui(args) -> int:
         wait_healthy(url, server, args.startup_timeout)
         runner = subprocess.Popen([sys.executable, "-m", "flows.deployments", "--config", cfg.model_dump_json()],
                                   env=env, start_new_session=True, preexec_fn=die_with_parent)
-        names = ["pipeline", "curate", "evaluate", "gate"] + (["data-sensor"] if params.sources else [])
+        names = ["pipeline", "curate", "evaluate", "gate", "ablation"] + (["data-sensor"] if params.sources else [])
         _wait_served(url, args.name, len(names), runner, args.startup_timeout)
         print(f"Prefect UI: {url}\n  deployments: {', '.join(f'{n}/{args.name}' for n in names)}"
               f"\n  schedule: {cfg.cron or 'none'}; server log: {home / 'server.log'}\n  Ctrl-C stops both", flush=True)

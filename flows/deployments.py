@@ -1,4 +1,5 @@
-"""The deployments one machine serves (`bard ui`, `deploy/serve.py`): pipeline, curate, evaluate, gate, sensor.
+"""The deployments one machine serves (`bard ui`, `deploy/serve.py`): pipeline, curate, evaluate, gate, ablation,
+sensor.
 
 The pipeline deployment runs on a cron schedule and on ``bard.data.updated`` for its own watch (the
 sensor deployment of the same name emits it when the sources' data changed), one run at a time: a
@@ -47,6 +48,7 @@ def build(cfg: ServeConfig) -> list:
     """The RunnerDeployments for `prefect.serve`."""
     from prefect.events import DeploymentEventTrigger
 
+    from flows.ablation import AblationParams, ablation_flow
     from flows.curate import curate_flow
     from flows.evaluate import evaluate_flow, gate_flow
     from flows.pipeline import pipeline_flow
@@ -63,6 +65,12 @@ def build(cfg: ServeConfig) -> list:
         curate_flow.to_deployment(name=cfg.name, tags=["bard"], description="Ray Data curation of the sources"),
         evaluate_flow.to_deployment(name=cfg.name, tags=["bard"], description="lm-eval + decode speed of a checkpoint"),
         gate_flow.to_deployment(name=cfg.name, tags=["bard"], description="a stage's gate against its AR base"),
+        ablation_flow.to_deployment(  # on demand only: hours of training at the recipe's budget
+            name=cfg.name, concurrency_limit=1, tags=["bard", cfg.pipeline.recipe],
+            parameters={"params": AblationParams(recipe=cfg.pipeline.recipe, sources=cfg.pipeline.sources,
+                                                 include_paths=cfg.pipeline.include_paths,
+                                                 root=f"{cfg.pipeline.root}/ablation").model_dump(mode="json")},
+            description="the paper's claims and our departures as variants at one training budget, with seeds"),
     ]
     if cfg.pipeline.sources:  # the built-in world is written by the pipeline itself: nothing to watch
         sensor = SensorParams(sources=cfg.pipeline.sources, watch=cfg.name)

@@ -43,10 +43,12 @@ class Suite:
     limit: int | None = None  # items per benchmark (per subtask of a group)
     speed_benchmark: str | None = None
     speed_items: int = 32
+    lossless: bool = False  # beside a block-diffusion model, its lossless mode verified by the AR base (`_lossless`)
 
     @classmethod
     def of_gate(cls, gate: GateConfig, include_paths: tuple[str, ...] = ()) -> Suite:
-        return cls(tuple(gate.benchmarks), tuple(include_paths), gate.limit, gate.speed_benchmark, gate.speed_items)
+        return cls(tuple(gate.benchmarks), tuple(include_paths), gate.limit, gate.speed_benchmark, gate.speed_items,
+                   gate.lossless)
 
 
 _MANAGERS: dict = {}
@@ -119,18 +121,36 @@ def _write_samples(path: Path, triples: list[tuple[str, str, dict]], stats: dict
             fh.write(json.dumps(record, default=str) + "\n")
 
 
-def measure_speed(lm: BardLM, requests: list[tuple], items: int, batch_size: int) -> dict:
+def measure_speed(lm: BardLM, requests: list[tuple], items: int, batch_size: int, answers: bool = False) -> dict:
     """Tokens (through EOS), forwards, engine seconds, TPF and tokens/s at batch 1 (the first `items`
-    requests) and at `batch_size` (four batches' worth, so one batch's noise does not decide the figure)."""
+    requests) and at `batch_size` (four batches' worth, so one batch's noise does not decide the figure);
+    `answers`: keep the batch-1 answers too (what the lossless mode must reproduce)."""
     out = {}
     for size, chunk in ((1, requests[:items]), (batch_size, requests[:max(items, 4 * batch_size)])):
         before = lm.engine_seconds
-        _, stats = lm.decode_contexts(chunk, size)
+        texts, stats = lm.decode_contexts(chunk, size)
         seconds = lm.engine_seconds - before
         tokens, nfe = sum(s["tokens"] for s in stats), sum(s["nfe"] for s in stats)
         out[str(size)] = {"items": len(chunk), "tokens": tokens, "nfe": nfe, "seconds": round(seconds, 4),
                           "tpf": tokens / max(1, nfe), "tok_s": tokens / max(seconds, 1e-9)}
+        if answers and size == 1:
+            out["1"]["answers"] = texts
     return out
+
+
+def _lossless(lm: BardLM, ar: BardLM, requests: list[tuple], suite: Suite, ar_speed: dict) -> dict:
+    """The model's lossless mode (speculative, verified by the AR base `ar`) on the speed items: tokens/s and
+    TPF at batch 1 and N, the speed-up over the AR base measured beside it, and the share of its answers (batch
+    1 and the same items at batch N) identical to the AR base's batch-1 answers — 1.0 unless something is wrong."""
+    spec = lm.variant(mode="speculative", verifier=ar)
+    batch = measure_speed(spec, requests, suite.speed_items, lm.decode.batch_size, answers=True)
+    reference = ar_speed["1"]["answers"]
+    batch_n, _ = spec.decode_contexts(requests[:len(reference)], lm.decode.batch_size)
+    mine = batch["1"].pop("answers")
+    same = sum(a == b for a, b in zip(mine, reference)) + sum(a == b for a, b in zip(batch_n, reference))
+    return {"verifier": ar.pretrained, "batch": batch, "tpf": batch["1"]["tpf"], "items": len(reference),
+            "identical": same / (2 * len(reference)),
+            "speedup": {k: v["tok_s"] / max(ar_speed[k]["tok_s"], 1e-9) for k, v in batch.items() if k in ar_speed}}
 
 
 def evaluate(lm: BardLM, suite: Suite, out: str | Path, ar: BardLM | None = None, ar_speed: dict | None = None,
@@ -176,12 +196,14 @@ def _speed(lm: BardLM, suite: Suite, results: dict, ar: BardLM | None, ar_speed:
     requests = [lm.requests[(leaf, s["doc_id"])] for leaf in _leaves(results, name) for s in results["samples"][leaf]]
     speed = {"benchmark": name, "items": len(records), "tokens": tokens, "nfe": nfe, "tpf": tokens / max(1, nfe)}
     if ar is not None and ar_speed is None:
-        ar_speed = measure_speed(ar, requests, suite.speed_items, lm.decode.batch_size)
+        ar_speed = measure_speed(ar, requests, suite.speed_items, lm.decode.batch_size, answers=suite.lossless)
     speed["batch"] = measure_speed(lm, requests, suite.speed_items, lm.decode.batch_size)
     if ar_speed is not None:
         speed["ar"] = ar_speed
         speed["speedup"] = {k: v["tok_s"] / max(ar_speed[k]["tok_s"], 1e-9) for k, v in speed["batch"].items()
                             if k in ar_speed}
+    if suite.lossless and lm.mode == "diffusion" and ar is not None:
+        speed["lossless"] = _lossless(lm, ar, requests, suite, ar_speed)
     return speed
 
 

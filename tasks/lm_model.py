@@ -78,16 +78,19 @@ class BardLM(LM):
     def device(self) -> torch.device:
         return self._device
 
-    def variant(self, mode: str | None = None, **decode) -> BardLM:
-        """The same loaded model with another mode or decode setting (a τ sweep loads the weights once)."""
+    def variant(self, mode: str | None = None, verifier: BardLM | None = None, **decode) -> BardLM:
+        """The same loaded model with another mode or decode setting (a τ sweep loads the weights once);
+        `verifier`: a loaded model whose greedy answers the speculative mode reproduces (default: its own)."""
         fields = {**dataclasses.asdict(self.decode), **decode}
         fields["decode_mode"] = fields.pop("mode")
-        if (mode or self.mode) != "speculative" and fields["decode_mode"] == "speculative":
+        speculative = (mode or self.mode) == "speculative"
+        if not speculative and fields["decode_mode"] == "speculative":
             fields["decode_mode"] = "dynamic"
         return BardLM(self.pretrained, mode or self.mode, self.recipe, self.ids.mask, str(self.device),
-                      recipe_overrides=self.recipe_overrides, verifier=self.verifier if (mode or self.mode) ==
-                      "speculative" else None, _loaded=(self.model, self.processor, self.meta),
-                      _verifier=self.verifier_model, **fields)
+                      recipe_overrides=self.recipe_overrides,
+                      verifier=(verifier.pretrained if verifier else self.verifier) if speculative else None,
+                      _loaded=(self.model, self.processor, self.meta),
+                      _verifier=verifier.model if verifier else self.verifier_model, **fields)
 
     def describe(self) -> dict:
         """What decoded: the engine and, for diffusion, the whole decode setting (`DecodeConfig` fields)."""

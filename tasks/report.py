@@ -62,6 +62,12 @@ def _fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def chosen_entry(stage: dict) -> dict:
+    """The entry of a `report_json` stage's threshold sweep with the decode setting its gate decided on."""
+    tau = (stage.get("decode") or {}).get("threshold")
+    return next((e for e in stage["sweep"] if e["threshold"] == tau), stage["sweep"][0] if stage["sweep"] else {})
+
+
 def report_json(recipe: str, baseline: EvalReport, outcomes: list[StageOutcome], extra: dict | None = None) -> dict:
     stages = []
     for o in outcomes:
@@ -70,7 +76,7 @@ def report_json(recipe: str, baseline: EvalReport, outcomes: list[StageOutcome],
             verdict = next((s for s in o.result.sweep if s["threshold"] == e.threshold), {})
             sweep.append({"threshold": e.threshold, "passed": verdict.get("passed", o.result.passed),
                           "tpf": e.speed.get("tpf"), "tok_s": _tok_s(e), "tok_s_batch1": _tok_s(e, "1"),
-                          "speedup": e.speed.get("speedup"), "scores": e.scores,
+                          "speedup": e.speed.get("speedup"), "scores": e.scores, "lossless": e.speed.get("lossless"),
                           "reasons": verdict.get("reasons", list(o.result.reasons)), "samples": e.samples_uri})
         stages.append({"stage": o.stage, "block_size": o.block_size, "checkpoint": o.checkpoint,
                        "passed": o.result.passed, "promoted_uri": o.result.promoted_uri,
@@ -92,17 +98,21 @@ def report_markdown(recipe: str, baseline: EvalReport, outcomes: list[StageOutco
     speed_name = baseline.speed.get("benchmark", "speed benchmark")
     head = f"# Stage gates — recipe `{recipe}`: {len(passed)} of {len(outcomes)} promoted"
     head += f"; **{', '.join(o.stage for o in failed)} failed**" if failed else ""
-    lines = [head, "", f"| stage | verdict | τ | TPF ({speed_name}) | tok/s b1 | tok/s bN | worst drop vs AR | why not |",
-             "|---|---|---|---|---|---|---|---|",
+    lines = [head, "", f"| stage | verdict | τ | TPF ({speed_name}) | tok/s b1 | tok/s bN | lossless b1 | worst drop vs AR "
+                       "| why not |", "|---|---|---|---|---|---|---|---|---|",
              f"| AR | baseline | - | {_fmt(baseline.speed.get('tpf'), '.2f')} | {_fmt(_tok_s(baseline, '1'), '.0f')} "
-             f"| {_fmt(_tok_s(baseline), '.0f')} | - | |"]
+             f"| {_fmt(_tok_s(baseline), '.0f')} | - | - | |"]
     for o in outcomes:
         e = _chosen(o)
         verdict = "✅ promoted" if o.result.passed else "❌ failed"
         lines.append(f"| {o.stage} | {verdict} | {_fmt(o.result.decode.get('threshold'), 'g')} | "
                      f"{_fmt(o.result.tpf, '.2f')} (min {_fmt(o.result.min_tpf, '.2f')}) | "
                      f"{_fmt(_tok_s(e, '1') if e else None, '.0f')} | {_fmt(_tok_s(e) if e else None, '.0f')} | "
-                     f"{_worst(o.result)} | {'<br>'.join(o.result.reasons[:4]) or ''} |")
+                     f"{_lossless_cell(e)} | {_worst(o.result)} | {'<br>'.join(o.result.reasons[:4]) or ''} |")
+    if any(e.speed.get("lossless") for o in outcomes for e in o.evaluations):
+        lines += ["", "lossless b1: tokens/s at batch 1 of the lossless mode (blocks drafted by the stage, verified "
+                      "by the AR base: the AR base's answers, so its scores), × the AR base, and the share of "
+                      "answers identical to the AR base's (must be 100%)"]
     if plot:
         lines += ["", f"![accuracy vs tokens/s]({plot})"]
     names = list(baseline.scores)
@@ -127,6 +137,14 @@ def report_markdown(recipe: str, baseline: EvalReport, outcomes: list[StageOutco
     return "\n".join(lines) + "\n"
 
 
+def _lossless_cell(e: EvalReport | None) -> str:
+    lossless = (e.speed.get("lossless") if e else None) or {}
+    if not lossless:
+        return "-"
+    b1 = lossless["batch"]["1"]["tok_s"]
+    return f"{b1:.0f} ({lossless['speedup'].get('1', 0):.2f}×, {100 * lossless['identical']:.0f}% identical)"
+
+
 def tradeoff_png(path: Path, baseline: EvalReport, outcomes: list[StageOutcome]) -> Path:
     """Mean gate accuracy against decode tokens/s (batch N) for AR and every stage's threshold sweep."""
     import matplotlib
@@ -144,6 +162,13 @@ def tradeoff_png(path: Path, baseline: EvalReport, outcomes: list[StageOutcome])
                         textcoords="offset points")
             if o.result.passed and e.decode == o.result.decode:
                 ax.scatter([x], [y], s=220, facecolors="none", edgecolors=line.get_color(), linewidths=2, zorder=4)
+    lossless = [(e.speed["lossless"]["batch"], o.stage) for o in outcomes for e in [_chosen(o)]
+                if e is not None and e.speed.get("lossless")]
+    if lossless:  # the AR base's answers (so its score), at the speed of drafting with each stage
+        xs = [max(batch.items(), key=lambda kv: int(kv[0]))[1]["tok_s"] for batch, _ in lossless]
+        ax.plot(xs, [_mean(baseline.scores)] * len(xs), marker="D", ls=":", color="gray", label="lossless")
+        for x, (_, stage) in zip(xs, lossless):
+            ax.annotate(stage, (x, _mean(baseline.scores)), fontsize=7, xytext=(4, -11), textcoords="offset points")
     ax.set_xlabel(f"tokens/s on {baseline.speed.get('benchmark', '?')} (batch N, same engine)")
     ax.set_ylabel("mean gate score")
     ax.set_title("accuracy vs decode speed (circled: promoted)")

@@ -87,8 +87,10 @@ def training_payload(recipe, block_size: int | None, objective: str = "diffusion
     """What of a recipe a stage's weights depend on: the model, the noise and the stage's training settings
     (gate and decode settings do not retrain a stage)."""
     train = recipe.train.for_stage(block_size if objective == "diffusion" else None)
+    settings = dataclasses.asdict(train)
+    settings.pop("teacher")  # which teacher is the stage's teacher argument, fingerprinted beside this
     return json.dumps({"model": dataclasses.asdict(recipe.model), "noise": dataclasses.asdict(recipe.noise),
-                       "train": dataclasses.asdict(train)}, sort_keys=True, default=str)
+                       "train": settings}, sort_keys=True, default=str)
 
 
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
@@ -122,7 +124,7 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
         raise ValueError(f"objective={objective!r}: expected one of {', '.join(OBJECTIVES)}")
     if objective == "diffusion" and not block_size:
         raise ValueError("a diffusion stage needs a block size")
-    if teacher is not None and (teacher.block_size is None or block_size is None or block_size % teacher.block_size):
+    if teacher is not None and (block_size is None or (teacher.block_size and block_size % teacher.block_size)):
         raise ValueError(f"teacher block size {teacher.block_size} must divide the stage's block size {block_size}")
     recipe = get_recipe(recipe_name, overrides)
     train = recipe.train.for_stage(block_size if objective == "diffusion" else None)

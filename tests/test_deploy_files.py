@@ -55,7 +55,7 @@ def test_the_work_pools_deploy_every_flow_that_bard_ui_serves(prefect_yaml):
 
     served = {d.flow_name for d in build(ServeConfig(pipeline=PipelineParams(sources={"llava_ov": "/data"})))}
     declared = {_flow(d["entrypoint"]).name for d in prefect_yaml["deployments"]}
-    assert served == {"pipeline", "curate", "evaluate", "gate", "data-sensor"} == declared
+    assert served == {"pipeline", "curate", "evaluate", "gate", "ablation", "data-sensor"} == declared
 
 
 def test_new_data_triggers_name_the_sensor_event_and_a_sensor_watching_the_same_sources(prefect_yaml):

@@ -103,9 +103,10 @@ def _client():
 def test_the_deployments_schedule_and_new_data_trigger_are_on_the_server(ui):
     with _client() as client:
         deployments = _wait(lambda: {f"{client.read_flow(d.flow_id).name}/{d.name}": d
-                                     for d in client.read_deployments()} if len(client.read_deployments()) >= 5
-                            else None, 60, "five deployments")
-        assert set(deployments) == {"pipeline/t1", "curate/t1", "evaluate/t1", "gate/t1", "data-sensor/t1"}
+                                     for d in client.read_deployments()} if len(client.read_deployments()) >= 6
+                            else None, 60, "six deployments")
+        assert set(deployments) == {"pipeline/t1", "curate/t1", "evaluate/t1", "gate/t1", "ablation/t1",
+                                    "data-sensor/t1"}
         assert set(ui["info"]["deployments"]) == set(deployments)
         pipeline = deployments["pipeline/t1"]
         assert [s.schedule.cron for s in pipeline.schedules] == ["0 3 * * 1"]

@@ -66,6 +66,25 @@ def test_a_passing_stage_is_promoted_with_the_fastest_passing_threshold(passed_g
     assert set(report["baseline"]["scores"]) == {c["benchmark"] for c in stage["checks"]}
 
 
+def test_the_gate_measures_the_lossless_mode_beside_each_setting(passed_gate, tiny_model_dir):
+    # issue 25's third curve: the stage drafts, the AR base verifies; its answers on the speed items are the
+    # AR base's own (compared answer for answer), at its own tokens/s and speed-up over the AR base
+    state, out = passed_gate
+    report = json.loads((out / "report.json").read_text())
+    for entry in report["stages"][0]["sweep"]:
+        lossless = entry["lossless"]
+        eval_json = json.loads((Path(entry["samples"]).parent / "eval.json").read_text())
+        ar = eval_json["speed"]["ar"]
+        assert lossless["verifier"] == str(tiny_model_dir) and lossless["items"] == len(ar["1"]["answers"]) == 2
+        assert lossless["identical"] == 1.0
+        assert set(lossless["batch"]) == set(ar) and "answers" not in lossless["batch"]["1"]
+        for k, v in lossless["batch"].items():
+            assert lossless["speedup"][k] == pytest.approx(v["tok_s"] / ar[k]["tok_s"])
+            assert v["tpf"] == pytest.approx(v["tokens"] / v["nfe"])
+    markdown = (out / "report.md").read_text()
+    assert "lossless b1" in markdown and "100% identical" in markdown
+
+
 def test_the_gate_publishes_its_verdict_checks_and_the_report_as_artifacts(passed_gate):
     state, _ = passed_gate
     found = _artifacts(state.state_details.flow_run_id)

@@ -104,6 +104,47 @@ def test_ar_view_gives_an_ar_models_own_logits_at_each_blocks_first_token(kit):
     assert not unshifted.ar_exact().any()
 
 
+@pytest.mark.parametrize("label_shift", [True, False])
+def test_an_ar_teacher_reads_every_label_where_a_causal_forward_predicts_it(kit, label_shift):
+    # teacher=ar (the released code's fixed teacher, an ablation variant): for every loss position, clean or
+    # noisy, the AR teacher's logits are those of a separate causal forward over prompt ‖ x0 at P + r − 1
+    from bard_core.train import ar_logits
+
+    processor, model, spec = kit
+    samples = [sample(processor, 80, "extract"), sample(processor, 81, "count"), sample(processor, 82, "mcq")]
+    batch = pack(samples, model, 4, spec, label_shift=label_shift, keep_loss_weight=1.0,
+                 generator=torch.Generator().manual_seed(5))
+    r = batch.label_index(label_shift)
+    x0 = [torch.cat([s.response_ids, torch.full((R - s.response_ids.numel(),), spec.eos_id)])
+          for s, R in zip(samples, batch.response_lens)]
+    assert torch.equal(batch.labels, torch.stack([x0[n][i] for n, i in zip(batch.loss_sample.tolist(), r.tolist())]))
+    view = batch.ar_teacher_view(label_shift)
+    P = torch.tensor(batch.prompt_lens)[batch.loss_sample]
+    assert torch.equal(view.loss_pos, P + r - 1) and view.loss_pos.numel() == batch.loss_pos.numel()
+    with torch.no_grad():
+        ours = packed_logits(model, view)
+        arb = ar_batch(samples, spec.pad_id)
+        theirs = ar_logits(model, dataclasses.replace(arb, loss_sample=view.loss_sample, loss_pos=view.loss_pos))
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_a_distill_step_with_an_ar_teacher_distils_its_causal_view(kit):
+    from bard_core.tiny import build_model
+
+    processor, model, spec = kit
+    student = build_model(ModelConfig(seed=1), processor.tokenizer)
+    base = build_model(ModelConfig(seed=2), processor.tokenizer)
+    batch = pack([sample(processor, 90), sample(processor, 91, "count")], student, 8, spec, label_shift=True,
+                 generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = distill_kd(packed_logits(student, batch), packed_logits(base, batch.ar_teacher_view(True))).loss
+        wrong = distill_kd(packed_logits(student, batch), packed_logits(base, batch, batch.mask_for(8))).loss
+    assert abs(expected.item() - wrong.item()) > 1e-3  # the causal view is not the block view
+    cfg = TrainConfig(lr=1e-3, vision_lr_scale=1.0, label_shift=True)
+    metrics = train_step(student, batch, build_optimizer(student, cfg), cfg, teacher=Teacher(base, None))
+    assert metrics["kd"] == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_anchor_step_distils_the_frozen_ar_base_at_ar_positions_only(kit):
     from bard_core.tiny import build_model
 

@@ -116,3 +116,51 @@ def test_a_failed_gate_stops_the_line_and_leaves_the_registry_alone(first_run, w
     assert _snapshot(root / "registry") == before
     report = json.loads((root / "strict" / "report.json").read_text())
     assert [s["stage"] for s in report["stages"]] == ["B4"] and report["promoted"] == []  # B8 never ran
+
+
+def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(first_run, world_dir):
+    # issue 24, CI-sized: on the first run's root and data, the reference (its stages are the first run's,
+    # from the cache), AR → B8 directly at the same total steps, and a decoding-only variant (no training)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.ablation import AblationParams, ablation_flow
+
+    _, root = first_run
+    first = json.loads((root / "first" / "report.json").read_text())
+    stages = root / "cache" / "stages"
+    before = {p: p.stat().st_mtime_ns for p in stages.rglob("*.safetensors")}
+    params = AblationParams(sources={"llava_ov": str(world_dir / "sources/llava_ov"),
+                                     "finevision": str(world_dir / "sources/finevision")},
+                            include_paths=[str(world_dir / "benchmarks")], block_sizes=[4, 8], overrides=MINIMAL,
+                            variants=["direct", "no_correction"], limit=4, root=str(root))
+    state = ablation_flow(params, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    result = json.loads(Path(summary["json"]).read_text())
+    runs = {name: json.loads((root / f"{name}-seed0" / "report.json").read_text())
+            for name in ("reference", "direct", "no_correction")}
+    checkpoints = {name: [s["checkpoint"] for s in r["stages"]] for name, r in runs.items()}
+    assert checkpoints["reference"] == checkpoints["no_correction"] == [s["checkpoint"] for s in first["stages"]]
+    assert {p: t for p, t in ((p, p.stat().st_mtime_ns) for p in stages.rglob("*.safetensors")) if p in before} \
+        == before  # nothing the first run trained was trained again
+    (direct,) = checkpoints["direct"]
+    meta = json.loads((Path(direct) / "bard.json").read_text())
+    assert meta["block_size"] == 8 and meta["parent"] == first["baseline"]["checkpoint"] and meta["teacher"] is None
+    steps = {r["variant"]: r["steps"] for r in result["variants"]}
+    assert steps["direct"] == steps["reference"] == steps["no_correction"] == [88]  # B4 40 + B8 40+8
+    assert runs["no_correction"]["stages"][-1]["decode"]["max_edits_per_position"] == 0
+    assert runs["reference"]["stages"][-1]["decode"]["max_edits_per_position"] == 1
+    claims = {c["claim"]: c for c in result["claims"]}
+    assert set(claims) == {"progressive", "noise"}
+    for c in claims.values():
+        for t in c["tests"]:
+            assert t["verdict"] in ("held", "did not hold", "inside the noise") and t["verdict"] in t["sentence"]
+            assert t["n"] == 5 * 4  # every item of the five benchmarks, paired
+    report_dir = Path(summary["report"]).parent
+    assert {"ablation.md", "ablation.json", "ablation.png"} <= {p.name for p in report_dir.iterdir()}
+    assert "## Claims" in (report_dir / "ablation.md").read_text()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))
+    assert {"ablation-report", "ablation-variants"} <= {a.key for a in artifacts}

@@ -1,0 +1,161 @@
+"""Ablations (issue 24): the paper's claims and our departures as variants of one recipe, each a pipeline run
+with overrides at the same total training budget, and the verdict on each claim with its noise.
+
+A `Variant` changes settings (`overrides`) and/or the schedule (``direct``: the last block size straight from
+the AR base; ``first_last``: the first and the last). `plan` turns a variant into a run's schedule and
+per-stage step counts so that every variant trains the same number of steps in all; `verdict` compares a
+variant's paired per-item results with the reference's over seeds. Standard library only (flows import it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bard_core.config import Recipe
+
+
+@dataclass(frozen=True)
+class Claim:
+    key: str
+    statement: str  # what the reference is claimed to do better than the variants that test it
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    claim: str  # Claim.key; "" for the reference
+    what: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    schedule: str = "reference"  # reference | direct | first_last
+
+    @property
+    def decode_only(self) -> bool:
+        """True when only decoding changes: the run reuses the reference's trained stages."""
+        return self.schedule == "reference" and bool(self.overrides) and all(k.startswith("decode.")
+                                                                              for k in self.overrides)
+
+
+CLAIMS = {c.key: c for c in (
+    Claim("progressive", "progressive merging (every block size in turn) beats jumping straight to large blocks"),
+    Claim("teacher", "distilling from the previous stage beats distilling from the AR model, or not distilling"),
+    Claim("noise", "mixed noise with correction decoding beats mask-only noise, and correction earns its place"),
+    Claim("keep_loss", "our departure: loss on the noisy copy's kept tokens (train.keep_loss_weight)"),
+    Claim("anchor", "our departure: the AR anchor (train.anchor_weight)"),
+    Claim("prefix_noise", "our departure: prefix noise (noise.prefix_prob)"),
+    Claim("label_shift", "our departure: shifted labels (train.label_shift; the AR anchor needs them)"),
+    Claim("fallback", "our departure: the leftmost fallback (decode.fallback)"),
+    Claim("sure_eos", "our departure: a sure end of answer (decode.sure_eos)"),
+)}
+
+VARIANTS = {v.name: v for v in (
+    Variant("reference", "", "the recipe as it is: progressive, previous-stage teacher, its noise and decoding"),
+    Variant("direct", "progressive", "the last block size straight from the AR base, all steps in one stage",
+            schedule="direct"),
+    Variant("first_last", "progressive", "the first block size, then the last (e.g. 4 → 32)", schedule="first_last"),
+    Variant("teacher_ar", "teacher", "distil from the AR base (its causal view) instead of the previous stage",
+            {"train.teacher": "ar"}),
+    Variant("teacher_none", "teacher", "no distillation: its steps go to merging", {"train.teacher": "none"}),
+    Variant("mask_noise", "noise", "mask-only noise", {"noise.kind": "mask"}),
+    Variant("no_correction", "noise", "no correction when decoding (no visible token is replaced)",
+            {"decode.max_edits_per_position": "0"}),
+    Variant("no_keep_loss", "keep_loss", "loss on corrupted tokens only", {"train.keep_loss_weight": "0"}),
+    Variant("no_anchor", "anchor", "no AR anchor", {"train.anchor_weight": "0"}),
+    Variant("no_prefix_noise", "prefix_noise", "i.i.d. noise only", {"noise.prefix_prob": "0"}),
+    Variant("no_label_shift", "label_shift", "unshifted labels (and so no AR anchor)",
+            {"train.label_shift": "false", "train.anchor_weight": "0"}),
+    Variant("confident_fallback", "fallback", "commit the most confident position when none clears τ",
+            {"decode.fallback": "confident"}),
+    Variant("no_sure_eos", "sure_eos", "propose <|im_end|> like any token", {"decode.sure_eos": "false"}),
+)}
+
+
+def stage_steps(recipe: Recipe, schedule: tuple[int, ...], teacher: str | None = None) -> list[dict]:
+    """A run's stages: block size, merge and distill steps, merge rate, and whether it has a teacher (with
+    ``train.teacher`` = `teacher`, default the recipe's). A stage without one trains no distill steps."""
+    teacher = teacher or recipe.train.teacher
+    out = []
+    for k, B in enumerate(schedule):
+        t = recipe.train.for_stage(B)
+        has = teacher == "ar" or (teacher == "previous" and k > 0)
+        out.append({"block_size": B, "merge": t.merge_steps, "distill": t.distill_steps if has else 0, "lr": t.lr,
+                    "teacher": has})
+    return out
+
+
+def plan(variant: Variant, recipe: Recipe, schedule: tuple[int, ...]) -> tuple[list[int], dict[int, dict[str, str]]]:
+    """A variant's schedule and per-stage step and rate overrides, at the reference run's total steps.
+
+    `recipe` and `schedule` are the reference's. A stage without a teacher in the variant trains its distill
+    steps as merge steps; a schedule that drops stages gives their steps to its last stage (at that stage's
+    rate; ``direct`` at the first stage's: it starts from the AR base as that stage does)."""
+    reference = stage_steps(recipe, schedule)
+    total = sum(s["merge"] + s["distill"] for s in reference)
+    if variant.schedule == "direct":
+        sizes = (schedule[-1],)
+    elif variant.schedule == "first_last":
+        if len(schedule) < 3:
+            raise ValueError(f"variant {variant.name}: the schedule {list(schedule)} has no stage between its first "
+                             "and last")
+        sizes = (schedule[0], schedule[-1])
+    else:
+        sizes = tuple(schedule)
+    own = stage_steps(recipe, sizes, variant.overrides.get("train.teacher"))
+    out: dict[int, dict] = {}
+    for s in own:
+        ref = next(r for r in reference if r["block_size"] == s["block_size"])
+        distill = ref["distill"] if s["teacher"] else 0
+        out[s["block_size"]] = {"merge": ref["merge"] + ref["distill"] - distill, "distill": distill, "lr": ref["lr"]}
+    out[sizes[-1]]["merge"] += total - sum(s["merge"] + s["distill"] for s in out.values())
+    if variant.schedule == "direct":
+        out[sizes[-1]]["lr"] = reference[0]["lr"]
+    return list(sizes), {B: {"train.merge_steps": str(s["merge"]), "train.distill_steps": str(s["distill"]),
+                             "train.lr": str(s["lr"])} for B, s in out.items()}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    claim: str
+    variant: str
+    gain: float  # reference − variant, mean score in points over every paired item (positive: reference better)
+    se: float  # its standard error: over seeds when there are two or more (at least the items'), else the items'
+    seeds: int
+    n: int  # paired items per seed
+    tpf: tuple[float, float]  # final-stage TPF on the speed benchmark: reference, variant (means over seeds)
+
+    @property
+    def verdict(self) -> str:
+        if math.isnan(self.gain) or abs(self.gain) <= 2 * self.se:
+            return "inside the noise"
+        return "held" if self.gain > 0 else "did not hold"
+
+    def sentence(self) -> str:
+        v = VARIANTS[self.variant]
+        return (f"**{self.verdict}** — reference vs `{self.variant}` ({v.what}): {self.gain:+.1f} ± {self.se:.1f} "
+                f"points for the reference (mean score, {self.n} paired items, {self.seeds} seed"
+                f"{'s' if self.seeds != 1 else ''}); TPF {self.tpf[0]:.2f} vs {self.tpf[1]:.2f}")
+
+
+def compare(variant: str, reference: list[dict[str, float]], other: list[dict[str, float]],
+            tpf: tuple[list[float], list[float]]) -> Comparison:
+    """`reference`/`other`: per seed, item key → primary metric at the final stage (the same keys, paired)."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"{variant}: {len(other)} seeds against the reference's {len(reference)}")
+    gains, item_se, n = [], [], None
+    for ref, oth in zip(reference, other):
+        keys = [k for k in ref if k in oth]
+        if len(keys) != len(ref):
+            raise ValueError(f"{variant}: {len(ref) - len(keys)} of the reference's items are missing")
+        diffs = [100 * (ref[k] - oth[k]) for k in keys]
+        mean = sum(diffs) / len(diffs)
+        var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) if len(diffs) > 1 else 0.0
+        gains.append(mean)
+        item_se.append(math.sqrt(var / len(diffs)))
+        n = len(keys)
+    gain = sum(gains) / len(gains)
+    se = math.sqrt(sum(s * s for s in item_se) / len(item_se) / len(item_se))  # the mean's item noise
+    if len(gains) > 1:
+        spread = math.sqrt(sum((g - gain) ** 2 for g in gains) / (len(gains) - 1) / len(gains))
+        se = max(se, spread)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return Comparison(VARIANTS[variant].claim, variant, gain, se, len(gains), n or 0, (mean(tpf[0]), mean(tpf[1])))

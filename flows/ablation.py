@@ -1,0 +1,103 @@
+"""The ablation flow (issue 24): does the pipeline reproduce BARD-VL's claims, and do our departures earn
+their place? Each variant (`bard_core.ablations.VARIANTS`) is a run of the pipeline flow — the one chain —
+with its overrides, at the reference's total training steps, per seed; the gates are opened so that every
+stage is trained and measured whatever it scores. All runs share the pipeline's content-addressed cache under
+`root`: one world, one curated dataset, and every stage whose inputs a variant does not change (a decoding
+variant trains nothing). The report compares each variant with the reference on the same items.
+
+    ablation ─▶ for seed, for variant: pipeline(overrides, schedule, steps) ─▶ ablation.md / .json / .png
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel, Field, field_validator
+
+from bard_core.ablations import VARIANTS, plan, stage_steps
+from bard_core.recipes import get_recipe
+from flows.pipeline import OPEN_GATES, PipelineParams, WorldParams, pipeline_flow
+from tasks.ablation_report import publish_ablation, run_summary, write_ablation
+
+
+class AblationParams(BaseModel):
+    """Shown as a form in the Prefect UI."""
+
+    recipe: str = Field("tiny", description="named recipe (the reference)")
+    sources: dict[str, str] = Field(default_factory=dict, description="source kind → URI (llava_ov, finevision); "
+                                                                      "empty: the built-in shapes world")
+    include_paths: list[str] = Field(default_factory=list, description="directories with the gate benchmarks' task "
+                                                                       "YAMLs (needed with sources)")
+    variants: list[str] = Field(default_factory=lambda: list(VARIANTS),
+                                description="variants to run besides the reference: " + ", ".join(VARIANTS))
+    seeds: int = Field(1, ge=1, description="seeds per variant (train.seed 0..N-1: data order and noise)")
+    block_sizes: list[int] = Field(default_factory=list, description="the reference schedule (default: the recipe's)")
+    overrides: dict[str, str] = Field(default_factory=dict, description="recipe overrides for every variant")
+    limit: int = Field(300, ge=4, description="items per shapes benchmark")
+    root: str = Field("ablation", description="the runs, the shared cache and the report live here")
+    ray_address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    world: WorldParams = Field(default_factory=WorldParams)
+
+    @field_validator("variants")
+    @classmethod
+    def _known(cls, names: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
+        return ["reference"] + [n for n in dict.fromkeys(names) if n != "reference"]
+
+
+def variant_runs(params: AblationParams) -> list[tuple[str, int, PipelineParams]]:
+    """(variant, seed, the pipeline run's parameters) for every run of the ablation; bad settings raise
+    ValueError here, before any work."""
+    base = {**params.overrides, **OPEN_GATES, "gate.limit": str(params.limit)}
+    if params.ray_address:
+        base["ray_address"] = params.ray_address
+    recipe = get_recipe(params.recipe, base)
+    schedule = tuple(params.block_sizes) or recipe.train.block_sizes
+    world = params.world.model_copy(update={"bench_size": params.limit})
+    root = Path(params.root).resolve()
+    runs = []
+    for seed in range(params.seeds):
+        for name in params.variants:
+            variant = VARIANTS[name]
+            sizes, per_stage = plan(variant, recipe, schedule)
+            overrides = {**base, **variant.overrides, "train.seed": str(seed)}
+            for B in sizes:
+                get_recipe(params.recipe, {**overrides, **per_stage[B]})  # every stage's settings are valid
+            run = f"{name}-seed{seed}"
+            runs.append((name, seed, PipelineParams(
+                recipe=params.recipe, sources=params.sources, include_paths=params.include_paths, overrides=overrides, stage_overrides=per_stage, block_sizes=sizes,
+                root=str(root), run_name=run, registry=str(root / "registries" / run), world=world)))
+    return runs
+
+
+@flow(name="ablation", log_prints=True)
+def ablation_flow(params: AblationParams) -> dict:
+    started = time.monotonic()
+    runs = variant_runs(params)
+    recipe = get_recipe(params.recipe, {**params.overrides, **OPEN_GATES})
+    schedule = list(params.block_sizes) or list(recipe.train.block_sizes)
+    total = sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule)))
+    print(f"ablation: {len(runs)} pipeline runs ({len(params.variants)} variants × {params.seeds} seeds), "
+          f"{total} training steps each, under {Path(params.root).resolve()}")
+    summaries: dict[str, list[dict]] = {}
+    for name, seed, run in runs:
+        print(f"variant {name}, seed {seed}: schedule {run.block_sizes}, {VARIANTS[name].what}")
+        pipeline_flow.with_options(flow_run_name=run.run_name)(run)
+        summaries.setdefault(name, []).append(run_summary(Path(run.root) / run.run_name))
+    settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule, "total_steps": total,
+                "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),
+                "seconds": round(time.monotonic() - started, 1)}
+    paths = write_ablation(Path(params.root).resolve() / "report", summaries, settings)
+    publish_ablation(paths)
+    for claim in paths["result"]["claims"]:
+        for test in claim["tests"]:
+            print(f"{claim['claim']}: {test['verdict']} ({test['variant']}: {test['gain']:+.1f} ± {test['se']:.1f} pt)")
+    summary = {"report": paths["ablation_md"], "json": paths["ablation_json"], "seconds": settings["seconds"],
+               "verdicts": {t["variant"]: t["verdict"] for c in paths["result"]["claims"] for t in c["tests"]}}
+    (Path(params.root).resolve() / "report" / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

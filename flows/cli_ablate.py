@@ -1,0 +1,96 @@
+"""`bard ablate`: the ablation flow from the command line (thin, as `flows/cli.py`).
+
+The default is CI-sized (two stages, short training, the paper's claims, a small world: a few minutes on
+2 cores); ``--full`` is the real run (the recipe's schedule and steps, every variant, 300 items, 3 seeds).
+Prints the claims' verdicts and the variants' table; the last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from flows.cli import UsageError, _pairs
+from flows.local_server import ensure_flow_server
+
+# the CI-sized default: B4 → B8 at 60 merge + 12 distill steps a stage, 400 conversations per source, 60 items
+QUICK = {"block_sizes": [4, 8], "overrides": {"train.merge_steps": "60", "train.distill_steps": "12",
+                                              "train.checkpoint_every": "30"},
+         "limit": 60, "size": 400,
+         "variants": ["direct", "teacher_ar", "teacher_none", "mask_noise", "no_correction"]}
+FULL = {"seeds": 3, "limit": 300, "size": 3000}
+
+
+def ablation_params(args):
+    from bard_core.ablations import VARIANTS
+    from flows.ablation import AblationParams
+    from flows.pipeline import WorldParams
+
+    overrides = {} if args.full else dict(QUICK["overrides"])
+    overrides.update(_pairs(args.set, "ablate", "--set"))
+    blocks = args.block_sizes.split(",") if args.block_sizes else []
+    if not all(b.strip().isdigit() for b in blocks):
+        raise UsageError(f"bard ablate: --block-sizes expects comma-separated block sizes, got {args.block_sizes!r}")
+    names = [n.strip() for n in args.variants.split(",")] if args.variants else None
+    if names == ["all"]:
+        names = list(VARIANTS)
+    default = FULL if args.full else QUICK
+    try:
+        return AblationParams(
+            recipe=args.recipe, overrides=overrides, seeds=args.seeds or default.get("seeds", 1),
+            variants=names or (list(VARIANTS) if args.full else QUICK["variants"]),
+            block_sizes=[int(b) for b in blocks] or ([] if args.full else QUICK["block_sizes"]),
+            limit=args.limit or default["limit"], root=str(Path(args.root).resolve()),
+            world=WorldParams(seed=args.world_seed, size=args.world_size or default["size"]))
+    except ValueError as exc:  # pydantic's validation errors are ValueErrors
+        message = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+        raise UsageError(f"bard ablate: {message}") from None
+
+
+def cmd_ablate(args) -> int:
+    from flows.ablation import ablation_flow, variant_runs
+
+    params = ablation_params(args)
+    try:
+        runs = variant_runs(params)  # bad settings fail here, before minutes of work
+    except ValueError as exc:
+        raise UsageError(f"bard ablate: {exc}") from None
+    if args.dry_run:
+        for name, seed, run in runs:
+            print(json.dumps({"variant": name, "seed": seed, "block_sizes": run.block_sizes,
+                              "overrides": run.overrides, "stage_overrides": run.stage_overrides}))
+        return 0
+    started = time.monotonic()
+    ensure_flow_server()
+    summary = ablation_flow(params)
+    result = json.loads(Path(summary["json"]).read_text())
+    if not args.json:
+        print(Path(summary["report"]).read_text())
+        print(f"report: {summary['report']}")
+    print(json.dumps({"seconds": round(time.monotonic() - started, 1), "report": summary["report"],
+                      "verdicts": summary["verdicts"],
+                      "variants": {r["variant"]: {k: r[k] for k in ("mean_score", "mean_score_sd", "max_drop", "tpf",
+                                                                    "train_seconds")} for r in result["variants"]}}))
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("ablate", help="the ablation flow: each claim's variant as a pipeline run at the same training "
+                                      "budget, seeds, and a report of what held")
+    p.add_argument("--recipe", default="tiny")
+    p.add_argument("--variants", default=None, help="comma-separated variants, or 'all' (default: the paper's claims; "
+                                                    "--full: all)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 1; --full 3)")
+    p.add_argument("--full", action="store_true", help="the real run: the recipe's schedule and steps, every variant, "
+                                                       "300 items, 3 seeds (hours on 2 cores)")
+    p.add_argument("--block-sizes", default=None, help="comma-separated reference schedule")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override for every variant")
+    p.add_argument("--limit", type=int, default=None, help="items per shapes benchmark (default 60; --full 300)")
+    p.add_argument("--root", default="ablation", help="runs, cache and report (default: ./ablation)")
+    p.add_argument("--world-seed", type=int, default=11)
+    p.add_argument("--world-size", type=int, default=None, help="clean conversations per source (default 400; "
+                                                                "--full 3000)")
+    p.add_argument("--dry-run", action="store_true", help="print every run's schedule and overrides, run nothing")
+    p.add_argument("--json", action="store_true", help="print only the final JSON line")
+    p.set_defaults(func=cmd_ablate)

@@ -1,0 +1,166 @@
+"""The ablation report: per variant (over seeds) every shapes score of the final stage, its worst paired drop
+against the AR base, TPF and tokens/s on the speed benchmark, training seconds and steps; per claim a plain
+sentence (`bard_core.ablations.Comparison`). Writes ``ablation.md``, ``ablation.json`` and ``ablation.png``
+(mean score against TPF, bars: spread over seeds) and publishes them as Prefect artifacts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from pathlib import Path
+
+from bard_core.ablations import CLAIMS, VARIANTS, compare
+from tasks.report import chosen_entry
+
+SCHEMA = 1
+
+
+def run_summary(run_dir: str | Path) -> dict:
+    """One pipeline run of a variant: its final stage's scores, items, drops and speed; its training cost."""
+    report = json.loads((Path(run_dir) / "report.json").read_text())
+    if not report["stages"]:
+        raise ValueError(f"{run_dir}: the run evaluated no stage")
+    final = report["stages"][-1]
+    chosen = chosen_entry(final)
+    evaluation = json.loads((Path(chosen["samples"]).parent / "eval.json").read_text())
+    items = {f"{b}/{k}": v for b, values in evaluation["items"].items() for k, v in values.items()}
+    steps = 0
+    for stage in report["stages"]:
+        meta = json.loads((Path(stage["checkpoint"]) / "bard.json").read_text())
+        steps += sum(p["steps"] for p in meta["phases"])
+    checks = [c for c in final["checks"] if c["drop"] is not None]
+    worst = max(checks, key=lambda c: c["drop"])
+    every = [c["drop"] for s in report["stages"] for c in s["checks"] if c["drop"] is not None]
+    speedup = chosen.get("speedup") or {}
+    return {"run": str(run_dir), "schedule": [s["block_size"] for s in report["stages"]],
+            "final_block_size": final["block_size"], "scores": chosen["scores"],
+            "mean_score": sum(chosen["scores"].values()) / len(chosen["scores"]), "items": items,
+            "max_drop": worst["drop"], "max_drop_se": worst["se"], "worst": worst["benchmark"],
+            "max_drop_any_stage": max(every), "tpf": final["tpf"], "tok_s_batch1": chosen.get("tok_s_batch1"),
+            "tok_s": chosen.get("tok_s"), "speedup_batch1": speedup.get("1"),
+            "train_seconds": sum(v for k, v in report["timing"].items() if k.endswith("_train")), "steps": steps,
+            "baseline": report["baseline"]["scores"]}
+
+
+def _mean_sd(values: list) -> tuple[float | None, float | None]:
+    xs = [v for v in values if v is not None]
+    if not xs:
+        return None, None
+    m = sum(xs) / len(xs)
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None)
+
+
+def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
+    """`runs`: variant → its `run_summary` per seed (the reference's first, in seed order)."""
+    rows = []
+    for name, per_seed in runs.items():
+        row = {"variant": name, "claim": VARIANTS[name].claim, "what": VARIANTS[name].what, "seeds": len(per_seed),
+               "schedule": per_seed[0]["schedule"], "steps": [r["steps"] for r in per_seed]}
+        for key in ("mean_score", "max_drop", "max_drop_any_stage", "tpf", "tok_s_batch1", "tok_s", "speedup_batch1",
+                    "train_seconds"):
+            row[key], row[f"{key}_sd"] = _mean_sd([r[key] for r in per_seed])
+        row["scores"] = {b: _mean_sd([r["scores"][b] for r in per_seed])[0] for b in per_seed[0]["scores"]}
+        row["runs"] = [r["run"] for r in per_seed]
+        rows.append(row)
+    reference = runs["reference"]
+    comparisons = []
+    for name, per_seed in runs.items():
+        if name == "reference":
+            continue
+        c = compare(name, [r["items"] for r in reference], [r["items"] for r in per_seed],
+                    ([r["tpf"] for r in reference], [r["tpf"] for r in per_seed]))
+        comparisons.append({"claim": c.claim, "variant": name, "gain": c.gain, "se": c.se, "seeds": c.seeds, "n": c.n,
+                            "tpf_reference": c.tpf[0], "tpf_variant": c.tpf[1], "verdict": c.verdict,
+                            "sentence": c.sentence()})
+    claims = []
+    for key, claim in CLAIMS.items():
+        tests = [c for c in comparisons if c["claim"] == key]
+        if tests:
+            claims.append({"claim": key, "statement": claim.statement, "tests": tests})
+    return {"schema": SCHEMA, "settings": settings, "baseline": reference[0]["baseline"], "variants": rows,
+            "claims": claims}
+
+
+def _x(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def ablation_markdown(result: dict, plot: str | None = None) -> str:
+    s = result["settings"]
+    names = list(result["baseline"])
+    short = [n.removeprefix("shapes_") for n in names]
+    lines = [f"# Ablation — recipe `{s['recipe']}`, {s['seeds']} seed{'s' if s['seeds'] != 1 else ''}, "
+             f"schedule {s['schedule']}, {s['total_steps']} training steps per variant", "",
+             "Every variant: the same curated data, the same total steps, the same evaluation (paired items against "
+             "the same AR base, the gate's τ). Scores are the final stage's; ± is the spread (sd) over seeds.", "",
+             "## Claims", ""]
+    for c in result["claims"]:
+        lines.append(f"- *{c['statement']}*")
+        lines += [f"  - {t['sentence']}" for t in c["tests"]]
+    lines += ["", "## Variants", "",
+              "| variant | schedule | steps | train s | " + " | ".join(short) + " | mean | max drop vs AR | TPF | "
+              "tok/s b1 | × AR b1 |", "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
+              "| AR base | - | - | - | " + " | ".join(f"{result['baseline'][n]:.3f}" for n in names)
+              + f" | {sum(result['baseline'].values()) / len(names):.3f} | - | 1.00 | - | 1.00 |"]
+    for r in result["variants"]:
+        def pm(key: str, spec: str, r: dict = r) -> str:  # mean ± the spread over seeds
+            return _x(r[key], spec) + (f" ± {r[key + '_sd']:{spec}}" if r[key + "_sd"] is not None else "")
+
+        lines.append(f"| `{r['variant']}` | {'→'.join(map(str, r['schedule']))} | {r['steps'][0]} | "
+                     f"{_x(r['train_seconds'], '.0f')} | " + " | ".join(_x(r["scores"][n], ".3f") for n in names)
+                     + f" | {pm('mean_score', '.3f')} | {pm('max_drop', '.3f')} | {pm('tpf', '.2f')} | "
+                     f"{_x(r['tok_s_batch1'], '.0f')} | {_x(r['speedup_batch1'], '.2f')} |")
+    lines += ["", "Variants: " + "; ".join(f"`{r['variant']}`: {r['what']}" for r in result["variants"])]
+    if plot:
+        lines += ["", f"![mean score against tokens per forward]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def ablation_png(path: Path, result: dict) -> Path:
+    """Mean score of the final stage against its TPF per variant, bars the spread over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    base = result["baseline"]
+    ax.axhline(sum(base.values()) / len(base), color="black", lw=1, ls="--", label="AR base")
+    for r in result["variants"]:
+        ax.errorbar([r["tpf"]], [r["mean_score"]], xerr=[r["tpf_sd"] or 0], yerr=[r["mean_score_sd"] or 0],
+                    fmt="s" if r["variant"] == "reference" else "o", capsize=3, label=r["variant"])
+    ax.set_xlabel(f"tokens per forward on the speed benchmark (final stage, B{result['settings']['schedule'][-1]})")
+    ax.set_ylabel("mean score over the suite")
+    ax.set_title("ablation: accuracy and parallelism per variant")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_ablation(out: str | Path, runs: dict[str, list[dict]], settings: dict) -> dict:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = ablation_json(runs, settings)
+    png = ablation_png(out / "ablation.png", result)
+    markdown = ablation_markdown(result, plot="ablation.png")
+    (out / "ablation.md").write_text(markdown)
+    (out / "ablation.json").write_text(json.dumps(result, indent=1))
+    return {"ablation_md": str(out / "ablation.md"), "ablation_json": str(out / "ablation.json"), "plot": str(png),
+            "markdown": markdown, "result": result}
+
+
+def publish_ablation(paths: dict) -> None:
+    """The report as a markdown artifact (the plot inline) and the variants as a table artifact."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    png = base64.b64encode(Path(paths["plot"]).read_bytes()).decode()
+    create_markdown_artifact(paths["markdown"].replace("(ablation.png)", f"(data:image/png;base64,{png})"),
+                             key="ablation-report", description="ablation: claims, variants, plot")
+    rows = [{k: r[k] for k in ("variant", "claim", "seeds", "mean_score", "mean_score_sd", "max_drop", "tpf",
+                               "tok_s_batch1", "train_seconds")} for r in paths["result"]["variants"]]
+    create_table_artifact(rows, key="ablation-variants", description="ablation: one row per variant")

@@ -1,0 +1,91 @@
+"""The ablation's variants, budgets and verdicts (issue 24); the flow end to end is in tests/test_pipeline.py."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from bard_core.ablations import VARIANTS, compare, plan, stage_steps
+from bard_core.recipes import get_recipe
+
+
+def _total(per_stage: dict) -> int:
+    return sum(int(s["train.merge_steps"]) + int(s["train.distill_steps"]) for s in per_stage.values())
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_every_variant_trains_the_reference_budget(name):
+    recipe = get_recipe("tiny")
+    schedule = recipe.train.block_sizes
+    reference = sum(s["merge"] + s["distill"] for s in stage_steps(recipe, schedule))
+    sizes, per_stage = plan(VARIANTS[name], recipe, schedule)
+    assert _total(per_stage) == reference == 1210  # B4 450, B8 140, B16 140, B32 480 (B4 has no teacher)
+    assert sizes == {"direct": [32], "first_last": [4, 32]}.get(name, [4, 8, 16, 32])
+    variant = get_recipe("tiny", VARIANTS[name].overrides)
+    for B in sizes:  # every stage's settings are valid, the variant's change included
+        get_recipe("tiny", {**VARIANTS[name].overrides, **per_stage[B]})
+    if variant.train.teacher == "none" or name == "direct":
+        assert all(s["train.distill_steps"] == "0" for s in per_stage.values())
+    if VARIANTS[name].schedule == "reference" and variant.train.teacher != "none":
+        assert per_stage == plan(VARIANTS["reference"], recipe, schedule)[1]  # only the settings change
+
+
+def test_a_teacherless_stage_trains_its_distill_steps_as_merge_steps():
+    recipe = get_recipe("tiny", {"train.merge_steps": "50", "train.distill_steps": "10"})
+    sizes, reference = plan(VARIANTS["reference"], recipe, (4, 8))
+    assert reference[4]["train.distill_steps"] == "0" and reference[4]["train.merge_steps"] == "50"  # B4: no teacher
+    assert reference[8] == {"train.merge_steps": "50", "train.distill_steps": "10", "train.lr": "0.0002"}
+    _, ar = plan(VARIANTS["teacher_ar"], recipe, (4, 8))  # the AR base teaches B4 too: it distils there
+    assert ar[4]["train.distill_steps"] == "0" and _total(ar) == _total(reference) == 110
+    _, direct = plan(VARIANTS["direct"], recipe, (4, 8))
+    assert direct == {8: {"train.merge_steps": "110", "train.distill_steps": "0", "train.lr": "0.00025"}}
+    with pytest.raises(ValueError, match="no stage between its first and last"):
+        plan(VARIANTS["first_last"], recipe, (4, 8))
+
+
+def test_the_decoding_variants_change_decoding_only():
+    assert {n for n, v in VARIANTS.items() if v.decode_only} == {"no_correction", "confident_fallback", "no_sure_eos"}
+    for name in ("no_correction", "confident_fallback", "no_sure_eos"):
+        get_recipe("tiny", VARIANTS[name].overrides)  # valid decoding settings
+
+
+def _items(n: int, p: float, rng: random.Random) -> dict[str, float]:
+    return {f"b/{k}": float(rng.random() < p) for k in range(n)}
+
+
+def test_verdicts_follow_the_paired_difference_and_its_noise():
+    rng = random.Random(0)
+    ref = [_items(600, 0.9, rng) for _ in range(3)]
+    much_worse = [{k: (v if i % 3 else 0.0) for i, (k, v) in enumerate(r.items())} for r in ref]
+    same = [dict(r) for r in ref]
+    better = [{k: 1.0 for k in r} for r in ref]
+    tpf = ([1.0] * 3, [1.0] * 3)
+    held = compare("direct", ref, much_worse, tpf)
+    assert held.verdict == "held" and held.gain > 20 and held.seeds == 3 and held.n == 600
+    assert compare("direct", ref, same, tpf).verdict == "inside the noise"
+    lost = compare("mask_noise", ref, better, tpf)
+    assert lost.verdict == "did not hold" and lost.gain < 0 and "did not hold" in lost.sentence()
+    # two seeds that disagree: the spread over seeds, not the items' se, decides
+    flip = [ref[0], ref[1]]
+    other = [{k: 0.0 for k in ref[0]}, {k: 1.0 for k in ref[1]}]
+    wide = compare("direct", flip, other, ([1.0] * 2, [1.0] * 2))
+    assert wide.verdict == "inside the noise" and wide.se > 40
+    with pytest.raises(ValueError, match="missing"):
+        compare("direct", [ref[0]], [{"b/0": 1.0}], ([1.0], [1.0]))
+
+
+def test_bard_ablate_dry_run_prints_every_run_and_refuses_bad_variants(capsys):
+    from flows.cli import main
+
+    assert main(["ablate", "--dry-run", "--variants", "direct,no_correction", "--seeds", "2"]) == 0
+    runs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["variant"], r["seed"]) for r in runs] == [("reference", 0), ("direct", 0), ("no_correction", 0),
+                                                          ("reference", 1), ("direct", 1), ("no_correction", 1)]
+    assert runs[1]["block_sizes"] == [8] and runs[3]["overrides"]["train.seed"] == "1"
+    assert runs[2]["overrides"]["decode.max_edits_per_position"] == "0"
+    assert main(["ablate", "--dry-run", "--variants", "nope"]) == 2
+    assert "unknown variants ['nope']" in capsys.readouterr().err
+    assert main(["ablate", "--dry-run", "--variants", "first_last"]) == 2  # the quick schedule is B4 → B8
+    assert "no stage between its first and last" in capsys.readouterr().err
