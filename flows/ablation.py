@@ -70,34 +70,42 @@ def variant_runs(params: AblationParams) -> list[tuple[str, int, PipelineParams]
                 get_recipe(params.recipe, {**overrides, **per_stage[B]})  # every stage's settings are valid
             run = f"{name}-seed{seed}"
             runs.append((name, seed, PipelineParams(
-                recipe=params.recipe, sources=params.sources, include_paths=params.include_paths, overrides=overrides, stage_overrides=per_stage, block_sizes=sizes,
-                root=str(root), run_name=run, registry=str(root / "registries" / run), world=world)))
+                recipe=params.recipe, sources=params.sources, include_paths=params.include_paths,
+                overrides=overrides, stage_overrides=per_stage, block_sizes=sizes, root=str(root), run_name=run,
+                registry=str(root / "registries" / run), world=world)))
     return runs
+
+
+def write_report(params: AblationParams, runs: list, seconds: float | None = None) -> dict:
+    """The ablation report of `runs` (`variant_runs(params)`, every one finished) under ``ROOT/report``."""
+    recipe = get_recipe(params.recipe, {**params.overrides, **OPEN_GATES})
+    schedule = list(params.block_sizes) or list(recipe.train.block_sizes)
+    summaries: dict[str, list[dict]] = {}
+    for name, _, run in runs:
+        summaries.setdefault(name, []).append(run_summary(Path(run.root) / run.run_name))
+    settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule,
+                "total_steps": sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule))),
+                "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),
+                "seconds": seconds}
+    return write_ablation(Path(params.root).resolve() / "report", summaries, settings)
 
 
 @flow(name="ablation", log_prints=True)
 def ablation_flow(params: AblationParams) -> dict:
     started = time.monotonic()
     runs = variant_runs(params)
-    recipe = get_recipe(params.recipe, {**params.overrides, **OPEN_GATES})
-    schedule = list(params.block_sizes) or list(recipe.train.block_sizes)
-    total = sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule)))
-    print(f"ablation: {len(runs)} pipeline runs ({len(params.variants)} variants × {params.seeds} seeds), "
-          f"{total} training steps each, under {Path(params.root).resolve()}")
-    summaries: dict[str, list[dict]] = {}
+    print(f"ablation: {len(runs)} pipeline runs ({len(params.variants)} variants × {params.seeds} seeds) under "
+          f"{Path(params.root).resolve()}")
     for name, seed, run in runs:
         print(f"variant {name}, seed {seed}: schedule {run.block_sizes}, {VARIANTS[name].what}")
         pipeline_flow.with_options(flow_run_name=run.run_name)(run)
-        summaries.setdefault(name, []).append(run_summary(Path(run.root) / run.run_name))
-    settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule, "total_steps": total,
-                "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),
-                "seconds": round(time.monotonic() - started, 1)}
-    paths = write_ablation(Path(params.root).resolve() / "report", summaries, settings)
+    paths = write_report(params, runs, round(time.monotonic() - started, 1))
     publish_ablation(paths)
     for claim in paths["result"]["claims"]:
         for test in claim["tests"]:
             print(f"{claim['claim']}: {test['verdict']} ({test['variant']}: {test['gain']:+.1f} ± {test['se']:.1f} pt)")
-    summary = {"report": paths["ablation_md"], "json": paths["ablation_json"], "seconds": settings["seconds"],
+    summary = {"report": paths["ablation_md"], "json": paths["ablation_json"],
+               "seconds": paths["result"]["settings"]["seconds"],
                "verdicts": {t["variant"]: t["verdict"] for c in paths["result"]["claims"] for t in c["tests"]}}
     (Path(params.root).resolve() / "report" / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -36,9 +36,17 @@ def ablation_params(args):
     if names == ["all"]:
         names = list(VARIANTS)
     default = FULL if args.full else QUICK
+    sources = _pairs(args.source, "ablate", "--source")
+    for name, uri in sources.items():
+        if "://" not in uri and not Path(uri).exists():
+            raise UsageError(f"bard ablate: source {name}={uri}: no such file or directory")
+    if sources and not args.include_path:
+        raise UsageError("bard ablate: with --source, give the task YAMLs of the gate benchmarks (--include-path DIR)")
     try:
         return AblationParams(
-            recipe=args.recipe, overrides=overrides, seeds=args.seeds or default.get("seeds", 1),
+            recipe=args.recipe, overrides=overrides,
+            sources={n: u if "://" in u else str(Path(u).resolve()) for n, u in sources.items()},
+            include_paths=[str(Path(d).resolve()) for d in args.include_path or []], seeds=args.seeds or default.get("seeds", 1),
             variants=names or (list(VARIANTS) if args.full else QUICK["variants"]),
             block_sizes=[int(b) for b in blocks] or ([] if args.full else QUICK["block_sizes"]),
             limit=args.limit or default["limit"], root=str(Path(args.root).resolve()),
@@ -49,7 +57,7 @@ def ablation_params(args):
 
 
 def cmd_ablate(args) -> int:
-    from flows.ablation import ablation_flow, variant_runs
+    from flows.ablation import ablation_flow, variant_runs, write_report
 
     params = ablation_params(args)
     try:
@@ -62,8 +70,16 @@ def cmd_ablate(args) -> int:
                               "overrides": run.overrides, "stage_overrides": run.stage_overrides}))
         return 0
     started = time.monotonic()
-    ensure_flow_server()
-    summary = ablation_flow(params)
+    if args.report_only:  # the report again from the runs under --root (e.g. after a change to the report)
+        missing = [run.run_name for _, _, run in runs if not (Path(run.root) / run.run_name / "report.json").exists()]
+        if missing:
+            raise UsageError(f"bard ablate --report-only: no finished run {', '.join(missing)} under {params.root}")
+        paths = write_report(params, runs)
+        summary = {"report": paths["ablation_md"], "json": paths["ablation_json"],
+                   "verdicts": {t["variant"]: t["verdict"] for c in paths["result"]["claims"] for t in c["tests"]}}
+    else:
+        ensure_flow_server()
+        summary = ablation_flow(params)
     result = json.loads(Path(summary["json"]).read_text())
     if not args.json:
         print(Path(summary["report"]).read_text())
@@ -79,6 +95,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("ablate", help="the ablation flow: each claim's variant as a pipeline run at the same training "
                                       "budget, seeds, and a report of what held")
     p.add_argument("--recipe", default="tiny")
+    p.add_argument("--source", action="append", metavar="NAME=URI", help="llava_ov=URI or finevision=URI "
+                                                                         "(default: the shapes world)")
+    p.add_argument("--include-path", action="append", help="directory of the gate benchmarks' task YAMLs")
     p.add_argument("--variants", default=None, help="comma-separated variants, or 'all' (default: the paper's claims; "
                                                     "--full: all)")
     p.add_argument("--seeds", type=int, default=None, help="seeds per variant (default 1; --full 3)")
@@ -92,5 +111,7 @@ def add_commands(sub) -> None:
     p.add_argument("--world-size", type=int, default=None, help="clean conversations per source (default 400; "
                                                                 "--full 3000)")
     p.add_argument("--dry-run", action="store_true", help="print every run's schedule and overrides, run nothing")
+    p.add_argument("--report-only", action="store_true", help="write the report again from the finished runs under "
+                                                              "--root, run nothing")
     p.add_argument("--json", action="store_true", help="print only the final JSON line")
     p.set_defaults(func=cmd_ablate)

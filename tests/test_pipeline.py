@@ -164,3 +164,13 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[state.state_details.flow_run_id])))
     assert {"ablation-report", "ablation-variants"} <= {a.key for a in artifacts}
+
+    from flows.cli import main  # the same report again from the finished runs, through the command line
+
+    (report_dir / "ablation.json").unlink()
+    argv = ["ablate", "--report-only", "--json", "--source", f"llava_ov={world_dir / 'sources/llava_ov'}", "--source",
+            f"finevision={world_dir / 'sources/finevision'}", "--include-path", str(world_dir / "benchmarks"),
+            "--block-sizes", "4,8", "--variants", "direct,no_correction", "--limit", "4", "--root", str(root)]
+    assert main(argv + [f"--set={k}={v}" for k, v in MINIMAL.items()]) == 0
+    again = json.loads((report_dir / "ablation.json").read_text())
+    assert again["claims"] == result["claims"] and again["variants"] == result["variants"]
