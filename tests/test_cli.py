@@ -40,7 +40,7 @@ def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
     for command in ("demo", "synth", "tiny-model", "pretrain-tiny", "curate", "train", "generate", "bench-decode",
-                    "eval", "gate", "registry"):
+                    "eval", "gate", "registry", "ablate", "pipeline", "ui"):
         assert command in out.stdout
 
 

@@ -136,7 +136,7 @@ def test_prefect_deploy_creates_every_work_pool_deployment_of_prefect_yaml(ui):
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     declared = yaml.safe_load((ROOT / "deploy" / "prefect.yaml").read_text())["deployments"]
     flows = {"pipeline_flow": "pipeline", "curate_flow": "curate", "evaluate_flow": "evaluate", "gate_flow": "gate",
-             "data_sensor_flow": "data-sensor"}
+             "data_sensor_flow": "data-sensor", "ablation_flow": "ablation"}
     with _client() as client:
         found = {f"{client.read_flow(d.flow_id).name}/{d.name}": d for d in client.read_deployments()}
         for dep in declared:
