@@ -15,31 +15,22 @@ import time
 from pathlib import Path
 
 from prefect import flow
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 
 from bard_core.ablations import VARIANTS, plan, stage_steps
 from bard_core.recipes import get_recipe
-from flows.pipeline import OPEN_GATES, PipelineParams, WorldParams, pipeline_flow
+from flows.pipeline import OPEN_GATES, LineParams, PipelineParams, pipeline_flow
 from tasks.ablation_report import publish_ablation, run_summary, write_ablation
 
 
-class AblationParams(BaseModel):
-    """Shown as a form in the Prefect UI."""
+class AblationParams(LineParams):
+    """Shown as a form in the Prefect UI; `recipe`, `block_sizes` and `overrides` make the reference."""
 
-    recipe: str = Field("tiny", description="named recipe (the reference)")
-    sources: dict[str, str] = Field(default_factory=dict, description="source kind → URI (llava_ov, finevision); "
-                                                                      "empty: the built-in shapes world")
-    include_paths: list[str] = Field(default_factory=list, description="directories with the gate benchmarks' task "
-                                                                       "YAMLs (needed with sources)")
     variants: list[str] = Field(default_factory=lambda: list(VARIANTS),
                                 description="variants to run besides the reference: " + ", ".join(VARIANTS))
     seeds: int = Field(1, ge=1, description="seeds per variant (train.seed 0..N-1: data order and noise)")
-    block_sizes: list[int] = Field(default_factory=list, description="the reference schedule (default: the recipe's)")
-    overrides: dict[str, str] = Field(default_factory=dict, description="recipe overrides for every variant")
     limit: int = Field(300, ge=4, description="items per shapes benchmark")
     root: str = Field("ablation", description="the runs, the shared cache and the report live here")
-    ray_address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
-    world: WorldParams = Field(default_factory=WorldParams)
 
     @field_validator("variants")
     @classmethod

@@ -150,7 +150,31 @@ def _common(p) -> None:
     p.add_argument("--json", action="store_true", help="print only the final JSON line")
 
 
+def cmd_recipe(args) -> int:
+    """A recipe's settings that depart from METHOD.md or its reference, each with its reason (and --set overrides)."""
+    from bard_core.recipe_audit import explain, table
+    from bard_core.recipes import get_recipe
+    from flows.cli import UsageError, _emit, _pairs
+
+    overrides = _pairs(args.set, "recipe", "--set")
+    try:
+        named = get_recipe(args.name)
+        rows = explain(get_recipe(args.name, overrides), named)
+    except ValueError as exc:
+        raise UsageError(f"bard recipe: {exc}") from None
+    reference = "the settings' defaults" if named.model.base == "tiny" else "the tiny recipe"
+    _emit({"recipe": args.name, "overrides": overrides, "settings": rows}, args.json,
+          [f"recipe {args.name}: settings that depart from METHOD.md or from {reference}, and why", table(rows)])
+    return 0
+
+
 def add_commands(sub) -> None:
+    p = sub.add_parser("recipe", help="what a recipe departs from (METHOD.md, the tiny recipe) and why")
+    p.add_argument("name", help="tiny, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override, shown as such")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_recipe)
+
     p = sub.add_parser("demo", help="the whole pipeline on the built-in shapes world (offline, CPU): curate, the "
                                     "shipped AR base, B4 -> B8 -> B16 -> B32 with gates, report")
     _common(p)

@@ -46,8 +46,8 @@ class WorldParams(BaseModel):
     bench_size: int = Field(300, description="images per shapes benchmark")
 
 
-class PipelineParams(BaseModel):
-    """Shown as a form in the Prefect UI."""
+class LineParams(BaseModel):
+    """What a pipeline run and an ablation share: the recipe, its data, its schedule, where it runs."""
 
     recipe: str = Field("tiny", description="named recipe: tiny, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
     sources: dict[str, str] = Field(default_factory=dict, description="source kind → URI (llava_ov, finevision); "
@@ -56,11 +56,6 @@ class PipelineParams(BaseModel):
                                                                        "YAMLs (the shapes world's are added for it)")
     block_sizes: list[int] = Field(default_factory=list, description="the schedule (default: the recipe's)")
     overrides: dict[str, str] = Field(default_factory=dict, description="dotted recipe overrides for every stage")
-    stage_overrides: dict[int, dict[str, str]] = Field(default_factory=dict,
-                                                       description="per block size, overrides for that stage only")
-    root: str = Field("runs", description="run directories and the content-addressed cache live here")
-    run_name: str | None = Field(None, description="this run's directory name (default: time and flow run id)")
-    registry: str | None = Field(None, description="registry root (default: $BARD_REGISTRY or ./registry)")
     ray_address: str | None = Field(None, description="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")
     world: WorldParams = Field(default_factory=WorldParams)
 
@@ -71,6 +66,16 @@ class PipelineParams(BaseModel):
         if any(b < 1 for b in sizes) or any(b % a or b <= a for a, b in zip(sizes, sizes[1:])):
             raise ValueError(f"block sizes {sizes}: each must be a larger multiple of the one before (4, 8, 16, 32)")
         return sizes
+
+
+class PipelineParams(LineParams):
+    """Shown as a form in the Prefect UI."""
+
+    stage_overrides: dict[int, dict[str, str]] = Field(default_factory=dict,
+                                                       description="per block size, overrides for that stage only")
+    root: str = Field("runs", description="run directories and the content-addressed cache live here")
+    run_name: str | None = Field(None, description="this run's directory name (default: time and flow run id)")
+    registry: str | None = Field(None, description="registry root (default: $BARD_REGISTRY or ./registry)")
 
 
 def world_dir(root: str | Path, world: WorldParams) -> Path:

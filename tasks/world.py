@@ -29,6 +29,8 @@ def ensure_world(out: str | Path, seed: int, size: int, bench_size: int) -> dict
             "benchmarks": str(out / "benchmarks")}
 
 
-@task(name="shapes-world", task_run_name="shapes world seed={seed} size={size}")
+# log_prints off: dill (datasets' fingerprinting) reads `dis.dis` output from a captured stdout, and Prefect's
+# print capture would send that bytecode listing to the run's logs instead
+@task(name="shapes-world", task_run_name="shapes world seed={seed} size={size}", log_prints=False)
 def world_task(out: str, seed: int, size: int, bench_size: int) -> dict[str, str]:
     return ensure_world(out, seed, size, bench_size)

@@ -237,3 +237,26 @@ def test_answers_agree_with_the_rendered_scene():
 def test_synth_rejects_sizes_too_small_to_plant_defects(tmp_path):
     with pytest.raises(ValueError, match="size"):
         synth(tmp_path, size=5)
+
+
+def test_the_world_task_keeps_its_logs_readable(prefect_server, tmp_path):
+    """`datasets` fingerprints with dill, which reads `dis.dis` output from a captured stdout; under a flow's print
+    capture that bytecode listing went to the run's logs (60 lines in every `make demo`)."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from tasks.world import world_task
+
+    @flow(log_prints=True)
+    def make_world():
+        print("world starts")  # the flow's own prints still reach its logs
+        return world_task(str(tmp_path / "w"), 3, 20, 4)
+
+    state = make_world(return_state=True)
+    assert state.is_completed() and Path(state.result()["benchmarks"]).is_dir()
+    with get_client(sync_client=True) as client:
+        logs = [entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+            any_=[state.state_details.flow_run_id])))]
+    assert "world starts" in logs
+    assert not [m for m in logs if "LOAD_" in m or "RESUME" in m], logs[:5]
