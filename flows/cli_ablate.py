@@ -1,6 +1,6 @@
 """`bard ablate`: the ablation flow from the command line (thin, as `flows/cli.py`).
 
-The default is CI-sized (two stages, short training, the paper's claims, a small world: a few minutes on
+The default is CI-sized (two stages, short training, the paper's claims, a small world: about 7 minutes on
 2 cores); ``--full`` is the real run (the recipe's schedule and steps, every variant, 300 items, 3 seeds).
 Prints the claims' verdicts and the variants' table; the last line is one JSON object.
 """

@@ -50,7 +50,9 @@ def ensure_flow_server(startup_timeout: float = 120.0) -> str | None:
     home = Path(settings.home).expanduser().resolve()
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://127.0.0.1:{free_port()}"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_UI_ENABLED": "false"}
+    # offline by default: no telemetry calls (each failed one logs an ERROR without network), unless asked for
+    env = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **os.environ, "PREFECT_HOME": str(home),
+           "PREFECT_UI_ENABLED": "false"}
     with open(home / "server.log", "ab") as log:
         server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                                    "--port", url.rsplit(":", 1)[1]], env=env, stdout=log, stderr=subprocess.STDOUT,

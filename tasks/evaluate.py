@@ -126,6 +126,7 @@ def measure_speed(lm: BardLM, requests: list[tuple], items: int, batch_size: int
     requests) and at `batch_size` (four batches' worth, so one batch's noise does not decide the figure);
     `answers`: keep the batch-1 answers too (what the lossless mode must reproduce)."""
     out = {}
+    lm.decode_contexts(requests[:1], 1)  # untimed: a decoder's first call pays one-off costs (allocations, caches)
     for size, chunk in ((1, requests[:items]), (batch_size, requests[:max(items, 4 * batch_size)])):
         before = lm.engine_seconds
         texts, stats = lm.decode_contexts(chunk, size)
