@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -255,8 +256,15 @@ def test_the_world_task_keeps_its_logs_readable(prefect_server, tmp_path):
 
     state = make_world(return_state=True)
     assert state.is_completed() and Path(state.result()["benchmarks"]).is_dir()
-    with get_client(sync_client=True) as client:
-        logs = [entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-            any_=[state.state_details.flow_run_id])))]
-    assert "world starts" in logs
-    assert not [m for m in logs if "LOAD_" in m or "RESUME" in m], logs[:5]
+
+    def logs() -> list[str]:
+        with get_client(sync_client=True) as client:
+            return [entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[state.state_details.flow_run_id])))]
+
+    deadline = time.monotonic() + 60  # logs reach the server in batches, after the run has ended
+    while not any(m.startswith("Finished in state") for m in logs()) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the run's last line: every line before it was sent in an earlier or the same batch
+    messages = logs()
+    assert "world starts" in messages
+    assert not [m for m in messages if "LOAD_" in m or "RESUME" in m], messages[:5]
