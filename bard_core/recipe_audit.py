@@ -56,12 +56,13 @@ def settings(recipe: Recipe) -> dict[str, Any]:
     return out
 
 
-def _reference(recipe: Recipe) -> Recipe:
-    """What a recipe is compared with besides METHOD.md: the tiny recipe, and for the tiny recipe the settings'
-    defaults (`bard_core.config`)."""
+def reference(recipe: Recipe) -> tuple[str, Recipe]:
+    """What a recipe is compared with besides METHOD.md, and its name: the tiny recipe, and for the tiny recipe
+    the settings' defaults (`bard_core.config`)."""
     from bard_core.recipes import tiny
 
-    return Recipe(name="defaults") if recipe.model.base == "tiny" else tiny()
+    return ("the settings' defaults", Recipe(name="defaults")) if recipe.model.base == "tiny" else \
+        ("the tiny recipe", tiny())
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -74,12 +75,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def explain(recipe: Recipe, named: Recipe | None = None) -> list[dict[str, Any]]:
-    """One row per setting that departs from METHOD.md or from the reference (`_reference`), or that an override
+    """One row per setting that departs from METHOD.md or from its `reference`, or that an override
     changed from the named recipe `named`: its value, METHOD.md's and the reference's, and why."""
     from bard_core.recipes import NOTES
 
     notes = NOTES.get(recipe.name, {})
-    mine, ref = settings(recipe), settings(_reference(recipe))
+    mine, ref = settings(recipe), settings(reference(recipe)[1])
     base = settings(named) if named is not None else mine
     rows = []
     for key, value in mine.items():

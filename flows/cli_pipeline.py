@@ -152,7 +152,7 @@ def _common(p) -> None:
 
 def cmd_recipe(args) -> int:
     """A recipe's settings that depart from METHOD.md or its reference, each with its reason (and --set overrides)."""
-    from bard_core.recipe_audit import explain, table
+    from bard_core.recipe_audit import explain, reference, table
     from bard_core.recipes import get_recipe
     from flows.cli import UsageError, _emit, _pairs
 
@@ -162,9 +162,9 @@ def cmd_recipe(args) -> int:
         rows = explain(get_recipe(args.name, overrides), named)
     except ValueError as exc:
         raise UsageError(f"bard recipe: {exc}") from None
-    reference = "the settings' defaults" if named.model.base == "tiny" else "the tiny recipe"
     _emit({"recipe": args.name, "overrides": overrides, "settings": rows}, args.json,
-          [f"recipe {args.name}: settings that depart from METHOD.md or from {reference}, and why", table(rows)])
+          [f"recipe {args.name}: settings that depart from METHOD.md or from {reference(named)[0]}, and why",
+           table(rows)])
     return 0
 
 
