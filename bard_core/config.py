@@ -36,6 +36,7 @@ OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static", "speculative")
 DECODE_FALLBACKS = ("leftmost", "confident")
 DTYPES = ("float32", "bfloat16", "float16")
+RECIPE_SECTIONS = ("model", "noise", "train", "decode", "gate", "data")  # a Recipe's dataclass parts (dotted keys)
 # what `TrainConfig.stages` may set per block size
 STAGE_FIELDS = ("merge_steps", "distill_steps", "lr", "long_share")
 

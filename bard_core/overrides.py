@@ -10,7 +10,7 @@ import dataclasses
 import json
 from typing import Any
 
-from bard_core.config import Recipe
+from bard_core.config import RECIPE_SECTIONS, Recipe
 
 
 def coerce(current: Any, value: Any, key: str) -> Any:
@@ -47,10 +47,9 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
     for key, value in (overrides or {}).items():
         section, _, name = key.partition(".")
         if not name:
-            if section not in {f.name for f in dataclasses.fields(Recipe)} or section in ("model", "noise", "train",
-                                                                                         "decode", "gate", "data"):
+            if section not in {f.name for f in dataclasses.fields(Recipe)} or section in RECIPE_SECTIONS:
                 raise ValueError(f"override {key!r}: expected SECTION.FIELD with SECTION one of "
-                                 "model, noise, train, decode, gate, data")
+                                 f"{', '.join(RECIPE_SECTIONS)}")
             recipe = dataclasses.replace(recipe, **{section: coerce(getattr(recipe, section), value, key)})
             continue
         if not hasattr(recipe, section) or not dataclasses.is_dataclass(getattr(recipe, section)):

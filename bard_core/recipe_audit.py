@@ -11,9 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from bard_core.config import Recipe
-
-SECTIONS = ("model", "noise", "train", "decode", "gate", "data")
+from bard_core.config import RECIPE_SECTIONS, Recipe
 
 # METHOD.md's value of a setting and where it says so (the paper and its reference code, as METHOD.md reads them)
 METHOD: dict[str, tuple[Any, str]] = {
@@ -49,7 +47,7 @@ METHOD: dict[str, tuple[Any, str]] = {
 def settings(recipe: Recipe) -> dict[str, Any]:
     """Every setting of `recipe` by dotted name (``train.lr``), tuples kept as tuples."""
     out = {}
-    for section in SECTIONS:
+    for section in RECIPE_SECTIONS:
         part = getattr(recipe, section)
         for f in dataclasses.fields(part):
             out[f"{section}.{f.name}"] = getattr(part, f.name)
