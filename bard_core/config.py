@@ -31,6 +31,7 @@ NOISE_KINDS = ("mask", "mixed")
 PROMPT_MASKS = ("causal", "block")
 CONVERSATION_FORMATS = ("single", "sources")  # shapes-world training streams (bard_core.shapes.data)
 TEACHERS = ("previous", "ar", "none")  # a stage's distillation teacher (TrainConfig.teacher)
+TARGETS = ("data", "base")  # whose answers a stage trains on (TrainConfig.targets)
 PARALLEL = ("ddp", "fsdp")  # data parallel with replicas, or fully sharded (params, grads, optimizer state)
 OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static", "speculative")
@@ -177,6 +178,9 @@ class TrainConfig:
     # the distillation teacher: the previous stage (progressive, METHOD.md §4), the AR base (its causal view of
     # prompt ‖ clean; the released code's fixed teacher), or none (no distill phase). Tested in docs/ablation.md
     teacher: str = "previous"
+    # the answers a diffusion stage learns: the curated data's, or the chain's AR base's own greedy answers to the
+    # same prompts (sequence-level self-distillation, tasks/base_answers.py; docs/stage_budget.md)
+    targets: str = "data"
     checkpoint_every: int = 100
     # per block size, the stage's own merge_steps / distill_steps / lr (`for_stage`); an override of one of
     # those fields (train.lr, ...) sets it for every stage, replacing the per-stage values
@@ -212,6 +216,11 @@ class TrainConfig:
     def distill_lr(self) -> float:
         return self.lr * self.distill_lr_scale
 
+    @property
+    def uses_base(self) -> bool:
+        """Whether a diffusion stage reads the chain's AR base: the anchor's targets, or the base's answers."""
+        return self.anchor_weight > 0 or self.targets == "base"
+
     def for_stage(self, block_size: int | None) -> TrainConfig:
         """The settings of the stage at `block_size` (its entry in `stages` applied)."""
         return dataclasses.replace(self, stages={}, **self.stages.get(block_size, {}))
@@ -243,6 +252,7 @@ class TrainConfig:
         _check_choice(c, "prompt_mask", self.prompt_mask, PROMPT_MASKS)
         _check_choice(c, "parallel", self.parallel, PARALLEL)
         _check_choice(c, "teacher", self.teacher, TEACHERS)
+        _check_choice(c, "targets", self.targets, TARGETS)
         if self.pad_loss_weight not in (0.0, 0.5):
             _fail(c, "pad_loss_weight", self.pad_loss_weight, "0.0 (padding ignored) or 0.5 (reference)")
         if not all(0.0 <= b < 1.0 for b in self.betas):

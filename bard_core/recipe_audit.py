@@ -24,6 +24,7 @@ METHOD: dict[str, tuple[Any, str]] = {
     "train.keep_loss_weight": (0.0, "§3: loss on masked or substituted positions only"),
     "train.anchor_weight": (0.0, "§4: CE + KD only"),
     "train.teacher": ("previous", "§4: the previous stage teaches"),
+    "train.targets": ("data", "§5: the curated answers"),
     "train.ce_weight": (1.0, "§4"),
     "train.kd_weight": (0.5, "§4"),
     "train.kd_top_k": (16, "§4"),

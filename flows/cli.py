@@ -199,7 +199,7 @@ def cmd_train(args) -> int:
 
     try:
         anchor = resolve_anchor(checkpoint_ref(args.init), checkpoint_ref(args.anchor) if args.anchor else None,
-                                recipe.train.anchor_weight, args.objective)
+                                recipe.train.uses_base, args.objective)
     except ValueError as exc:
         raise UsageError(f"bard train: {exc}") from None
     if args.dry_run:

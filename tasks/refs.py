@@ -91,15 +91,16 @@ def checkpoint_ref(path: str | Path) -> CheckpointRef:
     return CheckpointRef(str(path), None, 0, None, digest.hexdigest()[:20])
 
 
-def resolve_anchor(init: CheckpointRef, anchor: CheckpointRef | None, anchor_weight: float,
+def resolve_anchor(init: CheckpointRef, anchor: CheckpointRef | None, uses_base: bool,
                    objective: str) -> CheckpointRef | None:
-    """The AR checkpoint a diffusion stage is anchored to (``train.anchor_weight``), or None without one:
-    `anchor` if given, else the stage's init when that is AR (the chain's first stage), else the anchor
-    its init was trained with (its ``bard.json``), so a chain keeps the one AR base from B4 to B32."""
-    if objective != "diffusion" or anchor_weight == 0:
+    """The chain's AR base a diffusion stage reads (``TrainConfig.uses_base``: the anchor's targets, or the base's
+    answers with ``train.targets=base``), or None without one: `anchor` if given, else the stage's init when that
+    is AR (the chain's first stage), else the base its init was trained with (its ``bard.json``), so a chain
+    keeps the one AR base from B4 to B32."""
+    if objective != "diffusion" or not uses_base:
         if anchor is not None:
-            raise ValueError("an anchor was given, but this stage has no anchor term "
-                             f"(objective={objective!r}, train.anchor_weight={anchor_weight})")
+            raise ValueError("an anchor was given, but this stage reads no AR base (objective="
+                             f"{objective!r}, train.anchor_weight=0 and train.targets=data)")
         return None
     if anchor is None:
         if init.block_size is None:
@@ -108,7 +109,7 @@ def resolve_anchor(init: CheckpointRef, anchor: CheckpointRef | None, anchor_wei
             meta_file = Path(init.uri) / "bard.json"
             recorded = json.loads(meta_file.read_text()).get("anchor") if meta_file.exists() else None
             if recorded is None:
-                raise ValueError(f"train.anchor_weight={anchor_weight} needs the chain's AR base: {init.uri} "
+                raise ValueError(f"train.anchor_weight / train.targets=base need the chain's AR base: {init.uri} "
                                  "records no anchor; pass one (bard train --anchor)")
             if not Path(recorded).is_dir():
                 raise ValueError(f"the anchor {recorded} recorded by {init.uri} is gone; pass one (bard train --anchor)")

@@ -37,6 +37,7 @@ from bard_core.train_loop import as_dicts, plan
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
+from tasks.base_answers import BaseAnswers
 from tasks.train_worker import AnchorTargets, train_loop_per_worker
 
 _DATASETS: dict = {}  # (driver's Ray worker id, data fingerprint) → materialized Dataset; one entry at most
@@ -51,9 +52,10 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
     to this driver's Ray connection, whose object store holds the blocks, and a new connection or other
     data replaces it. Larger data streams from its parquet files.
 
-    With an `anchor`, a `map_batches` step (`workers` actors) adds the AR anchor's targets to every row:
-    they depend on the row and the anchor only, so a chain on cached data computes them once for all
-    four stages instead of one extra AR forward per training step."""
+    With `anchor` (the chain's AR base), `map_batches` steps (`workers` actors) replace every row's answer by
+    the base's (``train.targets=base``, `BaseAnswers`) and add the AR anchor's targets (``train.anchor_weight``):
+    they depend on the row and the base only, so a chain on cached data computes them once for all four
+    stages instead of once per training step."""
     import ray
 
     data.verify()  # the shards' digests against the manifest, before any worker reads them
@@ -65,17 +67,24 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
             return ds
         gpu = bool(train.use_gpu)
         # a small curated set is one or two files: without blocks to share, one actor would do all the work
-        return ds.repartition(4 * workers).map_batches(
-            AnchorTargets, batch_format="pyarrow", batch_size=64, concurrency=workers,
-            num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
-            fn_constructor_kwargs={"anchor": anchor.uri, "max_tokens": max_tokens, "top_k": train.kd_top_k,
-                                   "temperature": train.kd_temperature, "dtype": dtype})
+        ds = ds.repartition(4 * workers)
+        actors = dict(batch_format="pyarrow", concurrency=workers, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)
+        if train.targets == "base":  # before the anchor's targets, which are the base's on the answer trained on
+            ds = ds.map_batches(BaseAnswers, batch_size=64, **actors,
+                                fn_constructor_kwargs={"base": anchor.uri, "max_tokens": max_tokens, "dtype": dtype})
+        if train.anchor_weight > 0:
+            ds = ds.map_batches(AnchorTargets, batch_size=64, **actors,
+                                fn_constructor_kwargs={"anchor": anchor.uri, "max_tokens": max_tokens,
+                                                       "top_k": train.kd_top_k, "temperature": train.kd_temperature,
+                                                       "dtype": dtype})
+        return ds
 
     size = sum(f.stat().st_size for f in files.rglob("*") if f.is_file())
     if size > cache_mb << 20:
         return build()
     key = (ray.get_runtime_context().get_worker_id(), data.fingerprint,
-           None if anchor is None else (anchor.fingerprint, max_tokens, train.kd_top_k, train.kd_temperature))
+           None if anchor is None else (anchor.fingerprint, max_tokens, train.kd_top_k, train.kd_temperature,
+                                        train.anchor_weight > 0, train.targets))
     with _DATASETS_LOCK:
         if key not in _DATASETS:
             _DATASETS.clear()
@@ -108,7 +117,7 @@ def stage_key(data: DatasetRef, init: CheckpointRef, recipe_name: str, overrides
     entry is named by): data, init, teacher and anchor checkpoints, the recipe's training payload, the code."""
     recipe = get_recipe(recipe_name, overrides)
     train = recipe.train.for_stage(block_size if objective == "diffusion" else None)
-    anchor = resolve_anchor(init, anchor, train.anchor_weight, objective)
+    anchor = resolve_anchor(init, anchor, train.uses_base, objective)
     return stage_fingerprint(data, init, block_size, teacher, training_payload(recipe, block_size, objective),
                              objective, anchor)
 
@@ -129,7 +138,7 @@ def run_stage(data: DatasetRef, init: CheckpointRef, out: str | Path, recipe_nam
     recipe = get_recipe(recipe_name, overrides)
     train = recipe.train.for_stage(block_size if objective == "diffusion" else None)
     out = Path(out).resolve()
-    anchor = resolve_anchor(init, anchor, train.anchor_weight, objective)
+    anchor = resolve_anchor(init, anchor, train.uses_base, objective)
     fingerprint = stage_key(data, init, recipe_name, overrides, block_size=block_size, teacher=teacher,
                             objective=objective, anchor=anchor)
     meta_file = out / "bard.json"
@@ -169,12 +178,13 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
             "teacher_block_size": teacher.block_size if teacher else None, "data": data.uri,
             "data_fingerprint": data.fingerprint, "recipe": recipe.name, "phases": phases, "total_steps": total,
             "label_shift": train.label_shift, "prompt_mask": train.prompt_mask, "noise": recipe.noise.kind,
-            "prefix_prob": recipe.noise.prefix_prob, "anchor": anchor.uri if anchor else None,
+            "prefix_prob": recipe.noise.prefix_prob, "anchor": anchor.uri if anchor else None, "targets": train.targets,
             "anchor_weight": train.anchor_weight if anchor else 0.0, "keep_loss_weight": train.keep_loss_weight,
             "long_share": train.long_share, "grad_accum_steps": train.grad_accum_steps,
             "activation_checkpointing": train.activation_checkpointing}
     config = {
-        "init": init.uri, "teacher": teacher.uri if teacher else None, "anchor": anchor.uri if anchor else None,
+        "init": init.uri, "teacher": teacher.uri if teacher else None,
+        "anchor": anchor.uri if anchor and train.anchor_weight > 0 else None,
         "teacher_block_size": teacher.block_size if teacher else None, "block_size": block_size,
         "objective": objective, "phases": phases, "total_steps": total, "train": dataclasses.asdict(train),
         "noise": dataclasses.asdict(recipe.noise), "mask_token_id": recipe.model.mask_token_id, "meta": meta,

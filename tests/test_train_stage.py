@@ -135,7 +135,7 @@ def test_the_anchor_is_the_chains_ar_base_unless_given(stage_b4, tiny_model_dir,
     other = CheckpointRef(str(tmp_path), None, 0, None, "f" * 20)
     assert resolve_anchor(stage_b4, other, 2.0, "diffusion") == other  # an explicit one wins
     assert resolve_anchor(base, None, 0.0, "diffusion") is None and resolve_anchor(base, None, 2.0, "ar") is None
-    with pytest.raises(ValueError, match="no anchor term"):
+    with pytest.raises(ValueError, match="reads no AR base"):
         resolve_anchor(base, base, 0.0, "diffusion")
     with pytest.raises(ValueError, match="must be an AR checkpoint"):
         resolve_anchor(base, stage_b4, 2.0, "diffusion")
