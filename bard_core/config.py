@@ -173,13 +173,13 @@ class TrainConfig:
     kd_temperature: float = 1.0
     # AR anchor (needs label_shift): top-K KD from the frozen AR base where a position's context is exactly an
     # AR model's (a block's first token); keeps one-token answers from drifting down the chain
-    # (docs/stage_budget.md, "AR anchor"). Computed once per chain (tasks.train.training_dataset); 0: off
+    # (docs/stage_budget.md, "AR anchor"). Computed once per chain (tasks/base_targets.py); 0: off
     anchor_weight: float = 0.0
     # the distillation teacher: the previous stage (progressive, METHOD.md §4), the AR base (its causal view of
     # prompt ‖ clean; the released code's fixed teacher), or none (no distill phase). Tested in docs/ablation.md
     teacher: str = "previous"
     # the answers a diffusion stage learns: the curated data's, or the chain's AR base's own greedy answers to the
-    # same prompts (sequence-level self-distillation, tasks/base_answers.py; docs/stage_budget.md)
+    # same prompts (sequence-level self-distillation, tasks/base_targets.py; docs/stage_budget.md)
     targets: str = "data"
     checkpoint_every: int = 100
     # per block size, the stage's own merge_steps / distill_steps / lr (`for_stage`); an override of one of

@@ -37,8 +37,8 @@ from bard_core.train_loop import as_dicts, plan
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
-from tasks.base_answers import BaseAnswers
-from tasks.train_worker import AnchorTargets, train_loop_per_worker
+from tasks.base_targets import BaseTargets
+from tasks.train_worker import train_loop_per_worker
 
 _DATASETS: dict = {}  # (driver's Ray worker id, data fingerprint) → materialized Dataset; one entry at most
 _DATASETS_LOCK = threading.Lock()
@@ -52,8 +52,8 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
     to this driver's Ray connection, whose object store holds the blocks, and a new connection or other
     data replaces it. Larger data streams from its parquet files.
 
-    With `anchor` (the chain's AR base), `map_batches` steps (`workers` actors) replace every row's answer by
-    the base's (``train.targets=base``, `BaseAnswers`) and add the AR anchor's targets (``train.anchor_weight``):
+    With `anchor` (the chain's AR base), a `map_batches` step (`workers` actors, `BaseTargets`) replaces every
+    row's answer by the base's (``train.targets=base``) and adds the AR anchor's targets (``train.anchor_weight``):
     they depend on the row and the base only, so a chain on cached data computes them once for all four
     stages instead of once per training step."""
     import ray
@@ -67,17 +67,13 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
             return ds
         gpu = bool(train.use_gpu)
         # a small curated set is one or two files: without blocks to share, one actor would do all the work
-        ds = ds.repartition(4 * workers)
-        actors = dict(batch_format="pyarrow", concurrency=workers, num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0)
-        if train.targets == "base":  # before the anchor's targets, which are the base's on the answer trained on
-            ds = ds.map_batches(BaseAnswers, batch_size=64, **actors,
-                                fn_constructor_kwargs={"base": anchor.uri, "max_tokens": max_tokens, "dtype": dtype})
-        if train.anchor_weight > 0:
-            ds = ds.map_batches(AnchorTargets, batch_size=64, **actors,
-                                fn_constructor_kwargs={"anchor": anchor.uri, "max_tokens": max_tokens,
-                                                       "top_k": train.kd_top_k, "temperature": train.kd_temperature,
-                                                       "dtype": dtype})
-        return ds
+        # one actor pool for both steps: two pools would hold every CPU and starve the read that feeds them
+        return ds.repartition(4 * workers).map_batches(
+            BaseTargets, batch_format="pyarrow", batch_size=64, concurrency=workers,
+            num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
+            fn_constructor_kwargs={"base": anchor.uri, "max_tokens": max_tokens, "answers": train.targets == "base",
+                                   "top_k": train.kd_top_k if train.anchor_weight > 0 else 0,
+                                   "temperature": train.kd_temperature, "dtype": dtype})
 
     size = sum(f.stat().st_size for f in files.rglob("*") if f.is_file())
     if size > cache_mb << 20:

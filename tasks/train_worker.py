@@ -1,5 +1,5 @@
 """The worker side of a Ray Train stage (`tasks/train.py` is the driver side): the loop every worker runs,
-its sample stream, and the Ray Data actor that adds the AR anchor's targets to the rows.
+its sample stream, and how it attaches the AR anchor's targets (a column `tasks.base_targets` added) to a sample.
 
 This module imports no Prefect and no Ray at import time: Ray unpickles `train_loop_per_worker` in every
 worker process of every `fit()`, so what this module imports is paid once per worker per stage (Prefect
@@ -135,47 +135,6 @@ def with_anchor_targets(sample, row: dict):
     return sample
 
 
-class AnchorTargets:
-    """Ray Data `map_batches` callable (an actor): adds the AR anchor's targets to every row, as
-    ``anchor_ids`` and ``anchor_probs`` (per response token, the AR base's top-K next-token ids and
-    renormalised probabilities), or nulls for a row that does not encode (the worker rejects it too)."""
-
-    def __init__(self, anchor: str, max_tokens: int, top_k: int, temperature: float, dtype: str = "float32",
-                 batch_size: int = 16):
-        import torch
-
-        from bard_core import checkpoint
-        from bard_core.config import EOS_TOKEN
-
-        self.model, self.processor, _ = checkpoint.load(anchor)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model.to(device, getattr(torch, dtype)).eval()
-        tok = self.processor.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids(EOS_TOKEN)
-        self.max_tokens, self.top_k, self.temperature, self.batch_size = max_tokens, top_k, temperature, batch_size
-
-    def __call__(self, table):
-        import pyarrow as pa
-
-        from bard_core.inputs import RejectedSample, encode_sample
-        from bard_core.train import anchor_targets
-
-        encoded = []
-        for row in table.select(["images", "messages"]).to_pylist():
-            try:
-                encoded.append(encode_sample(row, self.processor, self.max_tokens))
-            except RejectedSample:
-                encoded.append(None)
-        usable = sorted((s for s in encoded if s is not None), key=lambda s: s.num_tokens)  # less padding per batch
-        for start in range(0, len(usable), self.batch_size):
-            anchor_targets(self.model, usable[start:start + self.batch_size], self.pad_id, self.top_k,
-                           self.temperature)
-        ids = [None if s is None else s.anchor_ids.tolist() for s in encoded]
-        probs = [None if s is None else s.anchor_probs.tolist() for s in encoded]
-        return (table.append_column("anchor_ids", pa.array(ids, pa.list_(pa.list_(pa.int32()))))
-                .append_column("anchor_probs", pa.array(probs, pa.list_(pa.list_(pa.float32())))))
-
-
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker (see module docstring)."""
     import ray.train
@@ -232,7 +191,7 @@ def train_loop_per_worker(config: dict) -> None:
             sample = encode_sample({"images": row["images"], "messages": row["messages"]}, processor, config["max_tokens"])
         except RejectedSample:
             return None
-        if config["anchor"]:  # the AR anchor's targets, a column the driver added (AnchorTargets)
+        if config["anchor"]:  # the AR anchor's targets, a column the driver added (BaseTargets)
             return with_anchor_targets(sample, row)
         return sample
 

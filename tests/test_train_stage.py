@@ -157,14 +157,15 @@ def test_anchor_targets_are_a_column_per_row_that_the_worker_attaches(data_ref, 
 
     from bard_core import checkpoint
     from bard_core.inputs import encode_sample
-    from tasks.train_worker import AnchorTargets, with_anchor_targets
+    from tasks.base_targets import BaseTargets
+    from tasks.train_worker import with_anchor_targets
 
     table = pq.read_table(sorted((Path(data_ref.uri) / "data").glob("*.parquet"))[0]).slice(0, 5)
     rows = table.to_pylist()
     empty = {**rows[0], "messages": rows[0]["messages"][:-1] + [{"role": "assistant", "content": [
         {"type": "text", "text": " "}]}]}  # encodes to nothing: a null, not a lost row
     table = pa.Table.from_pylist(rows + [empty], schema=table.schema)
-    out = AnchorTargets(str(tiny_model_dir), 512, 16, 1.0)(table)
+    out = BaseTargets(str(tiny_model_dir), 512, top_k=16)(table)
     assert out.num_rows == 6 and out.column("anchor_ids")[5].as_py() is None
     model, processor, _ = checkpoint.load(tiny_model_dir)
     for row in out.slice(0, 5).to_pylist():
@@ -272,3 +273,8 @@ def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_re
     assert isinstance(anchored, MaterializedDataset) and anchored.count() == data_ref.num_rows
     assert {"anchor_ids", "anchor_probs"} <= set(anchored.schema().names)  # computed once, for every stage
     assert training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), train, workers=1, max_tokens=512) is anchored
+    # the base's answers and the anchor's targets on them: one actor pool (two pools starved the read on 2 workers)
+    both = training_dataset(data_ref, 512, checkpoint_ref(tiny_model_dir), dataclasses.replace(train, targets="base"),
+                            workers=2, max_tokens=512)
+    assert both is not anchored and both.count() == data_ref.num_rows
+    assert {"target", "anchor_ids", "anchor_probs"} <= set(both.schema().names)
