@@ -14,7 +14,9 @@ within its budget, or is empty, keeps the curated answer and says so; a row that
 
 from __future__ import annotations
 
-KEPT = ("base", "data: the base did not finish", "data: the base's answer is empty", "data: does not encode")
+# the ``target`` column's values: where a row's answer came from (the stage's bard.json counts them)
+KEPT = ("base: differs from the data", "base: same as the data", "data: the base did not finish",
+        "data: the base's answer is empty", "data: does not encode")
 
 
 def answer_budget(response_tokens: int, max_tokens: int, prompt_tokens: int) -> int:
@@ -62,6 +64,18 @@ class BaseTargets:
             table = self.anchor_targets(table)
         return table
 
+    @staticmethod
+    def counts(dataset) -> dict[str, int] | None:
+        """Rows per ``target`` value of a materialized dataset; None for a streamed one (counting would decode it
+        all once more)."""
+        from collections import Counter
+
+        from ray.data.dataset import MaterializedDataset
+
+        if not isinstance(dataset, MaterializedDataset) or "target" not in dataset.schema().names:
+            return None
+        return dict(Counter(r["target"] for r in dataset.select_columns(["target"]).iter_rows()))
+
     def _encoded(self, table) -> list:
         from bard_core.inputs import RejectedSample, encode_sample
 
@@ -81,7 +95,7 @@ class BaseTargets:
         from bard_core.decode import ar_generate_cached
 
         messages = table.column("messages").to_pylist()
-        target = [KEPT[3]] * len(messages)
+        target = [KEPT[4]] * len(messages)
         work = []  # (row, prompt, budget)
         for i, sample in enumerate(self._encoded(table)):
             if sample is not None:
@@ -95,13 +109,14 @@ class BaseTargets:
             for (i, _, budget), g in zip(chunk, outs):
                 tokens = g.token_ids
                 if not tokens or tokens[-1] != self.ids.eos or len(tokens) > budget:
-                    target[i] = KEPT[1]
+                    target[i] = KEPT[2]
                     continue
                 text = self.processor.tokenizer.decode(tokens[:-1], skip_special_tokens=False)
                 if not text.strip():
-                    target[i] = KEPT[2]
+                    target[i] = KEPT[3]
                     continue
-                messages[i], target[i] = with_answer(messages[i], text), KEPT[0]
+                answer = with_answer(messages[i], text)
+                messages[i], target[i] = answer, KEPT[0] if answer != messages[i] else KEPT[1]
         column = table.schema.get_field_index("messages")
         return (table.set_column(column, "messages", pa.array(messages, table.schema.field("messages").type))
                 .append_column("target", pa.array(target, pa.string())))

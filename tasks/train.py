@@ -34,10 +34,10 @@ from bard_core.config import OBJECTIVES, TrainConfig
 from bard_core.files import CorruptFile, staged_dir
 from bard_core.recipes import get_recipe
 from bard_core.train_loop import as_dicts, plan
+from tasks.base_targets import BaseTargets
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
-from tasks.base_targets import BaseTargets
 from tasks.train_worker import train_loop_per_worker
 
 _DATASETS: dict = {}  # (driver's Ray worker id, data fingerprint) → materialized Dataset; one entry at most
@@ -191,6 +191,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
     init_ray(recipe.ray_address)
     dataset = training_dataset(data, train.dataset_cache_mb, anchor, train, workers, config["dtype"],
                                recipe.data.max_tokens)
+    meta["target_counts"] = BaseTargets.counts(dataset) if train.targets == "base" else None
     storage = out.with_name(out.name + ".ray")
     _discard_unusable_resume(storage / f"stage-{fingerprint}")
     board = ray.remote(num_cpus=0)(_ProgressBoard).remote() if on_progress else None

@@ -278,3 +278,7 @@ def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_re
                             workers=2, max_tokens=512)
     assert both is not anchored and both.count() == data_ref.num_rows
     assert {"target", "anchor_ids", "anchor_probs"} <= set(both.schema().names)
+    from tasks.base_targets import BaseTargets
+
+    counts = BaseTargets.counts(both)
+    assert sum(counts.values()) == data_ref.num_rows and BaseTargets.counts(anchored) is None
