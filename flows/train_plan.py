@@ -36,7 +36,8 @@ def dry_run_plan(recipe, *, objective: str, block_size: int | None, workers: int
                    "distill": train.distill_lr if teacher else None},
             "steps": {"merge": train.merge_steps, "distill": train.distill_steps if teacher else 0,
                       "ar": train.base_steps},
-            "anchor": {"uri": anchor.uri, "weight": train.anchor_weight} if anchor else None}
+            "anchor": {"uri": anchor.uri, "weight": train.anchor_weight} if anchor else None,
+            "targets": train.targets}
     per_worker = train.batch_size // workers
     if per_worker < train.grad_accum_steps or per_worker % train.grad_accum_steps:
         return plan, (f"train.batch_size {train.batch_size} over {workers} workers ({per_worker} rows each) does not "
