@@ -159,7 +159,7 @@ def test_train_dry_run_shows_the_parallel_plan_of_each_recipe(tmp_path):
     assert plans["qwen3-vl-2b"]["anchor"] is None  # train.anchor_weight 0 (no label shift)
     out = run("train", "--recipe", "qwen3-vl-2b", "--data", str(tmp_path), "--init", str(tmp_path), "--anchor",
               str(tmp_path), "--block-size", "8", "--out", str(tmp_path / "o"), "--dry-run")
-    assert out.returncode == 2 and "no anchor term" in out.stderr, out.stderr
+    assert out.returncode == 2 and "reads no AR base" in out.stderr, out.stderr
     assert plans["qwen3-vl-2b"]["parallel"] == "ddp" and plans["qwen3-vl-2b"]["master_weights"] == "bfloat16"
     big = plans["qwen3-vl-8b"]
     assert (big["parallel"], big["backend"], big["dtype"], big["master_weights"], big["workers"]) == (
