@@ -349,6 +349,10 @@ class GateConfig:
     # on the speed benchmark's items: tokens/s at batch 1 and N and the share of answers identical to the AR
     # base's; reported, not gated (docs/decoding.md, "Lossless mode")
     lossless: bool = True
+    # one more setting in the sweep: the stage's own speculative mode (drafted in blocks, verified by its own
+    # causal view: its AR-order greedy answers, gated like any setting); promoted when it passes with the most
+    # tokens per forward (docs/decoding.md, "The stage's own speculative mode in the gate")
+    speculative: bool = True
 
     def __post_init__(self) -> None:
         c = "GateConfig"

@@ -7,8 +7,9 @@ long-output benchmark reach the policy's minimum for that block size. ``policy.z
 accuracy check into a one-sided non-inferiority test (drop + z·se ≤ tolerance). A missing benchmark, a
 missing item, a NaN score or a missing speed figure fails; it never passes.
 
-``select(candidates, ...)`` is the gate over a decoding-threshold sweep: of the settings that pass, the
-one with the most tokens per forward (ties: the higher threshold) is promoted with its decode setting.
+``select(candidates, ...)`` is the gate over a sweep of decode settings (thresholds, and the stage's own
+speculative mode): of the settings that pass, the one with the most tokens per forward (ties: the higher
+threshold) is promoted with its decode setting. ``setting(decode)`` names a setting for people and reports.
 
 Standard library only (flows and refs import it).
 """
@@ -26,7 +27,7 @@ class EvalReport:
     """One checkpoint evaluated with one decode setting (DESIGN.md §2)."""
 
     checkpoint: str
-    mode: str  # "ar" | "diffusion"
+    mode: str  # "ar" | "diffusion" | "speculative"
     decode: dict  # the decode setting (threshold, block size, ...)
     scores: dict[str, float]  # benchmark -> mean of its per-item primary metric (what the gate judges)
     items: dict[str, dict[str, float]] = field(default_factory=dict)  # benchmark -> item id -> primary metric
@@ -65,6 +66,14 @@ class GateResult:
     min_tpf: float | None = None
     decode: dict = field(default_factory=dict)  # the setting the verdict is about (the chosen one)
     sweep: tuple[dict, ...] = ()  # per evaluated setting: threshold, passed, tpf, reasons
+
+
+def setting(decode: dict) -> str:
+    """A decode setting's name: ``spec`` for the speculative (lossless, self-verified) mode, else ``τ=<threshold>``."""
+    if decode.get("engine") == "speculative" or decode.get("mode") == "speculative":
+        return "spec"
+    threshold = decode.get("threshold")
+    return "-" if threshold is None else f"τ={threshold:g}"
 
 
 def paired(baseline: dict[str, float], candidate: dict[str, float]) -> tuple[float, float, int, list[str]]:
@@ -135,14 +144,14 @@ def select(candidates: list[EvalReport], baseline: EvalReport, policy: GateConfi
     if not candidates:
         return GateResult(stage, False, ("no evaluation to judge",))
     results = [gate(c, baseline, policy, stage, block_size) for c in candidates]
-    sweep = tuple({"threshold": c.threshold, "passed": r.passed, "tpf": r.tpf, "reasons": list(r.reasons)}
-                  for c, r in zip(candidates, results))
+    sweep = tuple({"setting": setting(c.decode), "threshold": c.threshold, "passed": r.passed, "tpf": r.tpf,
+                   "reasons": list(r.reasons)} for c, r in zip(candidates, results))
     passing = [(r, c) for r, c in zip(results, candidates) if r.passed]
     if passing:
         best, _ = max(passing, key=lambda rc: (rc[0].tpf or 0.0, rc[1].threshold or 0.0))
         return GateResult(stage, True, (), None, best.checks, best.tpf, best.min_tpf, best.decode, sweep)
     many = len(candidates) > 1
-    reasons = tuple((f"τ={c.threshold:g}: " if many and c.threshold is not None else "") + reason
+    reasons = tuple((f"{setting(c.decode)}: " if many else "") + reason
                     for c, r in zip(candidates, results) for reason in r.reasons)
     closest = min(zip(results, candidates), key=lambda rc: (len(rc[0].reasons), -(rc[1].threshold or 0.0)))[0]
     return GateResult(stage, False, reasons, None, closest.checks, closest.tpf, closest.min_tpf, closest.decode,

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bard_core.gate import paired
+from bard_core.gate import paired, setting
 from bard_core.recipes import get_recipe
 from benchmarks.chain import chain_params, curated, parse_steps, run_chain
 from flows.pipeline import world_dir
@@ -71,7 +71,8 @@ def stage_rows(report: dict, names: list[str], tolerance: float, batch: int) -> 
         worst = max(checks.values(), key=lambda c: c["drop"])
         speed = chosen_entry(r)
         speedup = speed.get("speedup") or {}
-        rows.append({"stage": r["stage"], "block_size": r["block_size"], "lr": r["lr"], "steps": r["steps"],
+        rows.append({"stage": r["stage"], "setting": setting(r["decode"]), "block_size": r["block_size"], "lr": r["lr"],
+                     "steps": r["steps"],
                      "train_seconds": r["train_seconds"], "final_loss": r["final_loss"], "tpf": r["tpf"],
                      "tok_s_batch1": speed.get("tok_s_batch1"), f"tok_s_batch{batch}": speed.get("tok_s"),
                      "speedup_batch1": speedup.get("1"), f"speedup_batch{batch}": speedup.get(str(batch)),
@@ -89,6 +90,7 @@ def chain_summary(report: dict, names: list[str], tolerance: float, batch: int) 
     final = stages[-1]
     return {"train_seconds": sum(s["train_seconds"] or 0 for s in stages),
             "max_drop": max(s["max_drop"] for s in stages), "final_block_size": final["block_size"],
+            "final_setting": final["setting"],
             "final_tpf_extract": final["tpf"], "speedup_batch1": final["speedup_batch1"],
             f"speedup_batch{batch}": final[f"speedup_batch{batch}"],
             "every_within": all(s["within_tolerance"] for s in stages), "stages": stages}
@@ -112,7 +114,7 @@ def print_table(report: dict, summary: dict, names: list[str], batch: int, ablat
           + f" {'-':>22} {base['speed'].get('tpf', 1.0):>5.2f} {_x(beside('batch1'), '.0f'):>8}"
           + f" {_x(beside(f'batch{batch}'), '.0f'):>7} {'1.00':>5} {'1.00':>5}")
     for r in summary["stages"] + ([control] if control else []):
-        print(f"{r['stage']:<22} {r['steps']:>9} {r['train_seconds'] or 0:>7.0f} {r['final_loss']:>6.3f} "
+        print(f"{(r['stage'] + ' ' + r.get('setting', '')).strip():<22} {r['steps']:>9} {r['train_seconds'] or 0:>7.0f} {r['final_loss']:>6.3f} "
               + " ".join(f"{r['scores'][n]:>7.3f}" for n in names)
               + f" {r['max_drop']:>7.3f} ±{_x(r['max_drop_se'], '.3f'):>5} {r['worst'][7:]:>7} {r['tpf']:>5.2f}"
               + f" {_x(r.get('tok_s_batch1'), '.0f'):>8} {_x(r.get(f'tok_s_batch{batch}'), '.0f'):>7}"

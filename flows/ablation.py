@@ -44,7 +44,9 @@ class AblationParams(LineParams):
 def variant_runs(params: AblationParams) -> list[tuple[str, int, PipelineParams]]:
     """(variant, seed, the pipeline run's parameters) for every run of the ablation; bad settings raise
     ValueError here, before any work."""
-    base = {**params.overrides, **OPEN_GATES, "gate.limit": str(params.limit)}
+    # the claims are about block decoding (noise, correction): the gate judges its thresholds only, not the
+    # stage's own speculative mode, whose answers no decoding setting changes
+    base = {**params.overrides, **OPEN_GATES, "gate.limit": str(params.limit), "gate.speculative": "false"}
     if params.ray_address:
         base["ray_address"] = params.ray_address
     recipe = get_recipe(params.recipe, base)

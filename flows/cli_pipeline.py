@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from bard_core.gate import setting
 from flows.cli import UsageError, _pairs
 from flows.local_server import ensure_flow_server
 from tasks.report import chosen_entry
@@ -19,30 +20,31 @@ from tasks.report import chosen_entry
 def _summary(report: dict, seconds: float) -> list[str]:
     names = report["benchmarks"]
     short = [n.removeprefix("shapes_")[:8] for n in names]
-    lines = [f"{'stage':<6} {'verdict':<9} {'tau':>4} " + " ".join(f"{n:>8}" for n in short)
+    lines = [f"{'stage':<6} {'verdict':<9} {'setting':>7} " + " ".join(f"{n:>8}" for n in short)
              + f" {'TPF':>5} {'tok/s b1':>8} {'tok/s bN':>8} {'lossless b1':>11}"]
     base = report["baseline"]
     batch = base["speed"].get("batch", {})
-    lines.append(f"{'AR':<6} {'baseline':<9} {'-':>4} " + " ".join(f"{base['scores'][n]:>8.3f}" for n in names)
+    lines.append(f"{'AR':<6} {'baseline':<9} {'-':>7} " + " ".join(f"{base['scores'][n]:>8.3f}" for n in names)
                  + f" {base['speed'].get('tpf', 0):>5.2f} {batch.get('1', {}).get('tok_s', 0):>8.0f} "
                  + f"{max(batch.items(), key=lambda kv: int(kv[0]))[1]['tok_s'] if batch else 0:>8.0f}")
     for stage in report["stages"]:
         chosen = chosen_entry(stage) or None
         scores = chosen["scores"] if chosen else {}
         lines.append(f"{stage['stage']:<6} {'promoted' if stage['passed'] else 'FAILED':<9} "
-                     f"{stage['decode'].get('threshold', 0):>4g} " + " ".join(f"{scores.get(n, float('nan')):>8.3f}"
+                     f"{setting(stage['decode']):>7} " + " ".join(f"{scores.get(n, float('nan')):>8.3f}"
                                                                             for n in names)
                      + f" {stage['tpf'] or 0:>5.2f} {(chosen or {}).get('tok_s_batch1') or 0:>8.0f} "
-                     + f"{(chosen or {}).get('tok_s') or 0:>8.0f} {_lossless(chosen):>11}")
+                     + f"{(chosen or {}).get('tok_s') or 0:>8.0f} {_lossless(stage):>11}")
         lines += [f"       why: {reason}" for reason in stage["reasons"][:3]]
     timing = report.get("timing", {})
     lines.append("time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) + f" (wall {seconds:.0f} s)")
     return lines
 
 
-def _lossless(chosen: dict | None) -> str:
-    """The lossless mode beside a stage: its batch-1 tokens/s and speed-up over AR (`tasks.evaluate._lossless`)."""
-    lossless = (chosen or {}).get("lossless")
+def _lossless(stage: dict) -> str:
+    """The lossless mode beside a stage: its batch-1 tokens/s and speed-up over AR (`tasks.evaluate._lossless`,
+    measured beside each block-decoding setting)."""
+    lossless = next((e["lossless"] for e in [chosen_entry(stage), *stage["sweep"]] if e and e.get("lossless")), None)
     if not lossless:
         return "-"
     flag = "" if lossless["identical"] == 1.0 else " DIFFERS"

@@ -17,7 +17,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from pydantic import BaseModel, Field
 
-from bard_core.gate import EvalReport, GateResult, select
+from bard_core.gate import EvalReport, GateResult, select, setting
 from bard_core.recipes import get_recipe
 from tasks import registry
 from tasks.evaluate import Suite, evaluate_task
@@ -114,11 +114,11 @@ def promote_task(root: str, recipe: str, result: GateResult, candidate: str, rep
 def judge_stage(stage: str, block_size: int, candidate: str, baseline: EvalReport, baseline_uri: str, suite: Suite,
                 recipe: str, overrides: dict, out: Path, registry_root: str | None, promote: bool = True,
                 run: str | None = None) -> StageOutcome:
-    """A stage's gate inside a flow: the candidate at every threshold of the recipe's sweep (the AR base's
+    """A stage's gate inside a flow: the candidate at every setting of the recipe's sweep (the AR base's
     speed beside it), the verdict, the promotion of the chosen setting when it passes, the gate artifacts."""
-    thresholds = get_recipe(recipe, overrides).gate.thresholds
-    candidates = evaluate_task(candidate, suite, str(out / stage), "diffusion", thresholds, baseline_uri, recipe,
-                               overrides, None)
+    policy = get_recipe(recipe, overrides).gate
+    candidates = evaluate_task(candidate, suite, str(out / stage), "diffusion", policy.thresholds, baseline_uri,
+                               recipe, overrides, None, speculative=policy.speculative)
     result = gate_task(candidates, baseline, recipe, overrides, stage, block_size)
     if result.passed and promote:
         chosen = next(c for c in candidates if c.decode == result.decode)
@@ -127,7 +127,7 @@ def judge_stage(stage: str, block_size: int, candidate: str, baseline: EvalRepor
         result = dataclasses.replace(result, promoted_uri=entry["uri"])
     outcome = StageOutcome(stage, block_size, str(Path(candidate).resolve()), result, candidates)
     publish_gate(outcome, baseline)
-    print(f"gate {stage}: {'PASSED at τ=' + format(result.decode.get('threshold'), 'g') if result.passed else 'FAILED'}"
+    print(f"gate {stage}: {'PASSED at ' + setting(result.decode) if result.passed else 'FAILED'}"
           + ("" if result.passed else ": " + "; ".join(result.reasons)))
     return outcome
 

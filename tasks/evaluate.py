@@ -211,8 +211,10 @@ def _speed(lm: BardLM, suite: Suite, results: dict, ar: BardLM | None, ar_speed:
 def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *, mode: str = "diffusion",
                         thresholds: tuple[float, ...] | None = None, ar_model: str | Path | None = None,
                         recipe: str | None = None, overrides: dict | None = None,
-                        decode: dict | None = None, verifier: str | Path | None = None) -> list[EvalReport]:
+                        decode: dict | None = None, verifier: str | Path | None = None,
+                        speculative: bool = False) -> list[EvalReport]:
     """Evaluate a checkpoint (loaded once) at each threshold of `thresholds` (None: its own decode setting);
+    `speculative`: then in its own speculative mode too (mode diffusion; one more setting of the gate's sweep);
     `ar_model`: the AR base whose decode speed is measured beside it, once for the sweep. `recipe` and its
     `overrides` give the decode defaults and the mask id; `decode`: explicit DecodeConfig fields."""
     lm = BardLM(str(model_dir), mode=mode, recipe=recipe, recipe_overrides=overrides,
@@ -225,6 +227,9 @@ def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *,
         label = mode if mode in ("ar", "speculative") else f"tau-{variant.decode.threshold:g}"
         reports.append(evaluate(variant, suite, Path(out) / label, ar=ar, ar_speed=ar_speed, label=label))
         ar_speed = reports[-1].speed.get("ar")
+    if speculative and mode == "diffusion":
+        reports.append(evaluate(lm.variant(mode="speculative"), suite, Path(out) / "speculative", ar=ar,
+                                ar_speed=ar_speed, label="speculative"))
     return reports
 
 
@@ -232,7 +237,9 @@ def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *,
 def evaluate_task(model_dir: str, suite: Suite, out: str, mode: str = "diffusion",
                   thresholds: tuple[float, ...] | None = None, ar_model: str | None = None,
                   recipe: str | None = None, overrides: dict | None = None,
-                  decode: dict | None = None, verifier: str | None = None) -> list[EvalReport]:
+                  decode: dict | None = None, verifier: str | None = None,
+                  speculative: bool = False) -> list[EvalReport]:
     """Prefect task: `evaluate_checkpoint`."""
     return evaluate_checkpoint(model_dir, suite, out, mode=mode, thresholds=thresholds, ar_model=ar_model,
-                               recipe=recipe, overrides=overrides, decode=decode, verifier=verifier)
+                               recipe=recipe, overrides=overrides, decode=decode, verifier=verifier,
+                               speculative=speculative)

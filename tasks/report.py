@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bard_core.gate import EvalReport, GateResult
+from bard_core.gate import EvalReport, GateResult, setting
 
 SCHEMA = 1
 
@@ -63,9 +63,10 @@ def _fmt(x, spec=".3f") -> str:
 
 
 def chosen_entry(stage: dict) -> dict:
-    """The entry of a `report_json` stage's threshold sweep with the decode setting its gate decided on."""
-    tau = (stage.get("decode") or {}).get("threshold")
-    return next((e for e in stage["sweep"] if e["threshold"] == tau), stage["sweep"][0] if stage["sweep"] else {})
+    """The entry of a `report_json` stage's sweep with the decode setting its gate decided on."""
+    name = setting(stage.get("decode") or {})
+    return next((e for e in stage["sweep"] if e.get("setting", setting({"threshold": e["threshold"]})) == name),
+                stage["sweep"][0] if stage["sweep"] else {})
 
 
 def report_json(recipe: str, baseline: EvalReport, outcomes: list[StageOutcome], extra: dict | None = None) -> dict:
@@ -73,8 +74,9 @@ def report_json(recipe: str, baseline: EvalReport, outcomes: list[StageOutcome],
     for o in outcomes:
         sweep = []
         for e in o.evaluations:
-            verdict = next((s for s in o.result.sweep if s["threshold"] == e.threshold), {})
-            sweep.append({"threshold": e.threshold, "passed": verdict.get("passed", o.result.passed),
+            verdict = next((s for s in o.result.sweep if s.get("setting") == setting(e.decode)), {})
+            sweep.append({"setting": setting(e.decode), "threshold": e.threshold,
+                          "passed": verdict.get("passed", o.result.passed),
                           "tpf": e.speed.get("tpf"), "tok_s": _tok_s(e), "tok_s_batch1": _tok_s(e, "1"),
                           "speedup": e.speed.get("speedup"), "scores": e.scores, "lossless": e.speed.get("lossless"),
                           "reasons": verdict.get("reasons", list(o.result.reasons)), "samples": e.samples_uri})
@@ -98,21 +100,24 @@ def report_markdown(recipe: str, baseline: EvalReport, outcomes: list[StageOutco
     speed_name = baseline.speed.get("benchmark", "speed benchmark")
     head = f"# Stage gates — recipe `{recipe}`: {len(passed)} of {len(outcomes)} promoted"
     head += f"; **{', '.join(o.stage for o in failed)} failed**" if failed else ""
-    lines = [head, "", f"| stage | verdict | τ | TPF ({speed_name}) | tok/s b1 | tok/s bN | lossless b1 | worst drop vs AR "
+    lines = [head, "", f"| stage | verdict | setting | TPF ({speed_name}) | tok/s b1 | tok/s bN | lossless b1 | worst drop vs AR "
                        "| why not |", "|---|---|---|---|---|---|---|---|---|",
              f"| AR | baseline | - | {_fmt(baseline.speed.get('tpf'), '.2f')} | {_fmt(_tok_s(baseline, '1'), '.0f')} "
              f"| {_fmt(_tok_s(baseline), '.0f')} | - | - | |"]
     for o in outcomes:
         e = _chosen(o)
         verdict = "✅ promoted" if o.result.passed else "❌ failed"
-        lines.append(f"| {o.stage} | {verdict} | {_fmt(o.result.decode.get('threshold'), 'g')} | "
+        lines.append(f"| {o.stage} | {verdict} | {setting(o.result.decode)} | "
                      f"{_fmt(o.result.tpf, '.2f')} (min {_fmt(o.result.min_tpf, '.2f')}) | "
                      f"{_fmt(_tok_s(e, '1') if e else None, '.0f')} | {_fmt(_tok_s(e) if e else None, '.0f')} | "
-                     f"{_lossless_cell(e)} | {_worst(o.result)} | {'<br>'.join(o.result.reasons[:4]) or ''} |")
+                     f"{_lossless_cell(_with_lossless(o))} | {_worst(o.result)} | {'<br>'.join(o.result.reasons[:4]) or ''} |")
     if any(e.speed.get("lossless") for o in outcomes for e in o.evaluations):
         lines += ["", "lossless b1: tokens/s at batch 1 of the lossless mode (blocks drafted by the stage, verified "
                       "by the AR base: the AR base's answers, so its scores), × the AR base, and the share of "
                       "answers identical to the AR base's (must be 100%)"]
+    if any(setting(e.decode) == "spec" for o in outcomes for e in o.evaluations):
+        lines += ["", "spec: the stage's own speculative mode (blocks drafted, verified by the stage's causal view: "
+                      "its own AR-order greedy answers, gated like every setting; docs/decoding.md)"]
     if plot:
         lines += ["", f"![accuracy vs tokens/s]({plot})"]
     names = list(baseline.scores)
@@ -129,12 +134,19 @@ def report_markdown(recipe: str, baseline: EvalReport, outcomes: list[StageOutco
         lines.append(f"| {name} | {baseline.scores[name]:.3f} | " + " | ".join(cells) + " |")
     for o in outcomes:
         if len(o.evaluations) > 1:
-            lines += ["", f"### {o.stage}: threshold sweep", "", "| τ | passed | TPF | tok/s | mean score |",
+            lines += ["", f"### {o.stage}: decode settings", "", "| setting | passed | TPF | tok/s | mean score |",
                       "|---|---|---|---|---|"]
             for e, s in zip(o.evaluations, o.result.sweep):
-                lines.append(f"| {_fmt(e.threshold, 'g')} | {'yes' if s['passed'] else 'no'} | "
+                lines.append(f"| {setting(e.decode)} | {'yes' if s['passed'] else 'no'} | "
                              f"{_fmt(e.speed.get('tpf'), '.2f')} | {_fmt(_tok_s(e), '.0f')} | {_fmt(_mean(e.scores))} |")
     return "\n".join(lines) + "\n"
+
+
+def _with_lossless(outcome: StageOutcome) -> EvalReport | None:
+    """The chosen evaluation, or the first of the sweep, that measured the lossless mode beside it (the spec
+    setting does not: it is a lossless mode itself)."""
+    return next((e for e in [_chosen(outcome), *outcome.evaluations] if e is not None and e.speed.get("lossless")),
+                None)
 
 
 def _lossless_cell(e: EvalReport | None) -> str:
@@ -158,11 +170,11 @@ def tradeoff_png(path: Path, baseline: EvalReport, outcomes: list[StageOutcome])
         points = [(_tok_s(e) or 0, _mean(e.scores), e) for e in o.evaluations]
         line = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=o.stage)[0]
         for k, (x, y, e) in enumerate(points):  # labels alternate above and below: close points stay legible
-            ax.annotate(f"τ{_fmt(e.threshold, 'g')}", (x, y), fontsize=7, xytext=(4, 5 if k % 2 == 0 else -11),
+            ax.annotate(setting(e.decode), (x, y), fontsize=7, xytext=(4, 5 if k % 2 == 0 else -11),
                         textcoords="offset points")
             if o.result.passed and e.decode == o.result.decode:
                 ax.scatter([x], [y], s=220, facecolors="none", edgecolors=line.get_color(), linewidths=2, zorder=4)
-    lossless = [(e.speed["lossless"]["batch"], o.stage) for o in outcomes for e in [_chosen(o)]
+    lossless = [(e.speed["lossless"]["batch"], o.stage) for o in outcomes for e in [_with_lossless(o)]
                 if e is not None and e.speed.get("lossless")]
     if lossless:  # the AR base's answers (so its score), at the speed of drafting with each stage
         xs = [max(batch.items(), key=lambda kv: int(kv[0]))[1]["tok_s"] for batch, _ in lossless]

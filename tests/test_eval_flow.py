@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from bard_core.gate import setting
+
 pytestmark = pytest.mark.slow
 
 # small and lenient: the tiny random base and a 40-step stage are near chance, so these gates judge plumbing
@@ -54,15 +56,21 @@ def test_a_passing_stage_is_promoted_with_the_fastest_passing_threshold(passed_g
     report = json.loads((out / "report.json").read_text())
     (stage,) = report["stages"]
     assert report["schema"] == 1 and report["passed"] and report["promoted"] == [4]
-    assert [s["threshold"] for s in stage["sweep"]] == [0.9, 0.4] and all(s["passed"] for s in stage["sweep"])
-    fastest = max(stage["sweep"], key=lambda s: (s["tpf"], s["threshold"]))
-    assert result["decode"]["threshold"] == fastest["threshold"] == stage["decode"]["threshold"]
+    # the recipe's thresholds, then the stage's own speculative mode (gate.speculative, on by default)
+    assert [s["setting"] for s in stage["sweep"]] == ["τ=0.9", "τ=0.4", "spec"]
+    assert [s["threshold"] for s in stage["sweep"]] == [0.9, 0.4, None] and all(s["passed"] for s in stage["sweep"])
+    fastest = max(stage["sweep"], key=lambda s: (s["tpf"], s["threshold"] or 0.0))
+    assert setting(result["decode"]) == fastest["setting"] == setting(stage["decode"])
     entry = registry.read(registry_root, "tiny")["current"]["B4"]
     promoted = checkpoint.read_meta(entry["uri"])
-    assert promoted["decode"]["threshold"] == fastest["threshold"] and entry["uri"] == stage["promoted_uri"]
-    assert checkpoint.decode_config(promoted).threshold == fastest["threshold"]  # what bard generate/eval will use
+    assert setting(promoted["decode"]) == fastest["setting"] and entry["uri"] == stage["promoted_uri"]
+    cfg = checkpoint.decode_config(promoted)  # what bard generate/eval will use
+    assert (cfg.mode, cfg.threshold) == (("speculative", cfg.threshold) if fastest["setting"] == "spec"
+                                         else ("dynamic", fastest["threshold"]))
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| B4 | ✅ promoted |" in (out / "report.md").read_text()
+    markdown = (out / "report.md").read_text()
+    assert f"| B4 | ✅ promoted | {fastest['setting']} |" in markdown
+    assert "### B4: decode settings" in markdown and "| spec | yes |" in markdown and "| τ=0.4 | yes |" in markdown
     assert set(report["baseline"]["scores"]) == {c["benchmark"] for c in stage["checks"]}
 
 
@@ -71,7 +79,9 @@ def test_the_gate_measures_the_lossless_mode_beside_each_setting(passed_gate, ti
     # AR base's own (compared answer for answer), at its own tokens/s and speed-up over the AR base
     state, out = passed_gate
     report = json.loads((out / "report.json").read_text())
-    for entry in report["stages"][0]["sweep"]:
+    sweep = report["stages"][0]["sweep"]
+    assert [e["lossless"] for e in sweep if e["setting"] == "spec"] == [None]  # a lossless mode itself
+    for entry in [e for e in sweep if e["setting"] != "spec"]:
         lossless = entry["lossless"]
         eval_json = json.loads((Path(entry["samples"]).parent / "eval.json").read_text())
         ar = eval_json["speed"]["ar"]
@@ -102,10 +112,32 @@ def test_generate_uses_the_promoted_decode_setting_by_default(passed_gate, regis
     entry = registry.read(registry_root, "tiny")["current"]["B4"]
     assert main(["generate", "--model", entry["uri"], "--prompt", "Hi", "--max-new-tokens", "4", "--json"]) == 0
     decoder = json.loads(capsys.readouterr().out)["decoder"]
-    assert decoder.startswith(f"block-diffusion B=4 tau={entry['decode']['threshold']:g} ")
+    assert decoder.startswith("speculative B=4 " if setting(entry["decode"]) == "spec"
+                              else f"block-diffusion B=4 tau={entry['decode']['threshold']:g} ")
     assert main(["generate", "--model", entry["uri"], "--prompt", "Hi", "--max-new-tokens", "4", "--threshold", "0.6",
                  "--json"]) == 0
     assert "tau=0.6 " in json.loads(capsys.readouterr().out)["decoder"]  # a flag still wins
+
+
+def test_a_stage_promoted_in_its_speculative_mode_decodes_its_own_causal_greedy_answer(stage_b4, tmp_path, capsys):
+    # what a user gets from a stage the gate promoted as "spec": blocks drafted and verified by its own causal
+    # view, so token for token what the same weights decode one token per forward
+    from bard_core.gate import EvalReport, GateResult
+    from flows.cli import main
+    from tasks import registry
+
+    decode = {"engine": "speculative", "verifier": "self", "mode": "speculative", "block_size": 4, "threshold": 0.9,
+              "temperature": 0.0}
+    report = EvalReport(stage_b4.uri, "speculative", decode, {"shapes_mcq": 0.5}, speed={"tpf": 1.5})
+    entry = registry.promote(tmp_path / "reg", "tiny", GateResult("B4", True, (), decode=decode), stage_b4.uri,
+                             report, block_size=4)
+    prompt = ["--prompt", "List the contents of every cell.", "--max-new-tokens", "24", "--json"]
+    assert main(["generate", "--model", entry["uri"], *prompt]) == 0
+    spec = json.loads(capsys.readouterr().out)
+    assert spec["decoder"].startswith("speculative B=4 (lossless: the greedy answer of these weights)")
+    assert main(["generate", "--model", entry["uri"], "--ar", *prompt]) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert spec["text"] == ar["text"] and spec["tokens"] == ar["tokens"] and spec["nfe"] <= 2 * ar["nfe"]
 
 
 def test_a_failed_gate_fails_the_run_with_its_reasons_and_leaves_the_registry_alone(

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from bard_core.config import GateConfig
-from bard_core.gate import EvalReport, gate, paired, select
+from bard_core.gate import EvalReport, gate, paired, select, setting
 
 POLICY = GateConfig(benchmarks=("mcq", "extract"), speed_benchmark="extract", default_tolerance=0.03,
                     min_tpf={4: 1.5, 8: 2.0})
@@ -93,6 +93,24 @@ def test_the_sweep_promotes_the_fastest_passing_threshold():
     assert [s["passed"] for s in result.sweep] == [True, True, False]
     tie = select([report([1.0] * 90 + [0.0] * 10, [1.0] * 100, 2.0, 0.7), slow], AR, POLICY, "B4", 4)
     assert tie.decode == {"threshold": 0.9}  # same speed: the safer, higher threshold
+
+
+def test_the_stages_own_speculative_mode_competes_in_the_sweep_like_any_setting():
+    block = report([1.0] * 90 + [0.0] * 10, [1.0] * 100, tpf=1.8, threshold=0.9)
+    spec_decode = {"engine": "speculative", "mode": "speculative", "threshold": 0.9}
+    spec = EvalReport("ckpt", "speculative", spec_decode, block.scores, block.items, speed={"tpf": 2.6})
+    result = select([block, spec], AR, POLICY, "B4", 4)
+    assert result.passed and result.decode == spec_decode and result.tpf == 2.6 and setting(result.decode) == "spec"
+    assert [s["setting"] for s in result.sweep] == ["τ=0.9", "spec"]
+    # its answers are its own causal ones: when they lose accuracy it is not promoted, and says so
+    worse = EvalReport("ckpt", "speculative", spec_decode, {"mcq": 0.8, "extract": 1.0},
+                       {"mcq": {str(i): float(i < 80) for i in range(100)}, "extract": block.items["extract"]},
+                       speed={"tpf": 5.0})
+    result = select([block, worse], AR, POLICY, "B4", 4)
+    assert result.passed and result.decode == {"threshold": 0.9}
+    assert result.sweep[1]["setting"] == "spec" and not result.sweep[1]["passed"]
+    failed = select([worse], AR, POLICY, "B4", 4)
+    assert not failed.passed and failed.reasons[0].startswith("mcq 0.800 < AR 0.900")
 
 
 def test_a_sweep_with_no_passing_setting_names_every_failure():
