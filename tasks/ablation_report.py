@@ -98,6 +98,11 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
              "Every variant: the same curated data, the same total steps, the same evaluation (paired items against "
              "the same AR base, the gate's τ). Scores are the final stage's; ± is the spread (sd) over seeds.", "",
              "## Claims", ""]
+    if s["seeds"] == 1:  # docs/ablation.md, "Our departures": what one seed can and cannot say
+        lines[-2:-2] = ["One seed: each claim's ± is the paired items' standard error. A variant that trains differently "
+                        "also differs from the reference by one training seed's luck, which one seed cannot measure "
+                        "(`--seeds 3`); a decoding-only variant decodes the reference's own weights, so for it the "
+                        "items' error is the whole noise.", ""]
     for c in result["claims"]:
         lines.append(f"- *{c['statement']}*")
         lines += [f"  - {t['sentence']}" for t in c["tests"]]

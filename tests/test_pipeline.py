@@ -161,7 +161,8 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
             assert t["n"] == 5 * 4  # every item of the five benchmarks, paired
     report_dir = Path(summary["report"]).parent
     assert {"ablation.md", "ablation.json", "ablation.png"} <= {p.name for p in report_dir.iterdir()}
-    assert "## Claims" in (report_dir / "ablation.md").read_text()
+    text = (report_dir / "ablation.md").read_text()
+    assert "## Claims" in text and "One seed: each claim's ± is the paired items' standard error" in text
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[state.state_details.flow_run_id])))
