@@ -61,7 +61,8 @@ def apply_overrides(recipe: Recipe, overrides: dict[str, Any] | None) -> Recipe:
         changes.setdefault(section, {})[name] = coerce(getattr(sub, name), value, key)
     for section, fields in changes.items():
         sub = getattr(recipe, section)
-        if section == "train" and "stages" not in fields:  # one value for every stage: drop the per-stage ones
-            fields["stages"] = {b: {k: v for k, v in e.items() if k not in fields} for b, e in sub.stages.items()}
+        if section == "train":  # one value for every stage beats the per-stage ones, given here too (ablation plans)
+            stages = dataclasses.replace(sub, stages=fields.get("stages", sub.stages)).stages  # int keys
+            fields["stages"] = {b: {k: v for k, v in e.items() if k not in fields} for b, e in stages.items()}
         recipe = dataclasses.replace(recipe, **{section: dataclasses.replace(sub, **fields)})
     return recipe

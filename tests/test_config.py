@@ -116,6 +116,10 @@ def test_each_stage_takes_its_own_schedule_unless_a_setting_is_overridden_for_al
     every = get_recipe("tiny", {"train.merge_steps": "40"}).train
     assert every.for_stage(4).merge_steps == every.for_stage(32).merge_steps == 40
     assert every.for_stage(4).lr == 2.5e-4  # the other per-stage settings stay
+    # given together (an ablation's per-stage budget over a user's schedule), the every-stage value still wins
+    both = get_recipe("tiny", {"train.stages": '{"32": {"merge_steps": 420, "distill_steps": 60, "lr": 1e-3}}',
+                               "train.merge_steps": "1210", "train.distill_steps": "0"}).train
+    assert (both.for_stage(32).merge_steps, both.for_stage(32).distill_steps, both.for_stage(32).lr) == (1210, 0, 1e-3)
     with pytest.raises(ValueError, match="stages"):
         get_recipe("tiny", {"train.stages": '{"8": {"warmup_steps": 3}}'})
     with pytest.raises(ValueError, match="lr"):
