@@ -122,9 +122,16 @@ class Comparison:
     seeds: int
     n: int  # paired items per seed
     tpf: tuple[float, float]  # final-stage TPF on the speed benchmark: reference, variant (means over seeds)
+    steps: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # training steps per seed: reference, variant
+
+    @property
+    def equal_budget(self) -> bool:
+        return self.steps[0] == self.steps[1]
 
     @property
     def verdict(self) -> str:
+        if not self.equal_budget:  # a claim is about one choice at one budget (docs/ablation.md, the budget bug)
+            return "no verdict: unequal budget"
         if math.isnan(self.gain) or abs(self.gain) <= 2 * self.se:
             return "inside the noise"
         return "held" if self.gain > 0 else "did not hold"
@@ -133,12 +140,15 @@ class Comparison:
         v = VARIANTS[self.variant]
         return (f"**{self.verdict}** — reference vs `{self.variant}` ({v.what}): {self.gain:+.1f} ± {self.se:.1f} "
                 f"points for the reference (mean score, {self.n} paired items, {self.seeds} seed"
-                f"{'s' if self.seeds != 1 else ''}); TPF {self.tpf[0]:.2f} vs {self.tpf[1]:.2f}")
+                f"{'s' if self.seeds != 1 else ''}); TPF {self.tpf[0]:.2f} vs {self.tpf[1]:.2f}"
+                + ("" if self.equal_budget else f"; `{self.variant}` trained {', '.join(map(str, self.steps[1]))} steps "
+                   f"against the reference's {', '.join(map(str, self.steps[0]))} (per seed)"))
 
 
 def compare(variant: str, reference: list[dict[str, float]], other: list[dict[str, float]],
-            tpf: tuple[list[float], list[float]]) -> Comparison:
-    """`reference`/`other`: per seed, item key → primary metric at the final stage (the same keys, paired)."""
+            tpf: tuple[list[float], list[float]], steps: tuple[list[int], list[int]] = ([], [])) -> Comparison:
+    """`reference`/`other`: per seed, item key → primary metric at the final stage (the same keys, paired);
+    `steps`: per seed, the training steps each took (a difference withholds the verdict)."""
     if len(reference) != len(other) or not reference:
         raise ValueError(f"{variant}: {len(other)} seeds against the reference's {len(reference)}")
     gains, item_se, n = [], [], None
@@ -158,4 +168,5 @@ def compare(variant: str, reference: list[dict[str, float]], other: list[dict[st
         spread = math.sqrt(sum((g - gain) ** 2 for g in gains) / (len(gains) - 1) / len(gains))
         se = max(se, spread)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    return Comparison(VARIANTS[variant].claim, variant, gain, se, len(gains), n or 0, (mean(tpf[0]), mean(tpf[1])))
+    return Comparison(VARIANTS[variant].claim, variant, gain, se, len(gains), n or 0, (mean(tpf[0]), mean(tpf[1])),
+                      (tuple(steps[0]), tuple(steps[1])))

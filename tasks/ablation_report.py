@@ -72,9 +72,11 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
         if name == "reference":
             continue
         c = compare(name, [r["items"] for r in reference], [r["items"] for r in per_seed],
-                    ([r["tpf"] for r in reference], [r["tpf"] for r in per_seed]))
+                    ([r["tpf"] for r in reference], [r["tpf"] for r in per_seed]),
+                    ([r["steps"] for r in reference], [r["steps"] for r in per_seed]))
         comparisons.append({"claim": c.claim, "variant": name, "gain": c.gain, "se": c.se, "seeds": c.seeds, "n": c.n,
-                            "tpf_reference": c.tpf[0], "tpf_variant": c.tpf[1], "verdict": c.verdict,
+                            "tpf_reference": c.tpf[0], "tpf_variant": c.tpf[1], "equal_budget": c.equal_budget,
+                            "verdict": c.verdict,
                             "sentence": c.sentence()})
     claims = []
     for key, claim in CLAIMS.items():

@@ -74,6 +74,12 @@ def test_verdicts_follow_the_paired_difference_and_its_noise():
     assert wide.verdict == "inside the noise" and wide.se > 40
     with pytest.raises(ValueError, match="missing"):
         compare("direct", [ref[0]], [{"b/0": 1.0}], ([1.0], [1.0]))
+    # a variant that trained fewer steps than the reference (a lost per-stage budget) gets no verdict, however large
+    # its difference: the claim is about one choice at one budget
+    short = compare("direct", ref, much_worse, tpf, ([1210] * 3, [1210, 420, 1210]))
+    assert short.gain == held.gain and not short.equal_budget and short.verdict == "no verdict: unequal budget"
+    assert "trained 1210, 420, 1210 steps against the reference's 1210, 1210, 1210" in short.sentence()
+    assert compare("direct", ref, much_worse, tpf, ([1210] * 3, [1210] * 3)).verdict == "held"
 
 
 def test_bard_ablate_dry_run_prints_every_run_and_refuses_bad_variants(capsys):
