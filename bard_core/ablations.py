@@ -122,7 +122,7 @@ class Comparison:
     seeds: int
     n: int  # paired items per seed
     tpf: tuple[float, float]  # final-stage TPF on the speed benchmark: reference, variant (means over seeds)
-    steps: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())  # training steps per seed: reference, variant
+    steps: tuple[tuple[int, ...], tuple[int, ...]]  # training steps per seed: reference, variant
 
     @property
     def equal_budget(self) -> bool:
@@ -146,11 +146,14 @@ class Comparison:
 
 
 def compare(variant: str, reference: list[dict[str, float]], other: list[dict[str, float]],
-            tpf: tuple[list[float], list[float]], steps: tuple[list[int], list[int]] = ([], [])) -> Comparison:
+            tpf: tuple[list[float], list[float]], steps: tuple[list[int], list[int]]) -> Comparison:
     """`reference`/`other`: per seed, item key → primary metric at the final stage (the same keys, paired);
     `steps`: per seed, the training steps each took (a difference withholds the verdict)."""
     if len(reference) != len(other) or not reference:
         raise ValueError(f"{variant}: {len(other)} seeds against the reference's {len(reference)}")
+    if not len(steps[0]) == len(steps[1]) == len(reference):  # no count is not an equal budget
+        raise ValueError(f"{variant}: step counts for {len(steps[0])} and {len(steps[1])} seeds, "
+                         f"scores for {len(reference)}")
     gains, item_se, n = [], [], None
     for ref, oth in zip(reference, other):
         keys = [k for k in ref if k in oth]

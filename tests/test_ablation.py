@@ -62,24 +62,28 @@ def test_verdicts_follow_the_paired_difference_and_its_noise():
     same = [dict(r) for r in ref]
     better = [{k: 1.0 for k in r} for r in ref]
     tpf = ([1.0] * 3, [1.0] * 3)
-    held = compare("direct", ref, much_worse, tpf)
+    steps = ([1210] * 3, [1210] * 3)
+    held = compare("direct", ref, much_worse, tpf, steps)
     assert held.verdict == "held" and held.gain > 20 and held.seeds == 3 and held.n == 600
-    assert compare("direct", ref, same, tpf).verdict == "inside the noise"
-    lost = compare("mask_noise", ref, better, tpf)
+    assert compare("direct", ref, same, tpf, steps).verdict == "inside the noise"
+    lost = compare("mask_noise", ref, better, tpf, steps)
     assert lost.verdict == "did not hold" and lost.gain < 0 and "did not hold" in lost.sentence()
     # two seeds that disagree: the spread over seeds, not the items' se, decides
     flip = [ref[0], ref[1]]
     other = [{k: 0.0 for k in ref[0]}, {k: 1.0 for k in ref[1]}]
-    wide = compare("direct", flip, other, ([1.0] * 2, [1.0] * 2))
+    wide = compare("direct", flip, other, ([1.0] * 2, [1.0] * 2), ([1210] * 2, [1210] * 2))
     assert wide.verdict == "inside the noise" and wide.se > 40
     with pytest.raises(ValueError, match="missing"):
-        compare("direct", [ref[0]], [{"b/0": 1.0}], ([1.0], [1.0]))
+        compare("direct", [ref[0]], [{"b/0": 1.0}], ([1.0], [1.0]), ([1210], [1210]))
+    # no step counts is not an equal budget: a report that lost them fails instead of giving verdicts
+    with pytest.raises(ValueError, match="step counts for 0 and 0 seeds, scores for 3"):
+        compare("direct", ref, much_worse, tpf, ([], []))
     # a variant that trained fewer steps than the reference (a lost per-stage budget) gets no verdict, however large
     # its difference: the claim is about one choice at one budget
     short = compare("direct", ref, much_worse, tpf, ([1210] * 3, [1210, 420, 1210]))
     assert short.gain == held.gain and not short.equal_budget and short.verdict == "no verdict: unequal budget"
     assert "trained 1210, 420, 1210 steps against the reference's 1210, 1210, 1210" in short.sentence()
-    assert compare("direct", ref, much_worse, tpf, ([1210] * 3, [1210] * 3)).verdict == "held"
+    assert compare("direct", ref, much_worse, tpf, steps).verdict == "held"
 
 
 def test_bard_ablate_dry_run_prints_every_run_and_refuses_bad_variants(capsys):
