@@ -3,13 +3,16 @@ their place? Each variant (`bard_core.ablations.VARIANTS`) is a run of the pipel
 with its overrides, at the reference's total training steps, per seed; the gates are opened so that every
 stage is trained and measured whatever it scores. All runs share the pipeline's content-addressed cache under
 `root`: one world, one curated dataset, and every stage whose inputs a variant does not change (a decoding
-variant trains nothing). The report compares each variant with the reference on the same items.
+variant trains nothing). The report compares each variant with the reference on the same items. A run that
+finished before with the same settings and the same code is reused, so an ablation that stopped, or one given
+more variants or seeds, runs only what is new (delete ``ROOT/<variant>-seed<N>`` to run one again).
 
     ablation ─▶ for seed, for variant: pipeline(overrides, schedule, steps) ─▶ ablation.md / .json / .png
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -21,6 +24,9 @@ from bard_core.ablations import VARIANTS, plan, stage_steps
 from bard_core.recipes import get_recipe
 from flows.pipeline import OPEN_GATES, LineParams, PipelineParams, pipeline_flow
 from tasks.ablation_report import publish_ablation, run_summary, write_ablation
+from tasks.refs import code_version
+
+FINISHED = "ablation-run.json"  # beside a run's report.json: the settings and code it finished with
 
 
 class AblationParams(LineParams):
@@ -83,6 +89,19 @@ def write_report(params: AblationParams, runs: list, seconds: float | None = Non
     return write_ablation(Path(params.root).resolve() / "report", summaries, settings)
 
 
+def fingerprint(run: PipelineParams) -> str:
+    """What a finished run is reused on: all its settings and the code (as the stage cache keys on it)."""
+    blob = json.dumps({"params": run.model_dump(mode="json"), "code": code_version()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def finished(run: PipelineParams) -> bool:
+    run_dir = Path(run.root) / run.run_name
+    marker = run_dir / FINISHED
+    return (marker.exists() and (run_dir / "report.json").exists()
+            and json.loads(marker.read_text()).get("fingerprint") == fingerprint(run))
+
+
 @flow(name="ablation", log_prints=True)
 def ablation_flow(params: AblationParams) -> dict:
     started = time.monotonic()
@@ -90,8 +109,14 @@ def ablation_flow(params: AblationParams) -> dict:
     print(f"ablation: {len(runs)} pipeline runs ({len(params.variants)} variants × {params.seeds} seeds) under "
           f"{Path(params.root).resolve()}")
     for name, seed, run in runs:
+        marker = Path(run.root) / run.run_name / FINISHED
+        if finished(run):
+            print(f"variant {name}, seed {seed}: finished before with these settings and this code; reused")
+            continue
         print(f"variant {name}, seed {seed}: schedule {run.block_sizes}, {VARIANTS[name].what}")
+        marker.unlink(missing_ok=True)  # gone before the run's report changes
         pipeline_flow.with_options(flow_run_name=run.run_name)(run)
+        marker.write_text(json.dumps({"fingerprint": fingerprint(run), "variant": name, "seed": seed}))
     paths = write_report(params, runs, round(time.monotonic() - started, 1))
     publish_ablation(paths)
     for claim in paths["result"]["claims"]:

@@ -1,7 +1,7 @@
 """The ablation report: per variant (over seeds) every shapes score of the final stage, its worst paired drop
-against the AR base, TPF and tokens/s on the speed benchmark, training steps and their seconds (the stages'
-recorded step and data time, Ray's start excluded, whether this run trained a stage or found it cached); per
-claim a plain sentence (`bard_core.ablations.Comparison`). Writes ``ablation.md``, ``ablation.json`` and
+against the AR base, TPF and tokens/s on the speed benchmark, the tokens correction decoding replaced, training
+steps and their seconds (the stages' recorded step and data time, Ray's start excluded, whether this run trained
+a stage or found it cached); per claim a plain sentence (`bard_core.ablations.Comparison`). Writes ``ablation.md``, ``ablation.json`` and
 ``ablation.png`` (mean score against TPF, bars: spread over seeds) and publishes them as Prefect artifacts.
 """
 
@@ -36,13 +36,15 @@ def run_summary(run_dir: str | Path) -> dict:
     worst = max(checks, key=lambda c: c["drop"])
     every = [c["drop"] for s in report["stages"] for c in s["checks"] if c["drop"] is not None]
     speedup = chosen.get("speedup") or {}
+    edits = sum(json.loads(line)["decode"]["edits"] for f in sorted(Path(chosen["samples"]).glob("*.jsonl"))
+                for line in f.read_text().splitlines())  # what correction decoding changed, over the whole suite
     return {"run": str(run_dir), "schedule": [s["block_size"] for s in report["stages"]],
             "final_block_size": final["block_size"], "scores": chosen["scores"],
             "mean_score": sum(chosen["scores"].values()) / len(chosen["scores"]), "items": items,
             "max_drop": worst["drop"], "max_drop_se": worst["se"], "worst": worst["benchmark"],
             "max_drop_any_stage": max(every), "tpf": final["tpf"], "tok_s_batch1": chosen.get("tok_s_batch1"),
             "tok_s": chosen.get("tok_s"), "speedup_batch1": speedup.get("1"),
-            "train_seconds": seconds, "steps": steps,
+            "train_seconds": seconds, "steps": steps, "edits": edits,
             "baseline": report["baseline"]["scores"]}
 
 
@@ -61,7 +63,7 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
         row = {"variant": name, "claim": VARIANTS[name].claim, "what": VARIANTS[name].what, "seeds": len(per_seed),
                "schedule": per_seed[0]["schedule"], "steps": [r["steps"] for r in per_seed]}
         for key in ("mean_score", "max_drop", "max_drop_any_stage", "tpf", "tok_s_batch1", "tok_s", "speedup_batch1",
-                    "train_seconds"):
+                    "train_seconds", "edits"):
             row[key], row[f"{key}_sd"] = _mean_sd([r[key] for r in per_seed])
         row["scores"] = {b: _mean_sd([r["scores"][b] for r in per_seed])[0] for b in per_seed[0]["scores"]}
         row["runs"] = [r["run"] for r in per_seed]
@@ -110,9 +112,9 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
         lines += [f"  - {t['sentence']}" for t in c["tests"]]
     lines += ["", "## Variants", "",
               "| variant | schedule | steps | train s | " + " | ".join(short) + " | mean | max drop vs AR | TPF | "
-              "tok/s b1 | × AR b1 |", "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
+              "tok/s b1 | × AR b1 | edits |", "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|",
               "| AR base | - | - | - | " + " | ".join(f"{result['baseline'][n]:.3f}" for n in names)
-              + f" | {sum(result['baseline'].values()) / len(names):.3f} | - | 1.00 | - | 1.00 |"]
+              + f" | {sum(result['baseline'].values()) / len(names):.3f} | - | 1.00 | - | 1.00 | - |"]
     for r in result["variants"]:
         def pm(key: str, spec: str, r: dict = r) -> str:  # mean ± the spread over seeds
             return _x(r[key], spec) + (f" ± {r[key + '_sd']:{spec}}" if r[key + "_sd"] is not None else "")
@@ -120,8 +122,10 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
         lines.append(f"| `{r['variant']}` | {'→'.join(map(str, r['schedule']))} | {r['steps'][0]} | "
                      f"{_x(r['train_seconds'], '.0f')} | " + " | ".join(_x(r["scores"][n], ".3f") for n in names)
                      + f" | {pm('mean_score', '.3f')} | {pm('max_drop', '.3f')} | {pm('tpf', '.2f')} | "
-                     f"{_x(r['tok_s_batch1'], '.0f')} | {_x(r['speedup_batch1'], '.2f')} |")
-    lines += ["", "Variants: " + "; ".join(f"`{r['variant']}`: {r['what']}" for r in result["variants"])]
+                     f"{_x(r['tok_s_batch1'], '.0f')} | {_x(r['speedup_batch1'], '.2f')} | {_x(r['edits'], '.0f')} |")
+    lines += ["", "`edits`: tokens the correction step replaced in the final stage's answers to the whole suite "
+              "(mean over seeds).", "",
+              "Variants: " + "; ".join(f"`{r['variant']}`: {r['what']}" for r in result["variants"])]
     if plot:
         lines += ["", f"![mean score against tokens per forward]({plot})"]
     return "\n".join(lines) + "\n"

@@ -127,6 +127,7 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     from flows.ablation import AblationParams, ablation_flow
+    from tasks.report import chosen_entry
 
     _, root = first_run
     first = json.loads((root / "first" / "report.json").read_text())
@@ -153,6 +154,11 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     assert steps["direct"] == steps["reference"] == steps["no_correction"] == [88]  # B4 40 + B8 40+8
     assert runs["no_correction"]["stages"][-1]["decode"]["max_edits_per_position"] == 0
     assert runs["reference"]["stages"][-1]["decode"]["max_edits_per_position"] == 1
+    edits = {r["variant"]: r["edits"] for r in result["variants"]}  # summed from the final stage's samples
+    samples = Path(chosen_entry(runs["reference"]["stages"][-1])["samples"])
+    assert edits["reference"] == sum(json.loads(line)["decode"]["edits"] for f in samples.glob("*.jsonl")
+                                     for line in f.read_text().splitlines())
+    assert edits["no_correction"] == 0
     claims = {c["claim"]: c for c in result["claims"]}
     assert set(claims) == {"progressive", "noise"}
     for c in claims.values():
@@ -177,3 +183,19 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     assert main(argv + [f"--set={k}={v}" for k, v in MINIMAL.items()]) == 0
     again = json.loads((report_dir / "ablation.json").read_text())
     assert again["claims"] == result["claims"] and again["variants"] == result["variants"]
+
+    # given one more variant, the ablation runs only that one: the finished runs (same settings, same code) are
+    # reused as they are; a finished run's marker no longer matches once a setting changes
+    from flows.ablation import FINISHED, finished, variant_runs
+
+    done = {p: p.stat().st_mtime_ns for name in runs for p in (root / f"{name}-seed0").rglob("*") if p.is_file()}
+    more = AblationParams(**{**params.model_dump(), "variants": ["direct", "no_correction", "confident_fallback"]})
+    state = ablation_flow(more, return_state=True)
+    assert state.is_completed(), state.message
+    assert {p: p.stat().st_mtime_ns for p in done} == done
+    assert (root / "confident_fallback-seed0" / FINISHED).exists()
+    result = json.loads(Path(state.result()["json"]).read_text())
+    assert [r["variant"] for r in result["variants"]] == ["reference", "direct", "no_correction", "confident_fallback"]
+    changed = AblationParams(**{**params.model_dump(), "limit": 5})
+    assert all(finished(run) for _, _, run in variant_runs(params))
+    assert not any(finished(run) for _, _, run in variant_runs(changed))
