@@ -97,9 +97,11 @@ def fingerprint(run: PipelineParams) -> str:
 
 def finished(run: PipelineParams) -> bool:
     run_dir = Path(run.root) / run.run_name
-    marker = run_dir / FINISHED
-    return (marker.exists() and (run_dir / "report.json").exists()
-            and json.loads(marker.read_text()).get("fingerprint") == fingerprint(run))
+    try:
+        recorded = json.loads((run_dir / FINISHED).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):  # no marker, or one cut short: the run is run again
+        return False
+    return recorded == fingerprint(run) and (run_dir / "report.json").exists()
 
 
 @flow(name="ablation", log_prints=True)

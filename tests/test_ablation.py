@@ -99,3 +99,22 @@ def test_bard_ablate_dry_run_prints_every_run_and_refuses_bad_variants(capsys):
     assert "unknown variants ['nope']" in capsys.readouterr().err
     assert main(["ablate", "--dry-run", "--variants", "first_last"]) == 2  # the quick schedule is B4 → B8
     assert "no stage between its first and last" in capsys.readouterr().err
+
+
+def test_a_finished_run_is_known_by_its_settings_and_a_bad_marker_means_run_again(tmp_path):
+    from flows.ablation import FINISHED, AblationParams, fingerprint, finished, variant_runs
+
+    params = AblationParams(variants=["no_correction"], root=str(tmp_path))
+    (_, _, run), (_, _, other) = variant_runs(params)
+    assert fingerprint(run) != fingerprint(other)  # the decoding override is part of it
+    run_dir = tmp_path / run.run_name
+    run_dir.mkdir()
+    (run_dir / "report.json").write_text("{}")
+    assert not finished(run)  # no marker
+    for bad in ("", "{\"fingerprint\": ", "[1, 2]", json.dumps({"fingerprint": fingerprint(other)})):
+        (run_dir / FINISHED).write_text(bad)
+        assert not finished(run), bad
+    (run_dir / FINISHED).write_text(json.dumps({"fingerprint": fingerprint(run)}))
+    assert finished(run)
+    (run_dir / "report.json").unlink()
+    assert not finished(run)  # a marker without its report is not a finished run
