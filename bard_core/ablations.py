@@ -3,16 +3,19 @@ with overrides at the same total training budget, and the verdict on each claim 
 
 A `Variant` changes settings (`overrides`) and/or the schedule (``direct``: the last block size straight from
 the AR base; ``first_last``: the first and the last). `plan` turns a variant into a run's schedule and
-per-stage step counts so that every variant trains the same number of steps in all; `verdict` compares a
-variant's paired per-item results with the reference's over seeds. Standard library only (flows import it).
+per-stage step counts so that every variant trains the same number of steps in all; `compare` judges a
+variant's paired per-item results against the reference's over seeds, `at_equal_speed` the same at one
+speed. Standard library only (flows import it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from bard_core.config import Recipe
+
+SPEED_TOLERANCE = 0.1  # two settings are at the same speed when their TPFs differ by at most this share
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,10 @@ class Comparison:
     n: int  # paired items per seed
     tpf: tuple[float, float]  # final-stage TPF on the speed benchmark: reference, variant (means over seeds)
     steps: tuple[tuple[int, ...], tuple[int, ...]]  # training steps per seed: reference, variant
+    # at equal speed (`at_equal_speed`): the decoding thresholds compared per seed (reference's, variant's) and
+    # the largest relative TPF difference of a pair; None: at the gate's thresholds
+    thresholds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    speed_gap: float = 0.0
 
     @property
     def equal_budget(self) -> bool:
@@ -132,12 +139,21 @@ class Comparison:
     def verdict(self) -> str:
         if not self.equal_budget:  # a claim is about one choice at one budget (docs/ablation.md, the budget bug)
             return "no verdict: unequal budget"
+        if self.speed_gap > SPEED_TOLERANCE:
+            return "no verdict: no setting at the same speed"
         if math.isnan(self.gain) or abs(self.gain) <= 2 * self.se:
             return "inside the noise"
         return "held" if self.gain > 0 else "did not hold"
 
     def sentence(self) -> str:
         v = VARIANTS[self.variant]
+        if self.thresholds is not None:
+            taus = ["/".join(dict.fromkeys(f"{t:g}" for t in side)) for side in self.thresholds]
+            return (f"**{self.verdict}** — at equal speed, reference vs `{self.variant}`: {self.gain:+.1f} ± "
+                    f"{self.se:.1f} points for the reference (mean score, {self.n} paired items, {self.seeds} seed"
+                    f"{'s' if self.seeds != 1 else ''}); TPF {self.tpf[0]:.2f} at τ {taus[0]} vs {self.tpf[1]:.2f} at "
+                    f"τ {taus[1]}" + (f"; the nearest speeds differ by {100 * self.speed_gap:.0f}% (more than "
+                                       f"{100 * SPEED_TOLERANCE:.0f}%)" if self.speed_gap > SPEED_TOLERANCE else ""))
         return (f"**{self.verdict}** — reference vs `{self.variant}` ({v.what}): {self.gain:+.1f} ± {self.se:.1f} "
                 f"points for the reference (mean score, {self.n} paired items, {self.seeds} seed"
                 f"{'s' if self.seeds != 1 else ''}); TPF {self.tpf[0]:.2f} vs {self.tpf[1]:.2f}"
@@ -173,3 +189,30 @@ def compare(variant: str, reference: list[dict[str, float]], other: list[dict[st
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return Comparison(VARIANTS[variant].claim, variant, gain, se, len(gains), n or 0, (mean(tpf[0]), mean(tpf[1])),
                       (tuple(steps[0]), tuple(steps[1])))
+
+
+def at_equal_speed(variant: str, reference: list[list[dict]], other: list[list[dict]],
+                   steps: tuple[list[int], list[int]], threshold: float | None = None) -> Comparison:
+    """The comparison at one speed. `reference`/`other`: per seed, the final stage's points (``threshold``,
+    ``tpf``, ``items``), the gate's first. Per seed the faster side stays at its gate point and the slower side
+    is taken at its point of the nearest TPF: does the slower side's accuracy survive going as fast? With
+    `threshold`, the variant's point there instead, against the reference's point of the nearest TPF."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"{variant}: {len(other)} seeds against the reference's {len(reference)}")
+    nearest = lambda points, to: min(points, key=lambda p: abs(p["tpf"] - to["tpf"]))  # noqa: E731
+    pairs = []
+    for ref, oth in zip(reference, other):
+        if threshold is not None:
+            mine = next((p for p in oth if p["threshold"] == threshold), None)
+            if mine is None:
+                raise ValueError(f"{variant}: no point at τ {threshold:g}")
+            pairs.append((nearest(ref, mine), mine))
+        elif ref[0]["tpf"] >= oth[0]["tpf"]:
+            pairs.append((ref[0], nearest(oth, ref[0])))
+        else:
+            pairs.append((nearest(ref, oth[0]), oth[0]))
+    c = compare(variant, [r["items"] for r, _ in pairs], [o["items"] for _, o in pairs],
+                ([r["tpf"] for r, _ in pairs], [o["tpf"] for _, o in pairs]), steps)
+    gap = max(abs(r["tpf"] - o["tpf"]) / max(r["tpf"], o["tpf"]) for r, o in pairs)
+    return replace(c, thresholds=(tuple(r["threshold"] for r, _ in pairs), tuple(o["threshold"] for _, o in pairs)),
+                   speed_gap=gap)

@@ -5,15 +5,18 @@ stage is trained and measured whatever it scores. All runs share the pipeline's 
 `root`: one world, one curated dataset, and every stage whose inputs a variant does not change (a decoding
 variant trains nothing). The report compares each variant with the reference on the same items. A run that
 finished before with the same settings and the same code is reused, so an ablation that stopped, or one given
-more variants or seeds, runs only what is new (delete ``ROOT/<variant>-seed<N>`` to run one again).
+more variants or seeds, runs only what is new (delete ``ROOT/<variant>-seed<N>`` to run one again). With
+`speed_taus`, each final stage is also evaluated at those thresholds, for the comparison at equal speed.
 
-    ablation ─▶ for seed, for variant: pipeline(overrides, schedule, steps) ─▶ ablation.md / .json / .png
+    ablation ─▶ for seed, for variant: pipeline(overrides, schedule, steps) ─▶ final stage at speed_taus
+             ─▶ ablation.md / .json / .png
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -22,11 +25,13 @@ from pydantic import Field, field_validator
 
 from bard_core.ablations import VARIANTS, plan, stage_steps
 from bard_core.recipes import get_recipe
-from flows.pipeline import OPEN_GATES, LineParams, PipelineParams, pipeline_flow
+from flows.pipeline import OPEN_GATES, LineParams, PipelineParams, pipeline_flow, world_dir
 from tasks.ablation_report import publish_ablation, run_summary, write_ablation
+from tasks.evaluate import Suite, evaluate_task
 from tasks.refs import code_version
 
 FINISHED = "ablation-run.json"  # beside a run's report.json: the settings and code it finished with
+SPEED = "speed"  # beside it: the final stage at the ablation's speed_taus (`speed_points`)
 
 
 class AblationParams(LineParams):
@@ -37,6 +42,16 @@ class AblationParams(LineParams):
     seeds: int = Field(1, ge=1, description="seeds per variant (train.seed 0..N-1: data order and noise)")
     limit: int = Field(300, ge=4, description="items per shapes benchmark")
     root: str = Field("ablation", description="the runs, the shared cache and the report live here")
+    speed_taus: list[float] = Field(default_factory=list,
+                                    description="more decoding thresholds for each variant's final stage, for the "
+                                                "comparison at equal speed (e.g. 0.7, 0.5, 0.3)")
+
+    @field_validator("speed_taus")
+    @classmethod
+    def _taus(cls, taus: list[float]) -> list[float]:
+        if not all(0.0 < t < 1.0 for t in taus):
+            raise ValueError(f"speed_taus {taus}: decoding thresholds lie in (0, 1)")
+        return sorted(set(taus), reverse=True)
 
     @field_validator("variants")
     @classmethod
@@ -81,12 +96,36 @@ def write_report(params: AblationParams, runs: list, seconds: float | None = Non
     schedule = list(params.block_sizes) or list(recipe.train.block_sizes)
     summaries: dict[str, list[dict]] = {}
     for name, _, run in runs:
-        summaries.setdefault(name, []).append(run_summary(Path(run.root) / run.run_name))
+        summaries.setdefault(name, []).append(run_summary(Path(run.root) / run.run_name, params.speed_taus))
     settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule,
                 "total_steps": sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule))),
                 "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),
-                "seconds": seconds}
+                "speed_taus": params.speed_taus, "seconds": seconds}
     return write_ablation(Path(params.root).resolve() / "report", summaries, settings)
+
+
+def speed_points(params: AblationParams, run: PipelineParams) -> list[str]:
+    """Evaluate a finished run's final stage at each of `params.speed_taus` not yet measured (nor measured by
+    its gate), under ``ROOT/<run>/speed/tau-X``; returns the thresholds it evaluated."""
+    run_dir = Path(run.root) / run.run_name
+    final = json.loads((run_dir / "report.json").read_text())["stages"][-1]
+    done = {e["threshold"] for e in final["sweep"] if e.get("threshold") is not None}
+    todo = tuple(t for t in params.speed_taus if t not in done
+                 and not (run_dir / SPEED / f"tau-{t:g}" / "eval.json").exists())
+    if todo:
+        overrides = {**run.overrides, **run.stage_overrides.get(final["block_size"], {})}
+        include = list(run.include_paths) + ([] if run.sources else  # as the pipeline found them
+                                             [str(world_dir(run.root, run.world) / "benchmarks")])
+        suite = Suite.of_gate(get_recipe(run.recipe, overrides).gate, tuple(include))
+        evaluate_task(final["checkpoint"], suite, str(run_dir / SPEED), "diffusion", todo, None, run.recipe, overrides)
+    return [f"{t:g}" for t in todo]
+
+
+def speed_curves(params: AblationParams, runs: list) -> None:
+    """`speed_points` for every finished run of `runs` (`variant_runs(params)`)."""
+    for name, seed, run in runs:
+        if params.speed_taus and (taus := speed_points(params, run)):
+            print(f"variant {name}, seed {seed}: final stage evaluated at τ {', '.join(taus)}")
 
 
 def fingerprint(run: PipelineParams) -> str:
@@ -117,8 +156,10 @@ def ablation_flow(params: AblationParams) -> dict:
             continue
         print(f"variant {name}, seed {seed}: schedule {run.block_sizes}, {VARIANTS[name].what}")
         marker.unlink(missing_ok=True)  # gone before the run's report changes
+        shutil.rmtree(marker.parent / SPEED, ignore_errors=True)  # measured on what the run replaces
         pipeline_flow.with_options(flow_run_name=run.run_name)(run)
         marker.write_text(json.dumps({"fingerprint": fingerprint(run), "variant": name, "seed": seed}))
+    speed_curves(params, runs)
     paths = write_report(params, runs, round(time.monotonic() - started, 1))
     publish_ablation(paths)
     for claim in paths["result"]["claims"]:

@@ -12,14 +12,15 @@ import time
 from pathlib import Path
 
 from flows.cli import UsageError, _pairs
+from flows.cli_eval import _thresholds
 from flows.local_server import ensure_flow_server
 
 # the CI-sized default: B4 → B8 at 60 merge + 12 distill steps a stage, 400 conversations per source, 60 items
 QUICK = {"block_sizes": [4, 8], "overrides": {"train.merge_steps": "60", "train.distill_steps": "12",
                                               "train.checkpoint_every": "30"},
-         "limit": 60, "size": 400,
+         "limit": 60, "size": 400, "speed_taus": [0.5],
          "variants": ["direct", "teacher_ar", "teacher_none", "mask_noise", "no_correction"]}
-FULL = {"seeds": 3, "limit": 300, "size": 3000}
+FULL = {"seeds": 3, "limit": 300, "size": 3000, "speed_taus": [0.7, 0.5, 0.3]}
 
 
 def ablation_params(args):
@@ -36,6 +37,9 @@ def ablation_params(args):
     if names == ["all"]:
         names = list(VARIANTS)
     default = FULL if args.full else QUICK
+    taus = default["speed_taus"]
+    if args.speed_taus is not None:
+        taus = _thresholds(args.speed_taus, "ablate") if args.speed_taus.strip() else []
     sources = _pairs(args.source, "ablate", "--source")
     for name, uri in sources.items():
         if "://" not in uri and not Path(uri).exists():
@@ -49,7 +53,7 @@ def ablation_params(args):
             include_paths=[str(Path(d).resolve()) for d in args.include_path or []], seeds=args.seeds or default.get("seeds", 1),
             variants=names or (list(VARIANTS) if args.full else QUICK["variants"]),
             block_sizes=[int(b) for b in blocks] or ([] if args.full else QUICK["block_sizes"]),
-            limit=args.limit or default["limit"], root=str(Path(args.root).resolve()),
+            limit=args.limit or default["limit"], root=str(Path(args.root).resolve()), speed_taus=taus,
             world=WorldParams(seed=args.world_seed, size=args.world_size or default["size"]))
     except ValueError as exc:  # pydantic's validation errors are ValueErrors
         message = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
@@ -57,7 +61,7 @@ def ablation_params(args):
 
 
 def cmd_ablate(args) -> int:
-    from flows.ablation import ablation_flow, variant_runs, write_report
+    from flows.ablation import ablation_flow, speed_curves, variant_runs, write_report
 
     params = ablation_params(args)
     try:
@@ -74,6 +78,9 @@ def cmd_ablate(args) -> int:
         missing = [run.run_name for _, _, run in runs if not (Path(run.root) / run.run_name / "report.json").exists()]
         if missing:
             raise UsageError(f"bard ablate --report-only: no finished run {', '.join(missing)} under {params.root}")
+        if params.speed_taus:  # the final stages at thresholds not yet measured: evaluation, no training
+            ensure_flow_server()
+            speed_curves(params, runs)
         paths = write_report(params, runs)
         summary = {"report": paths["ablation_md"], "json": paths["ablation_json"],
                    "verdicts": {t["variant"]: t["verdict"] for c in paths["result"]["claims"] for t in c["tests"]}}
@@ -111,7 +118,11 @@ def add_commands(sub) -> None:
     p.add_argument("--world-size", type=int, default=None, help="clean conversations per source (default 400; "
                                                                 "--full 3000)")
     p.add_argument("--dry-run", action="store_true", help="print every run's schedule and overrides, run nothing")
+    p.add_argument("--speed-taus", default=None, metavar="T,T,...",
+                   help="more decoding thresholds for each final stage, for the comparison at equal speed; '' for none "
+                        "(default 0.5; --full 0.7,0.5,0.3)")
     p.add_argument("--report-only", action="store_true", help="write the report again from the finished runs under "
-                                                              "--root, run nothing")
+                                                              "--root, training nothing (final stages are evaluated "
+                                                              "at the --speed-taus not yet measured)")
     p.add_argument("--json", action="store_true", help="print only the final JSON line")
     p.set_defaults(func=cmd_ablate)

@@ -1,8 +1,10 @@
 """The ablation report: per variant (over seeds) every shapes score of the final stage, its worst paired drop
 against the AR base, TPF and tokens/s on the speed benchmark, the tokens correction decoding replaced, training
 steps and their seconds (the stages' recorded step and data time, Ray's start excluded, whether this run trained
-a stage or found it cached); per claim a plain sentence (`bard_core.ablations.Comparison`). Writes ``ablation.md``, ``ablation.json`` and
-``ablation.png`` (mean score against TPF, bars: spread over seeds) and publishes them as Prefect artifacts.
+a stage or found it cached), and the final stage at more decoding thresholds when the ablation measured them;
+per claim a plain sentence (`bard_core.ablations.Comparison`), at the gate's τ and at equal speed. Writes
+``ablation.md``, ``ablation.json`` and ``ablation.png`` (mean score against TPF, bars: spread over seeds) and
+publishes them as Prefect artifacts.
 """
 
 from __future__ import annotations
@@ -12,21 +14,38 @@ import json
 import math
 from pathlib import Path
 
-from bard_core.ablations import CLAIMS, VARIANTS, compare
+from bard_core.ablations import CLAIMS, VARIANTS, at_equal_speed, compare
 from tasks.report import chosen_entry
 
 SCHEMA = 1
 
 
-def run_summary(run_dir: str | Path) -> dict:
-    """One pipeline run of a variant: its final stage's scores, items, drops and speed; its training cost."""
+def _point(eval_json: Path) -> dict:
+    """One decoding threshold of a final stage: its TPF on the speed benchmark, scores and per-item results."""
+    e = json.loads(eval_json.read_text())
+    return {"threshold": e["decode"]["threshold"], "tpf": e["speed"]["tpf"], "scores": e["scores"],
+            "mean_score": sum(e["scores"].values()) / len(e["scores"]),
+            "items": {f"{b}/{k}": v for b, values in e["items"].items() for k, v in values.items()}}
+
+
+def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = ()) -> dict:
+    """One pipeline run of a variant: its final stage's scores, items, drops and speed; its training cost; its
+    `curve`: the final stage at the gate's thresholds (the chosen one first) and at `speed_taus`
+    (``speed/tau-X``, `flows.ablation.speed_points`), fastest last."""
     report = json.loads((Path(run_dir) / "report.json").read_text())
     if not report["stages"]:
         raise ValueError(f"{run_dir}: the run evaluated no stage")
     final = report["stages"][-1]
     chosen = chosen_entry(final)
-    evaluation = json.loads((Path(chosen["samples"]).parent / "eval.json").read_text())
-    items = {f"{b}/{k}": v for b, values in evaluation["items"].items() for k, v in values.items()}
+    gate = [_point(Path(e["samples"]).parent / "eval.json") for e in [chosen] + final["sweep"]
+            if e is chosen or (e.get("threshold") is not None and e["samples"] != chosen["samples"])]
+    more = [Path(run_dir) / "speed" / f"tau-{t:g}" / "eval.json" for t in speed_taus
+            if t not in {q["threshold"] for q in gate}]
+    missing = [str(f.parent) for f in more if not f.exists()]
+    if missing:
+        raise ValueError(f"{run_dir}: the final stage is not evaluated at {', '.join(missing)}")
+    curve = gate[:1] + sorted(gate[1:] + [_point(f) for f in more], key=lambda q: q["tpf"])
+    items = curve[0]["items"]
     steps, seconds = 0, 0.0
     for stage in report["stages"]:  # what training the variant took, whether this run trained it or found it cached
         meta = json.loads((Path(stage["checkpoint"]) / "bard.json").read_text())
@@ -44,7 +63,7 @@ def run_summary(run_dir: str | Path) -> dict:
             "max_drop": worst["drop"], "max_drop_se": worst["se"], "worst": worst["benchmark"],
             "max_drop_any_stage": max(every), "tpf": final["tpf"], "tok_s_batch1": chosen.get("tok_s_batch1"),
             "tok_s": chosen.get("tok_s"), "speedup_batch1": speedup.get("1"),
-            "train_seconds": seconds, "steps": steps, "edits": edits,
+            "train_seconds": seconds, "steps": steps, "edits": edits, "curve": curve,
             "baseline": report["baseline"]["scores"]}
 
 
@@ -66,6 +85,7 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
                     "train_seconds", "edits"):
             row[key], row[f"{key}_sd"] = _mean_sd([r[key] for r in per_seed])
         row["scores"] = {b: _mean_sd([r["scores"][b] for r in per_seed])[0] for b in per_seed[0]["scores"]}
+        row["curve"] = _curve(per_seed)
         row["runs"] = [r["run"] for r in per_seed]
         rows.append(row)
     reference = runs["reference"]
@@ -80,6 +100,13 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
                             "tpf_reference": c.tpf[0], "tpf_variant": c.tpf[1], "equal_budget": c.equal_budget,
                             "verdict": c.verdict,
                             "sentence": c.sentence()})
+        if settings.get("speed_taus"):
+            m = at_equal_speed(name, [r["curve"] for r in reference], [r["curve"] for r in per_seed],
+                               ([r["steps"] for r in reference], [r["steps"] for r in per_seed]))
+            comparisons[-1]["at_speed"] = {"gain": m.gain, "se": m.se, "tpf_reference": m.tpf[0],
+                                           "tpf_variant": m.tpf[1], "thresholds": m.thresholds,
+                                           "speed_gap": m.speed_gap, "verdict": m.verdict, "sentence": m.sentence()}
+            comparisons[-1]["along_the_curve"] = _along_the_curve(name, reference, per_seed)
     claims = []
     for key, claim in CLAIMS.items():
         tests = [c for c in comparisons if c["claim"] == key]
@@ -87,6 +114,32 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
             claims.append({"claim": key, "statement": claim.statement, "tests": tests})
     return {"schema": SCHEMA, "settings": settings, "baseline": reference[0]["baseline"], "variants": rows,
             "claims": claims}
+
+
+def _along_the_curve(name: str, reference: list[dict], per_seed: list[dict]) -> list[dict]:
+    """At each decoding threshold the variant measured in every seed, reference − variant at equal speed
+    (`at_equal_speed` with that threshold: the reference at its point of the nearest TPF)."""
+    steps = ([r["steps"] for r in reference], [r["steps"] for r in per_seed])
+    shared = set.intersection(*({q["threshold"] for q in r["curve"]} for r in per_seed))
+    out = []
+    for t in sorted(shared, reverse=True):
+        c = at_equal_speed(name, [r["curve"] for r in reference], [r["curve"] for r in per_seed], steps, t)
+        out.append({"threshold": t, "reference_thresholds": c.thresholds[0], "gain": c.gain, "se": c.se,
+                    "tpf_reference": c.tpf[0], "tpf_variant": c.tpf[1], "speed_gap": c.speed_gap,
+                    "verdict": c.verdict})
+    return out
+
+
+def _curve(per_seed: list[dict]) -> list[dict]:
+    """A variant's final stage per decoding threshold, means over seeds (the gate's first, then fastest last)."""
+    out: dict[float, list[dict]] = {}
+    for run in per_seed:
+        for q in run["curve"]:
+            out.setdefault(q["threshold"], []).append(q)
+    return [{"threshold": t, "tpf": _mean_sd([q["tpf"] for q in qs])[0],
+             "mean_score": _mean_sd([q["mean_score"] for q in qs])[0],
+             "scores": {b: _mean_sd([q["scores"][b] for q in qs])[0] for b in qs[0]["scores"]}}
+            for t, qs in out.items()]
 
 
 def _x(v, spec: str) -> str:
@@ -109,7 +162,10 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
                         "items' error is the whole noise.", ""]
     for c in result["claims"]:
         lines.append(f"- *{c['statement']}*")
-        lines += [f"  - {t['sentence']}" for t in c["tests"]]
+        for t in c["tests"]:
+            lines.append(f"  - {t['sentence']}")
+            if "at_speed" in t:
+                lines.append(f"    - {t['at_speed']['sentence']}")
     lines += ["", "## Variants", "",
               "| variant | schedule | steps | train s | " + " | ".join(short) + " | mean | max drop vs AR | TPF | "
               "tok/s b1 | × AR b1 | edits |", "|---|---|---|---|" + "---|" * len(names) + "---|---|---|---|---|---|",
@@ -126,13 +182,38 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
     lines += ["", "`edits`: tokens the correction step replaced in the final stage's answers to the whole suite "
               "(mean over seeds).", "",
               "Variants: " + "; ".join(f"`{r['variant']}`: {r['what']}" for r in result["variants"])]
+    if s.get("speed_taus"):  # docs/ablation.md, "At equal speed"
+        lines += ["", "## Speed and accuracy per decoding threshold", "",
+                  "Each variant's final stage at the gate's τ (first) and at the ablation's `speed_taus`; a claim's "
+                  "comparison at equal speed keeps the faster side at its gate's τ and takes the slower side at "
+                  "the τ of the nearest TPF.", "",
+                  "| variant | τ | TPF | " + " | ".join(short) + " | mean |", "|---|---|---|" + "---|" * len(names) + "---|"]
+        for r in result["variants"]:
+            for q in r["curve"]:
+                lines.append(f"| `{r['variant']}` | {q['threshold']:g} | {q['tpf']:.2f} | "
+                             + " | ".join(_x(q["scores"].get(n), ".3f") for n in names) + f" | {q['mean_score']:.3f} |")
+        tests = [t for c in result["claims"] for t in c["tests"] if t.get("along_the_curve")]
+        taus = sorted({q["threshold"] for t in tests for q in t["along_the_curve"]}, reverse=True)
+        if tests:
+            lines += ["", "Reference − variant at equal speed along the curve: the variant at each τ, the reference at "
+                      "its τ of the nearest TPF; points of mean score ± their standard error (reference's τ, TPF "
+                      "reference / variant; *: the speeds differ by more than 10%, no verdict):", "",
+                      "| variant | " + " | ".join(f"τ {t:g}" for t in taus) + " |", "|---|" + "---|" * len(taus)]
+            for t in tests:
+                cells = {q["threshold"]: f"{q['gain']:+.1f} ± {q['se']:.1f} (τ "
+                                         f"{'/'.join(dict.fromkeys(f'{x:g}' for x in q['reference_thresholds']))}: "
+                                         f"{q['tpf_reference']:.2f} / {q['tpf_variant']:.2f})"
+                                         + ("*" if q["verdict"].endswith("same speed") else "")
+                         for q in t["along_the_curve"]}
+                lines.append(f"| `{t['variant']}` | " + " | ".join(cells.get(x, "-") for x in taus) + " |")
     if plot:
         lines += ["", f"![mean score against tokens per forward]({plot})"]
     return "\n".join(lines) + "\n"
 
 
 def ablation_png(path: Path, result: dict) -> Path:
-    """Mean score of the final stage against its TPF per variant, bars the spread over seeds."""
+    """Mean score of the final stage against its TPF per variant, bars the spread over seeds; a line through
+    its other decoding thresholds when it has them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,8 +223,12 @@ def ablation_png(path: Path, result: dict) -> Path:
     base = result["baseline"]
     ax.axhline(sum(base.values()) / len(base), color="black", lw=1, ls="--", label="AR base")
     for r in result["variants"]:
-        ax.errorbar([r["tpf"]], [r["mean_score"]], xerr=[r["tpf_sd"] or 0], yerr=[r["mean_score_sd"] or 0],
-                    fmt="s" if r["variant"] == "reference" else "o", capsize=3, label=r["variant"])
+        bars = ax.errorbar([r["tpf"]], [r["mean_score"]], xerr=[r["tpf_sd"] or 0], yerr=[r["mean_score_sd"] or 0],
+                           fmt="s" if r["variant"] == "reference" else "o", capsize=3, label=r["variant"])
+        if len(r["curve"]) > 1:  # the other thresholds: the variant's speed-accuracy curve
+            line = sorted(r["curve"], key=lambda q: q["tpf"])
+            ax.plot([q["tpf"] for q in line], [q["mean_score"] for q in line], lw=1, alpha=0.7,
+                    color=bars.lines[0].get_color())
     ax.set_xlabel(f"tokens per forward on the speed benchmark (final stage, B{result['settings']['schedule'][-1]})")
     ax.set_ylabel("mean score over the suite")
     ax.set_title("ablation: accuracy and parallelism per variant")

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from bard_core.ablations import VARIANTS, compare, plan, stage_steps
+from bard_core.ablations import VARIANTS, at_equal_speed, compare, plan, stage_steps
 from bard_core.recipes import get_recipe
 
 
@@ -86,6 +86,40 @@ def test_verdicts_follow_the_paired_difference_and_its_noise():
     assert compare("direct", ref, much_worse, tpf, steps).verdict == "held"
 
 
+def test_at_equal_speed_the_faster_side_stays_at_its_gate_point_and_the_slower_goes_as_fast():
+    rng = random.Random(1)
+    good, poor = _items(600, 0.95, rng), _items(600, 0.75, rng)
+    # the reference: accurate and slow at its gate τ, as fast as the variant only at τ 0.5 and then poorer
+    reference = [{"threshold": 0.9, "tpf": 1.2, "items": good}, {"threshold": 0.7, "tpf": 1.4, "items": good},
+                 {"threshold": 0.5, "tpf": 1.75, "items": poor}]
+    variant = [{"threshold": 0.9, "tpf": 1.7, "items": _items(600, 0.9, rng)},
+               {"threshold": 0.5, "tpf": 2.5, "items": poor}]
+    steps = ([1210], [1210])
+    at_gate = compare("mask_noise", [good], [variant[0]["items"]], ([1.2], [1.7]), steps)
+    same_speed = at_equal_speed("mask_noise", [reference], [variant], steps)
+    assert same_speed.thresholds == ((0.5,), (0.9,)) and same_speed.tpf == (1.75, 1.7)
+    assert at_gate.verdict == "held" and same_speed.verdict == "did not hold"  # the ranking turns at equal speed
+    assert "at equal speed" in same_speed.sentence() and "TPF 1.75 at τ 0.5 vs 1.70 at τ 0.9" in same_speed.sentence()
+    # the faster side may be either: the variant is slower, so it is the one taken at a lower τ
+    swapped = at_equal_speed("mask_noise", [variant], [reference], steps)
+    assert swapped.thresholds == ((0.9,), (0.5,)) and swapped.gain == pytest.approx(-same_speed.gain)
+    # no setting of the slower side within 10% of the faster's TPF: no verdict, and the gap is said
+    far = at_equal_speed("mask_noise", [reference[:2]], [variant], steps)
+    assert far.verdict == "no verdict: no setting at the same speed" and far.speed_gap == pytest.approx(0.3 / 1.7)
+    assert "the nearest speeds differ by 18%" in far.sentence()
+    # per seed its own pair; a variant with fewer steps still gets no verdict
+    two = at_equal_speed("mask_noise", [reference, reference], [variant, variant], ([1210] * 2, [1210, 420]))
+    assert two.seeds == 2 and two.thresholds == ((0.5, 0.5), (0.9, 0.9)) and two.verdict == "no verdict: unequal budget"
+    with pytest.raises(ValueError, match="1 seeds against the reference's 2"):
+        at_equal_speed("mask_noise", [reference, reference], [variant], steps)
+    # along the curve: the variant at a given τ, the reference at its point of the nearest TPF
+    fast = at_equal_speed("mask_noise", [reference], [variant], steps, threshold=0.5)
+    assert fast.thresholds == ((0.5,), (0.5,)) and fast.tpf == (1.75, 2.5) and fast.gain == 0.0
+    assert fast.verdict == "no verdict: no setting at the same speed"  # 1.75 is 30% slower than 2.5
+    with pytest.raises(ValueError, match="no point at τ 0.7"):
+        at_equal_speed("mask_noise", [reference], [variant], steps, threshold=0.7)
+
+
 def test_bard_ablate_dry_run_prints_every_run_and_refuses_bad_variants(capsys):
     from flows.cli import main
 
@@ -99,6 +133,20 @@ def test_bard_ablate_dry_run_prints_every_run_and_refuses_bad_variants(capsys):
     assert "unknown variants ['nope']" in capsys.readouterr().err
     assert main(["ablate", "--dry-run", "--variants", "first_last"]) == 2  # the quick schedule is B4 → B8
     assert "no stage between its first and last" in capsys.readouterr().err
+    for bad, said in (("0.5,x", "comma-separated numbers"), ("0.5,1", "decoding thresholds lie in (0, 1)")):
+        assert main(["ablate", "--dry-run", "--speed-taus", bad]) == 2
+        assert said in capsys.readouterr().err
+
+
+def test_speed_taus_default_per_size_and_can_be_switched_off():
+    from flows.cli import build_parser
+    from flows.cli_ablate import ablation_params
+
+    def taus(*argv: str) -> list[float]:
+        return ablation_params(build_parser().parse_args(["ablate", *argv])).speed_taus
+
+    assert taus() == [0.5] and taus("--full") == [0.7, 0.5, 0.3]
+    assert taus("--speed-taus", "0.3,0.8,0.3") == [0.8, 0.3] and taus("--full", "--speed-taus", "") == []
 
 
 def test_a_finished_run_is_known_by_its_settings_and_a_bad_marker_means_run_again(tmp_path):

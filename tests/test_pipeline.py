@@ -136,7 +136,7 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     params = AblationParams(sources={"llava_ov": str(world_dir / "sources/llava_ov"),
                                      "finevision": str(world_dir / "sources/finevision")},
                             include_paths=[str(world_dir / "benchmarks")], block_sizes=[4, 8], overrides=MINIMAL,
-                            variants=["direct", "no_correction"], limit=4, root=str(root))
+                            variants=["direct", "no_correction"], limit=4, root=str(root), speed_taus=[0.5])
     state = ablation_flow(params, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
@@ -159,16 +159,33 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     assert edits["reference"] == sum(json.loads(line)["decode"]["edits"] for f in samples.glob("*.jsonl")
                                      for line in f.read_text().splitlines())
     assert edits["no_correction"] == 0
+    # each final stage at the gate's τ 0.9 and at speed_taus' 0.5, evaluated on its own checkpoint and decoding
+    for name, run in runs.items():
+        fast = json.loads((root / f"{name}-seed0" / "speed" / "tau-0.5" / "eval.json").read_text())
+        assert fast["checkpoint"] == run["stages"][-1]["checkpoint"] and fast["decode"]["threshold"] == 0.5
+        assert fast["decode"]["max_edits_per_position"] == (0 if name == "no_correction" else 1)
+        curve = next(r["curve"] for r in result["variants"] if r["variant"] == name)
+        assert [q["threshold"] for q in curve] == [0.9, 0.5]
+        assert curve[0]["tpf"] == pytest.approx(run["stages"][-1]["tpf"]) and curve[1]["tpf"] == fast["speed"]["tpf"]
     claims = {c["claim"]: c for c in result["claims"]}
     assert set(claims) == {"progressive", "noise"}
     for c in claims.values():
         for t in c["tests"]:
             assert t["verdict"] in ("held", "did not hold", "inside the noise") and t["verdict"] in t["sentence"]
             assert t["n"] == 5 * 4  # every item of the five benchmarks, paired
+            speed = t["at_speed"]  # the faster side at its gate τ, the slower at its τ of the nearest TPF
+            faster = max(t["tpf_reference"], t["tpf_variant"])
+            assert faster in (speed["tpf_reference"], speed["tpf_variant"])
+            assert speed["sentence"] in Path(summary["report"]).read_text()
+            (gate, fast) = t["along_the_curve"]  # the variant at τ 0.9 and 0.5, each against the nearest speed
+            assert (gate["threshold"], fast["threshold"]) == (0.9, 0.5) and fast["tpf_variant"] == pytest.approx(
+                next(r for r in result["variants"] if r["variant"] == t["variant"])["curve"][1]["tpf"])
     report_dir = Path(summary["report"]).parent
     assert {"ablation.md", "ablation.json", "ablation.png"} <= {p.name for p in report_dir.iterdir()}
     text = (report_dir / "ablation.md").read_text()
     assert "## Claims" in text and "One seed: each claim's ± is the paired items' standard error" in text
+    assert "## Speed and accuracy per decoding threshold" in text and "| `direct` | 0.5 |" in text
+    assert "Reference − variant at equal speed along the curve" in text
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
             any_=[state.state_details.flow_run_id])))
@@ -177,7 +194,7 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     from flows.cli import main  # the same report again from the finished runs, through the command line
 
     (report_dir / "ablation.json").unlink()
-    argv = ["ablate", "--report-only", "--json", "--source", f"llava_ov={world_dir / 'sources/llava_ov'}", "--source",
+    argv = ["ablate", "--report-only", "--json", "--speed-taus", "0.5", "--source", f"llava_ov={world_dir / 'sources/llava_ov'}", "--source",
             f"finevision={world_dir / 'sources/finevision'}", "--include-path", str(world_dir / "benchmarks"),
             "--block-sizes", "4,8", "--variants", "direct,no_correction", "--limit", "4", "--root", str(root)]
     assert main(argv + [f"--set={k}={v}" for k, v in MINIMAL.items()]) == 0
@@ -193,7 +210,8 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     state = ablation_flow(more, return_state=True)
     assert state.is_completed(), state.message
     assert {p: p.stat().st_mtime_ns for p in done} == done
-    assert (root / "confident_fallback-seed0" / FINISHED).exists()
+    assert (root / "confident_fallback-seed0" / FINISHED).exists()  # and its final stage at τ 0.5, the others' kept
+    assert (root / "confident_fallback-seed0" / "speed" / "tau-0.5" / "eval.json").exists()
     result = json.loads(Path(state.result()["json"]).read_text())
     assert [r["variant"] for r in result["variants"]] == ["reference", "direct", "no_correction", "confident_fallback"]
     changed = AblationParams(**{**params.model_dump(), "limit": 5})
