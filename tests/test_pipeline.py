@@ -167,6 +167,10 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
         curve = next(r["curve"] for r in result["variants"] if r["variant"] == name)
         assert [q["threshold"] for q in curve] == [0.9, 0.5]
         assert curve[0]["tpf"] == pytest.approx(run["stages"][-1]["tpf"]) and curve[1]["tpf"] == fast["speed"]["tpf"]
+    from tasks.ablation_report import run_summary
+
+    with pytest.raises(ValueError, match="not evaluated at .*speed/tau-0.3"):  # a point never measured is said
+        run_summary(root / "direct-seed0", [0.5, 0.3])
     claims = {c["claim"]: c for c in result["claims"]}
     assert set(claims) == {"progressive", "noise"}
     for c in claims.values():
