@@ -90,13 +90,18 @@ def variant_runs(params: AblationParams) -> list[tuple[str, int, PipelineParams]
     return runs
 
 
+def run_dir(run: PipelineParams) -> Path:
+    """Where a run of the ablation keeps its report, its FINISHED marker and its SPEED points."""
+    return Path(run.root) / run.run_name
+
+
 def write_report(params: AblationParams, runs: list, seconds: float | None = None) -> dict:
     """The ablation report of `runs` (`variant_runs(params)`, every one finished) under ``ROOT/report``."""
     recipe = get_recipe(params.recipe, {**params.overrides, **OPEN_GATES})
     schedule = list(params.block_sizes) or list(recipe.train.block_sizes)
     summaries: dict[str, list[dict]] = {}
     for name, _, run in runs:
-        summaries.setdefault(name, []).append(run_summary(Path(run.root) / run.run_name, params.speed_taus))
+        summaries.setdefault(name, []).append(run_summary(run_dir(run), params.speed_taus))
     settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule,
                 "total_steps": sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule))),
                 "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),
@@ -107,17 +112,17 @@ def write_report(params: AblationParams, runs: list, seconds: float | None = Non
 def speed_points(params: AblationParams, run: PipelineParams) -> list[str]:
     """Evaluate a finished run's final stage at each of `params.speed_taus` not yet measured (nor measured by
     its gate), under ``ROOT/<run>/speed/tau-X``; returns the thresholds it evaluated."""
-    run_dir = Path(run.root) / run.run_name
-    final = json.loads((run_dir / "report.json").read_text())["stages"][-1]
+    where = run_dir(run)
+    final = json.loads((where / "report.json").read_text())["stages"][-1]
     done = {e["threshold"] for e in final["sweep"] if e.get("threshold") is not None}
     todo = tuple(t for t in params.speed_taus if t not in done
-                 and not (run_dir / SPEED / f"tau-{t:g}" / "eval.json").exists())
+                 and not (where / SPEED / f"tau-{t:g}" / "eval.json").exists())
     if todo:
         overrides = {**run.overrides, **run.stage_overrides.get(final["block_size"], {})}
         include = list(run.include_paths) + ([] if run.sources else  # as the pipeline found them
                                              [str(world_dir(run.root, run.world) / "benchmarks")])
         suite = Suite.of_gate(get_recipe(run.recipe, overrides).gate, tuple(include))
-        evaluate_task(final["checkpoint"], suite, str(run_dir / SPEED), "diffusion", todo, None, run.recipe, overrides)
+        evaluate_task(final["checkpoint"], suite, str(where / SPEED), "diffusion", todo, None, run.recipe, overrides)
     return [f"{t:g}" for t in todo]
 
 
@@ -135,12 +140,18 @@ def fingerprint(run: PipelineParams) -> str:
 
 
 def finished(run: PipelineParams) -> bool:
-    run_dir = Path(run.root) / run.run_name
     try:
-        recorded = json.loads((run_dir / FINISHED).read_text()).get("fingerprint")
+        recorded = json.loads((run_dir(run) / FINISHED).read_text()).get("fingerprint")
     except (OSError, ValueError, AttributeError):  # no marker, or one cut short: the run is run again
         return False
-    return recorded == fingerprint(run) and (run_dir / "report.json").exists()
+    return recorded == fingerprint(run) and (run_dir(run) / "report.json").exists()
+
+
+def summarize(paths: dict) -> dict:
+    """What `ablation_flow` returns, and `bard ablate` prints, of a written report (`write_report`)."""
+    result = paths["result"]
+    return {"report": paths["ablation_md"], "json": paths["ablation_json"], "seconds": result["settings"]["seconds"],
+            "verdicts": {t["variant"]: t["verdict"] for c in result["claims"] for t in c["tests"]}}
 
 
 @flow(name="ablation", log_prints=True)
@@ -150,7 +161,7 @@ def ablation_flow(params: AblationParams) -> dict:
     print(f"ablation: {len(runs)} pipeline runs ({len(params.variants)} variants × {params.seeds} seeds) under "
           f"{Path(params.root).resolve()}")
     for name, seed, run in runs:
-        marker = Path(run.root) / run.run_name / FINISHED
+        marker = run_dir(run) / FINISHED
         if finished(run):
             print(f"variant {name}, seed {seed}: finished before with these settings and this code; reused")
             continue
@@ -165,8 +176,6 @@ def ablation_flow(params: AblationParams) -> dict:
     for claim in paths["result"]["claims"]:
         for test in claim["tests"]:
             print(f"{claim['claim']}: {test['verdict']} ({test['variant']}: {test['gain']:+.1f} ± {test['se']:.1f} pt)")
-    summary = {"report": paths["ablation_md"], "json": paths["ablation_json"],
-               "seconds": paths["result"]["settings"]["seconds"],
-               "verdicts": {t["variant"]: t["verdict"] for c in paths["result"]["claims"] for t in c["tests"]}}
+    summary = summarize(paths)
     (Path(params.root).resolve() / "report" / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -61,7 +61,7 @@ def ablation_params(args):
 
 
 def cmd_ablate(args) -> int:
-    from flows.ablation import ablation_flow, speed_curves, variant_runs, write_report
+    from flows.ablation import ablation_flow, run_dir, speed_curves, summarize, variant_runs, write_report
 
     params = ablation_params(args)
     try:
@@ -75,15 +75,13 @@ def cmd_ablate(args) -> int:
         return 0
     started = time.monotonic()
     if args.report_only:  # the report again from the runs under --root (e.g. after a change to the report)
-        missing = [run.run_name for _, _, run in runs if not (Path(run.root) / run.run_name / "report.json").exists()]
+        missing = [run.run_name for _, _, run in runs if not (run_dir(run) / "report.json").exists()]
         if missing:
             raise UsageError(f"bard ablate --report-only: no finished run {', '.join(missing)} under {params.root}")
         if params.speed_taus:  # the final stages at thresholds not yet measured: evaluation, no training
             ensure_flow_server()
             speed_curves(params, runs)
-        paths = write_report(params, runs)
-        summary = {"report": paths["ablation_md"], "json": paths["ablation_json"],
-                   "verdicts": {t["variant"]: t["verdict"] for c in paths["result"]["claims"] for t in c["tests"]}}
+        summary = summarize(write_report(params, runs))
     else:
         ensure_flow_server()
         summary = ablation_flow(params)
