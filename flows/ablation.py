@@ -134,8 +134,8 @@ def speed_curves(params: AblationParams, runs: list) -> None:
 
 
 def fingerprint(run: PipelineParams) -> str:
-    """What a finished run is reused on: all its settings and the code (as the stage cache keys on it)."""
-    blob = json.dumps({"params": run.model_dump(mode="json"), "code": code_version()}, sort_keys=True)
+    """What a finished run is reused on: all its settings and the code the pipeline runs (not the report's)."""
+    blob = json.dumps({"params": run.model_dump(mode="json"), "code": code_version("flows.pipeline")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

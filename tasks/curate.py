@@ -160,7 +160,7 @@ def _shuffle_keys(sample_ids: list[str], salt: str) -> list[int]:
 def _fingerprint(sources: dict[str, str], benchmarks_dir: str | None, cfg: DataConfig, processor_path: str) -> str:
     from tasks.sources import path_digest, sources_digest
 
-    inputs = {"cfg": cfg.__dict__, "code": code_version(), "sources": sources, "data": sources_digest(sources),
+    inputs = {"cfg": cfg.__dict__, "code": code_version("tasks.curate"), "sources": sources, "data": sources_digest(sources),
               "benchmarks": path_digest(Path(benchmarks_dir)) if benchmarks_dir else None,
               "tokenizer": path_digest(Path(processor_path) / "tokenizer.json")}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -282,7 +282,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
             raise AssertionError(f"rows lost: {n_in} in, {n_kept} kept + {n_rej} rejected")
         timings["total_s"] = time.monotonic() - t0
         manifest = {
-            "fingerprint": fingerprint, "code_version": code_version(), "sources": sources,
+            "fingerprint": fingerprint, "code_version": code_version("tasks.curate"), "sources": sources,
             "benchmarks_dir": benchmarks_dir, "data_config": cfg.__dict__, "rows_in": n_in, "kept": n_kept,
             "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())), "duplicate_clusters": clusters,
             "per_source": {s: {"in": rows_in[s], "kept": kept_by_source.get(s, 0),

@@ -13,7 +13,8 @@ from pathlib import Path
 import bard_core.files as files  # a module path, as tests/test_layering.py reads imports
 from bard_core.gate import EvalReport, GateResult  # noqa: F401  (refs of the evaluate and gate tasks)
 
-_PACKAGES = tuple(Path(__file__).resolve().parents[1] / p for p in ("bard_core", "tasks"))
+_ROOT = Path(__file__).resolve().parents[1]
+_PACKAGES = ("bard_core", "tasks", "flows")  # the project's code, as importable package names
 
 
 def _without_prose(source: str) -> str:
@@ -28,15 +29,62 @@ def _without_prose(source: str) -> str:
     return ast.dump(tree)
 
 
+def _module_file(name: str, root: Path) -> Path | None:
+    parts = name.split(".")
+    if parts[0] not in _PACKAGES:
+        return None
+    for candidate in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported(name: str, path: Path) -> set[str]:
+    """Every module name `path` (module `name`) imports anywhere in its body, functions included; for
+    ``from a import b`` both ``a`` and ``a.b`` (b may be a module)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package, up level - 1
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    return found
+
+
+def code_modules(*entries: str, root: Path = _ROOT) -> list[str]:
+    """The project modules that importing `entries` runs: their static imports, transitively, with every
+    package ``__init__`` on the way (the import statements of function bodies count: they run when called)."""
+    seen: dict[str, Path] = {}
+    todo = list(entries)
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # a module's packages are imported before it
+            head = ".".join(parts[:i])
+            if head not in seen and (path := _module_file(head, root)) is not None:
+                seen[head] = path
+                todo.extend(_imported(head, path))
+    missing = [e for e in entries if e not in seen]
+    if missing:
+        raise ValueError(f"no project module {', '.join(missing)} under {root}")
+    return sorted(seen)
+
+
 @functools.cache
-def code_version(packages: tuple[Path, ...] = _PACKAGES) -> str:
-    """Hash of the project's Python code: a change of code changes every fingerprint (and so re-runs the
-    cached curation and stages); a change of a comment or docstring does not."""
+def code_version(*entries: str, root: Path = _ROOT) -> str:
+    """Hash of the code that `entries` run (`code_modules`): a change of that code changes the fingerprints
+    built on it (and so re-runs the cached curation or stages); a change of a comment or docstring does not,
+    nor a change of a module the entries never import (the report's code does not retrain a stage)."""
     h = hashlib.sha256()
-    for root in packages:
-        for f in sorted(root.rglob("*.py")):
-            h.update(str(f.relative_to(root.parent)).encode())
-            h.update(_without_prose(f.read_text()).encode())
+    for name in code_modules(*entries, root=root):
+        h.update(name.encode())
+        h.update(_without_prose(_module_file(name, root).read_text()).encode())
     return h.hexdigest()[:12]
 
 

@@ -101,7 +101,7 @@ def training_payload(recipe, block_size: int | None, objective: str = "diffusion
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
                       recipe_payload: str, objective: str, anchor: CheckpointRef | None = None) -> str:
     payload = json.dumps([data.fingerprint, init.fingerprint, block_size, teacher.fingerprint if teacher else None,
-                          recipe_payload, objective, code_version()] + ([anchor.fingerprint] if anchor else []),
+                          recipe_payload, objective, code_version("tasks.train")] + ([anchor.fingerprint] if anchor else []),
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 

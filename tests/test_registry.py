@@ -120,15 +120,59 @@ def test_the_cache_and_registry_lock_makes_a_second_process_wait(tmp_path):
 def test_the_code_version_follows_code_not_comments_or_docstrings(tmp_path):
     from tasks.refs import code_version
 
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    module = pkg / "m.py"
+    module = tmp_path / "tasks" / "m.py"
+    module.parent.mkdir()
+    (module.parent / "__init__.py").write_text("")
 
     def version(text: str) -> str:
         module.write_text(text)
-        return code_version.__wrapped__((pkg,))
+        return code_version.__wrapped__("tasks.m", root=tmp_path)
 
     plain = version("def f(x):\n    return x + 1\n")
     assert version('"""A module."""\n# why\ndef f(x):\n    """Add one."""\n    return x + 1  # one\n') == plain
     assert version("def f(x):\n    return x + 2\n") != plain
     assert version("def f(x):\n    return 'x + 1'\n") != plain  # a string that is code, not a docstring
+
+
+def test_the_code_version_covers_what_an_entry_imports_and_nothing_else(tmp_path):
+    from tasks.refs import code_modules, code_version
+
+    files_ = {"bard_core/__init__.py": "from bard_core import reg\n", "bard_core/reg.py": "X = 1\n",
+              "bard_core/sub/__init__.py": "", "bard_core/sub/deep.py": "Y = 1\n",
+              "tasks/__init__.py": "", "tasks/report.py": "from tasks.train import run\n",
+              "tasks/helper.py": "Z = 1\n", "tasks/other.py": "W = 1\n",
+              "tasks/train.py": "import os\n\ndef run():\n    from .helper import Z\n"
+                                "    from bard_core.sub import deep\n    return Z\n"}
+    for name, text in files_.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+
+    def version() -> str:
+        return code_version.__wrapped__("tasks.train", root=tmp_path)
+
+    # imports inside functions, relative imports, `from pkg import module` and every package __init__ on the way
+    assert code_modules("tasks.train", root=tmp_path) == [
+        "bard_core", "bard_core.reg", "bard_core.sub", "bard_core.sub.deep", "tasks", "tasks.helper", "tasks.train"]
+    before = version()
+    (tmp_path / "tasks/report.py").write_text("from tasks.train import run\nR = 2\n")  # imports train; not imported
+    (tmp_path / "tasks/other.py").write_text("W = 2\n")
+    assert version() == before
+    for changed in ("bard_core/reg.py", "bard_core/sub/deep.py", "tasks/helper.py"):
+        (tmp_path / changed).write_text("CHANGED = 3\n")
+        assert version() != before, changed
+        before = version()
+    with pytest.raises(ValueError, match="no project module tasks.gone"):
+        code_modules("tasks.gone", root=tmp_path)
+
+
+def test_a_change_to_reports_or_ablation_code_keeps_the_cached_curation_and_stages():
+    from tasks.refs import code_modules
+
+    stage, curation = code_modules("tasks.train"), code_modules("tasks.curate")
+    for trains in ("tasks.train_worker", "bard_core.train", "bard_core.layout", "bard_core.noise", "bard_core.losses",
+                   "bard_core.masks", "tasks.base_targets", "bard_core.processor"):
+        assert trains in stage
+    for builds in ("bard_core.curation.filters", "bard_core.curation.dedup", "tasks.sources"):
+        assert builds in curation
+    for reads in ("tasks.report", "tasks.ablation_report", "bard_core.ablations", "flows.pipeline"):
+        assert reads not in stage and reads not in curation
