@@ -10,6 +10,7 @@ measurements behind the defaults are in docs/ (each field's comment says where).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +156,10 @@ class TrainConfig:
     vision_lr_scale: float = 0.1  # vision tower: lr × this, in every phase (reference 2e-6 / 2e-5); 0 freezes it
     distill_lr_scale: float = 0.3  # distillation peak: lr × this (reference 6e-6 / 2e-5)
     weight_decay: float = 0.0
+    # after every step, each trained weight moves lr × this of the way back to the stage's starting weights
+    # (a decoupled L2-SP pull; `train.BasePull`): bounds how far a high rate drifts from what the start knew
+    # (docs/stage_budget.md, "A pull towards the start"); 0: off
+    base_pull: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0  # cosine floor for merge; distillation uses distill_min_lr_ratio
@@ -245,6 +250,9 @@ class TrainConfig:
         _check_positive(c, batch_size=self.batch_size, lr=self.lr, grad_accum_steps=self.grad_accum_steps,
                         kd_top_k=self.kd_top_k, kd_temperature=self.kd_temperature,
                         num_workers=self.num_workers, checkpoint_every=self.checkpoint_every)
+        if not (math.isfinite(self.base_pull) and 0.0 <= self.base_pull and self.lr * self.base_pull < 1.0):
+            _fail(c, "base_pull", self.base_pull, f"a number in [0, 1/lr) (lr {self.lr:g}: a step never moves a "
+                                                  "weight past its start)")
         for name in ("base_steps", "merge_steps", "distill_steps", "warmup_steps", "encode_cache_mb",
                      "dataset_cache_mb"):
             if getattr(self, name) < 0:

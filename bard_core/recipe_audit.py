@@ -33,6 +33,7 @@ METHOD: dict[str, tuple[Any, str]] = {
     "train.vision_lr_scale": (0.1, "§5: vision 2e-6"),
     "train.distill_lr_scale": (0.3, "§5: distillation 6e-6"),
     "train.weight_decay": (0.0, "§5"),
+    "train.base_pull": (0.0, "§5: plain AdamW, nothing pulls towards the stage's start"),
     "train.betas": ((0.9, 0.95), "§5"),
     "train.batch_size": (256, "§5: global batch"),
     "train.warmup_steps": (100, "§5"),

@@ -110,8 +110,31 @@ def compute_loss(model, batch, cfg: TrainConfig, teacher: Teacher | None = None,
     return loss, metrics
 
 
+class BasePull:
+    """Moves each trained weight `strength` × its group's current rate of the way back to its value at the
+    stage's start after every step (``train.base_pull``): L2-SP decoupled from Adam's scaling, as AdamW decouples
+    weight decay, so the pull is the same whatever a weight's gradient history.
+
+    `start` maps parameter names (as ``model.named_parameters()`` gives them) to the starting weights, laid out
+    like the model's (sharded alike under FSDP); `None` takes the model's current weights."""
+
+    def __init__(self, model: torch.nn.Module, strength: float, start: dict[str, torch.Tensor] | None = None):
+        own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        if start is not None and (missing := sorted(set(own) - set(start))):
+            raise ValueError(f"BasePull: no starting weights for {missing[:3]} ({len(missing)} parameters)")
+        self.strength = strength
+        self.start = {id(p): (p if start is None else start[name]).detach().clone() for name, p in own.items()}
+
+    @torch.no_grad()
+    def __call__(self, optimizer: torch.optim.Optimizer) -> None:
+        for group in optimizer.param_groups:
+            rate = group["lr"] * self.strength
+            for p in group["params"]:
+                p.sub_((p - self.start[id(p)]) * rate)
+
+
 def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | None = None,
-               scheduler=None, anchor: torch.nn.Module | None = None) -> dict:
+               scheduler=None, anchor: torch.nn.Module | None = None, pull: BasePull | None = None) -> dict:
     """One optimisation step; returns float metrics (loss, ce, kd, anchor, grad_norm, lr, positions).
 
     `batch` may be a list of equal-sized micro-batches (``train.grad_accum_steps``): their gradients are
@@ -131,6 +154,8 @@ def train_step(model, batch, optimizer, cfg: TrainConfig, teacher: Teacher | Non
     metrics = {k: (v if k == "positions" else v / len(micro)) for k, v in sums.items()}
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
+    if pull is not None:
+        pull(optimizer)
     if scheduler is not None:
         scheduler.step()
     metrics["grad_norm"] = float(grad_norm)

@@ -181,6 +181,13 @@ def train_loop_per_worker(config: dict) -> None:
     if config["teacher"]:
         teacher = load_teacher(config["teacher"], config["teacher_block_size"], device, dtype, fsdp,
                                config["attn_implementation"])
+    start = None
+    if train.base_pull > 0 and resume is not None:  # the pull's target is the stage's start, not the resumed weights
+        init, _, _ = checkpoint.load(config["init"], config["attn_implementation"])
+        freeze_fixed(init, train)
+        init_module = (shard(LogitsAtLossPositions(init.to(device)), dtype) if fsdp
+                       else LogitsAtLossPositions(init.to(device, dtype)))
+        start = dict(init_module.named_parameters())
     spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, config["mask_token_id"], noise.prefix_prob)
     token_ids = {"mask": spec.mask_token_id, "eos": spec.eos_id, "pad": spec.pad_id}  # every reader's (bard.json)
     per_worker = max(1, train.batch_size // world)
@@ -241,5 +248,5 @@ def train_loop_per_worker(config: dict) -> None:
                                        training_state={"phase": phase.name, "optimizer": optim_state})
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))
 
-    run_phases(runner, from_dicts(config["phases"]), train, next_batch, progress, teacher=teacher,
+    run_phases(runner, from_dicts(config["phases"]), train, next_batch, progress, teacher=teacher, start=start,
                restore=restore, on_step=on_step, on_checkpoint=on_checkpoint)

@@ -323,3 +323,32 @@ def test_activation_checkpointing_changes_memory_not_gradients(kit):
     assert ga.keys() == gb.keys()
     for name in ga:
         torch.testing.assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6)
+
+
+def test_base_pull_moves_each_weight_back_towards_the_start_by_its_groups_rate(kit):
+    # after Adam's step, θ ← θ − lr_group · base_pull · (θ − θ_start): the same step without the pull, then the
+    # pull by hand, must give the same weights; the vision tower's group is pulled at its own (lower) rate
+    from bard_core.train import BasePull
+
+    processor, model, spec = kit
+    cfg = TrainConfig(lr=1e-2, vision_lr_scale=0.1, base_pull=40.0)
+    batch = pack([sample(processor, 80, "extract"), sample(processor, 81)], model, 8, spec,
+                 generator=torch.Generator().manual_seed(0))
+    start = copy.deepcopy(model)
+    for p in start.parameters():
+        p.data += 0.01 * torch.randn_like(p)  # a start away from the current weights, so the pull is not 0
+    pulled, plain = copy.deepcopy(model), copy.deepcopy(model)
+    pull = BasePull(pulled, cfg.base_pull, dict(start.named_parameters()))
+    train_step(pulled, batch, build_optimizer(pulled, cfg), cfg, pull=pull)
+    train_step(plain, batch, build_optimizer(plain, cfg), cfg)
+    starts = dict(start.named_parameters())
+    for (name, a), b in zip(pulled.named_parameters(), plain.parameters()):
+        rate = cfg.lr * (cfg.vision_lr_scale if ".visual." in f".{name}" else 1.0) * cfg.base_pull
+        torch.testing.assert_close(a, b - rate * (b - starts[name]), rtol=1e-5, atol=1e-7, msg=name)
+    assert max((a - b).abs().max().item() for a, b in zip(pulled.parameters(), plain.parameters())) > 1e-5
+    with pytest.raises(ValueError, match="no starting weights"):
+        BasePull(pulled, 1.0, {})
+    with pytest.raises(ValueError, match="base_pull"):
+        TrainConfig(lr=1e-3, base_pull=1000.0)  # lr × pull ≥ 1 would carry a weight past its start
+    with pytest.raises(ValueError, match="base_pull"):
+        TrainConfig(base_pull=-1.0)

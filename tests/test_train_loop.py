@@ -33,7 +33,7 @@ def batches(kit):
             for i in range(7)]
 
 
-def _train(model, teacher, batches, progress, restore=None, stop_at=None):
+def _train(model, teacher, batches, progress, restore=None, stop_at=None, cfg=CFG, start=None):
     """Run the loop from `progress`; with `stop_at`, stop after the checkpoint at that step and return what it
     saved (weights, optimizer state, meta), as a worker killed right after a checkpoint leaves it."""
     saved = {}
@@ -50,8 +50,8 @@ def _train(model, teacher, batches, progress, restore=None, stop_at=None):
 
     feed = iter(batches[progress.step:])
     try:
-        run_phases(model, PHASES, CFG, lambda: next(feed), progress, teacher=teacher, restore=restore,
-                   on_checkpoint=on_checkpoint)
+        run_phases(model, PHASES, cfg, lambda: next(feed), progress, teacher=teacher, restore=restore,
+                   on_checkpoint=on_checkpoint, start=start)
     except Stop:
         return saved
     return progress
@@ -89,6 +89,50 @@ def test_a_resumed_stage_takes_the_same_steps_as_an_uninterrupted_one(kit, batch
     # the comparison can fail: without the optimizer's moments the resumed weights end elsewhere
     fresh, _ = resume(False)
     assert max((a - b).abs().max().item() for a, b in zip(straight.parameters(), fresh.parameters())) > 1e-4
+
+
+def test_a_resumed_stage_keeps_pulling_towards_the_stages_start_not_the_resumed_weights(kit, batches):
+    # train.base_pull: the resumed run is given the stage's starting weights and ends where the uninterrupted
+    # one does; the pull's target is not the weights resumed from (that run would end elsewhere)
+    import dataclasses
+
+    _, base, _ = kit
+    cfg = dataclasses.replace(CFG, base_pull=60.0)
+    teacher = Teacher(copy.deepcopy(base).eval(), 4)
+    start = {n: p.detach().clone() for n, p in base.named_parameters()}
+    straight = copy.deepcopy(base)
+    _train(straight, teacher, batches, Progress(), cfg=cfg)
+    unpulled = copy.deepcopy(base)
+    _train(unpulled, teacher, batches, Progress())
+    distance = lambda m: sum((p - start[n]).pow(2).sum().item() for n, p in m.named_parameters()) ** 0.5  # noqa: E731
+    assert distance(straight) < 0.9 * distance(unpulled)  # the pull keeps the stage nearer its start
+
+    stopped = _train(copy.deepcopy(base), teacher, batches, Progress(), stop_at=4, cfg=cfg)
+
+    def resume(begin):
+        model = copy.deepcopy(base)
+        model.load_state_dict(stopped["weights"])
+
+        def restore(phase_name, optimizer):
+            if phase_name == stopped["phase"]:
+                optimizer.load_state_dict(stopped["optimizer"])
+
+        _train(model, teacher, batches, Progress.resumed(stopped["meta"]), restore=restore, cfg=cfg, start=begin)
+        return model
+
+    resumed = resume(start)
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    wrong = resume({n: p.detach().clone() for n, p in _loaded(base, stopped["weights"]).named_parameters()})
+    assert max((a - b).abs().max().item() for a, b in zip(straight.parameters(), wrong.parameters())) > 1e-5
+    with pytest.raises(ValueError, match="starting weights"):
+        resume(None)
+
+
+def _loaded(base, weights):
+    model = copy.deepcopy(base)
+    model.load_state_dict(weights)
+    return model
 
 
 class _Planted:

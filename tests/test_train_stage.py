@@ -86,8 +86,9 @@ def test_distillation_keeps_the_teacher_frozen_and_resumes_after_a_worker_dies(s
     teacher_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                      for p in Path(stage_b4.uri).iterdir() if p.is_file()}
     crash = WorkerCrash(after_step=9)
-    ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", SHORT, block_size=8, teacher=stage_b4, workers=2,
-                    on_progress=crash)
+    # with the pull towards the stage's start, which the restarted workers load from the init (not the resumed state)
+    ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", {**SHORT, "train.base_pull": "50"}, block_size=8,
+                    teacher=stage_b4, workers=2, on_progress=crash)
     meta, seen = _meta(ref), crash.seen
     # the progress feed (the pipeline's progress artifact) follows the steps, across the restart too
     assert seen and all(v["total"] == 48 and 1 <= v["step"] <= 48 for v in seen) and max(v["step"] for v in seen) >= 40
@@ -225,7 +226,8 @@ def test_an_fsdp_stage_distills_checkpoints_and_resumes_after_a_worker_dies(stag
 
     from tasks.train import run_stage
 
-    short = {**SHORT, "train.parallel": "fsdp", "train.merge_steps": "16", "train.distill_steps": "8"}
+    short = {**SHORT, "train.parallel": "fsdp", "train.merge_steps": "16", "train.distill_steps": "8",
+             "train.base_pull": "50"}  # the pull's starting weights sharded like the student's
     crash = WorkerCrash(after_step=9)
     ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", short, block_size=8, teacher=stage_b4, workers=2,
                     on_progress=crash)
