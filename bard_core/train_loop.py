@@ -73,14 +73,14 @@ def load_teacher(path, block_size: int, device, dtype, fsdp: bool, attn_implemen
 
 
 def run_phases(runner, phases: list[Phase], train: TrainConfig, next_batch: Callable[[], object],
-               progress: Progress, *, teacher=None, start: dict | None = None,
+               progress: Progress, *, teacher=None, start_weights: dict | None = None,
                restore: Callable[[str, object], None] | None = None,
                on_step: Callable[[Progress, Phase, dict], None] | None = None,
                on_checkpoint: Callable[[Progress, Phase, object, dict, bool], None] | None = None) -> Progress:
     """Train `runner` through `phases` from `progress.step` to the end; returns the progress.
 
     `restore(phase_name, optimizer)` puts back the optimizer state a checkpoint saved, if that phase saved it;
-    it is called once, for the phase training resumes in. With ``train.base_pull``, `start` holds the stage's
+    it is called once, for the phase training resumes in. With ``train.base_pull``, `start_weights` holds the stage's
     starting weights by parameter name (`bard_core.train.BasePull`); a stage trained from step 0 may leave it
     out (its weights are the start), a resumed one may not. `on_checkpoint(progress,
     phase, optimizer, metrics, final)` runs every `train.checkpoint_every` steps and at each phase's end (under
@@ -91,9 +91,9 @@ def run_phases(runner, phases: list[Phase], train: TrainConfig, next_batch: Call
     module = runner.module if hasattr(runner, "module") else runner  # what the optimizer steps (DDP's inner module)
     pull = None
     if train.base_pull > 0:
-        if start is None and progress.step > 0:
+        if start_weights is None and progress.step > 0:
             raise ValueError(f"train.base_pull: resuming at step {progress.step} needs the stage's starting weights")
-        pull = BasePull(module, train.base_pull, start)
+        pull = BasePull(module, train.base_pull, start_weights)
     total, done_before, asked = sum(p.steps for p in phases), 0, restore is None
     for phase in phases:
         start, end = done_before, done_before + phase.steps

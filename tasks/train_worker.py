@@ -248,5 +248,5 @@ def train_loop_per_worker(config: dict) -> None:
                                        training_state={"phase": phase.name, "optimizer": optim_state})
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(Path(tmp) / "ckpt"))
 
-    run_phases(runner, from_dicts(config["phases"]), train, next_batch, progress, teacher=teacher, start=start,
+    run_phases(runner, from_dicts(config["phases"]), train, next_batch, progress, teacher=teacher, start_weights=start,
                restore=restore, on_step=on_step, on_checkpoint=on_checkpoint)

@@ -51,7 +51,7 @@ def _train(model, teacher, batches, progress, restore=None, stop_at=None, cfg=CF
     feed = iter(batches[progress.step:])
     try:
         run_phases(model, PHASES, cfg, lambda: next(feed), progress, teacher=teacher, restore=restore,
-                   on_checkpoint=on_checkpoint, start=start)
+                   on_checkpoint=on_checkpoint, start_weights=start)
     except Stop:
         return saved
     return progress
