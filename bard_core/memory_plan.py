@@ -86,11 +86,12 @@ def shape_of(tensors, hidden: int, layers: int, vocab: int) -> ModelShape:
 
 def stage_memory(shape: ModelShape, *, parallel: str, workers: int, dtype: str, use_gpu: bool, batch_size: int,
                  row_tokens: int, vision_frozen: bool, teacher: bool, micro_batches: int = 1,
-                 recompute: bool = False) -> dict:
+                 recompute: bool = False, pull: bool = False) -> dict:
     """GiB per worker of a stage's training step (see module docstring); `row_tokens`: the longest packed
     row (prompt + response + its noisy copy); `micro_batches`: ``train.grad_accum_steps`` (activations are
     one micro-batch's); `recompute`: ``train.activation_checkpointing`` (each block keeps only its input,
-    one block's activations live at a time)."""
+    one block's activations live at a time); `pull`: ``train.base_pull`` > 0 (a copy of the trained weights'
+    starting values, laid out like the weights)."""
     d = DTYPE_BYTES[dtype] if use_gpu else 4  # CPU stages train in fp32
     trainable = shape.params - (shape.vision_params if vision_frozen else 0)
     per_worker = max(1, batch_size // workers)
@@ -99,17 +100,19 @@ def stage_memory(shape: ModelShape, *, parallel: str, workers: int, dtype: str, 
         grads = 4 * trainable / workers
         optimizer = 8 * trainable / workers
         copy = d * shape.params / workers + d * shape.largest_block if teacher else 0
+        start = 4 * trainable / workers if pull else 0  # fp32 shards, like the master weights
     else:
         weights = d * shape.params
         grads = 2 * d * trainable  # the gradients and DDP's buckets
         optimizer = 2 * d * trainable
         copy = d * shape.params if teacher else 0
+        start = d * trainable if pull else 0
     rows = max(1, per_worker // micro_batches)
     tokens = rows * row_tokens
     per_block = tokens * shape.hidden * 17 * d
     activations = tokens * shape.hidden * d * shape.layers + per_block if recompute else per_block * shape.layers
     logits = 2 * 4 * rows * (row_tokens // 2) * shape.vocab  # loss positions: at most the noisy half
-    parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "teacher": copy,
+    parts = {"weights": weights, "grads": grads, "optimizer": optimizer, "teacher": copy, "pull": start,
              "activations": activations, "logits": logits}
     out = {f"{k}_gib": round(v / GIB, 2) for k, v in parts.items()}
     out.update(total_gib=round(sum(parts.values()) / GIB, 2), per_worker_batch=per_worker, micro_batch=rows,
@@ -130,6 +133,7 @@ def refusal(memory: dict, gpu_gib: float) -> str | None:
             "alone do not fit")
     return (f"the plan needs ~{memory['total_gib']:.1f} GiB per GPU (weights {memory['weights_gib']:.1f}, grads "
             f"{memory['grads_gib']:.1f}, optimizer {memory['optimizer_gib']:.1f}, teacher {memory['teacher_gib']:.1f}, "
+            f"pull {memory['pull_gib']:.1f}, "
             f"activations {memory['activations_gib']:.1f}, logits {memory['logits_gib']:.1f} for "
             f"{memory['micro_batch']} rows of {memory['row_tokens']} tokens at a time) and {HEADROOM:.0%} of a "
             f"{gpu_gib:g} GiB GPU is {limit:.1f}: use {hint}")

@@ -123,7 +123,8 @@ class BasePull:
         if start is not None and (missing := sorted(set(own) - set(start))):
             raise ValueError(f"BasePull: no starting weights for {missing[:3]} ({len(missing)} parameters)")
         self.strength = strength
-        self.start = {id(p): (p if start is None else start[name]).detach().clone() for name, p in own.items()}
+        # a given start is the caller's and never trained: kept as it is, not copied a second time
+        self.start = {id(p): p.detach().clone() if start is None else start[name].detach() for name, p in own.items()}
 
     @torch.no_grad()
     def __call__(self, optimizer: torch.optim.Optimizer) -> None:

@@ -52,6 +52,7 @@ def dry_run_plan(recipe, *, objective: str, block_size: int | None, workers: int
     plan["memory"] = stage_memory(shape, parallel=train.parallel, workers=workers, dtype=dtype, use_gpu=train.use_gpu,
                                   batch_size=train.batch_size, row_tokens=packed,
                                   vision_frozen=train.vision_lr_scale == 0, teacher=teacher,
-                                  micro_batches=train.grad_accum_steps, recompute=train.activation_checkpointing)
+                                  micro_batches=train.grad_accum_steps, recompute=train.activation_checkpointing,
+                                  pull=train.base_pull > 0)
     plan["memory"]["gpu_gib"] = gpu_gib if train.use_gpu else None
     return plan, refusal(plan["memory"], gpu_gib) if train.use_gpu else None

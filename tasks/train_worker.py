@@ -187,7 +187,8 @@ def train_loop_per_worker(config: dict) -> None:
         freeze_fixed(init, train)
         init_module = (shard(LogitsAtLossPositions(init.to(device)), dtype) if fsdp
                        else LogitsAtLossPositions(init.to(device, dtype)))
-        start = dict(init_module.named_parameters())
+        start = {name: p for name, p in init_module.named_parameters() if p.requires_grad}
+        del init, init_module  # only the trained weights' starting values stay (memory_plan counts one copy)
     spec = noise_spec_for(processor.tokenizer, noise.kind, noise.t_min, config["mask_token_id"], noise.prefix_prob)
     token_ids = {"mask": spec.mask_token_id, "eos": spec.eos_id, "pad": spec.pad_id}  # every reader's (bard.json)
     per_worker = max(1, train.batch_size // world)

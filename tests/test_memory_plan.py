@@ -68,6 +68,11 @@ def test_ddp_holds_everything_per_gpu_and_fsdp_shards_the_states():
     assert frozen["trainable_params"] == 3_600_000_000 and frozen["grads_gib"] < ddp["grads_gib"]
     taught = stage_memory(SHAPE, parallel="ddp", workers=8, **{**common, "teacher": True})
     assert taught["total_gib"] == pytest.approx(ddp["total_gib"] + 2 * 4e9 / GIB, abs=0.02)
+    pulled = stage_memory(SHAPE, parallel="ddp", workers=8, **{**common, "vision_frozen": True}, pull=True)
+    assert pulled["pull_gib"] == round(2 * 3.6e9 / GIB, 2) and ddp["pull_gib"] == 0  # the trained weights' start
+    assert pulled["total_gib"] == pytest.approx(frozen["total_gib"] + 2 * 3.6e9 / GIB, abs=0.02)
+    sharded = stage_memory(SHAPE, parallel="fsdp", workers=8, **common, pull=True)
+    assert sharded["pull_gib"] == round(4 * 4e9 / 8 / GIB, 2)  # fp32 shards, like the master weights
     accumulated = stage_memory(SHAPE, parallel="fsdp", workers=8, **common, micro_batches=8)
     assert accumulated["micro_batch"] == 1 and accumulated["activations_gib"] == fsdp64["activations_gib"]
     recomputed = stage_memory(SHAPE, parallel="fsdp", workers=64, **common, recompute=True)
