@@ -68,11 +68,14 @@ def meets_targets(scores: dict[str, float]) -> bool:
             and scores["extract_em"] >= TARGETS["extract_em"])
 
 
-def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = None, *, seed: int = 0,
-                  batch_size: int = 32, lr: float = 2e-3, warmup_steps: int = 100, eval_every: float = 120.0,
+def pretrain_tiny(out: str | Path, minutes: float | None = None, cfg: ModelConfig | None = None, *,
+                  steps: int | None = None, seed: int = 0, batch_size: int = 32, lr: float = 2e-3,
+                  warmup_steps: int = 100, eval_every: float = 120.0, eval_every_steps: int | None = None,
                   eval_per_family: int = 40, pool_size: int = 4096, resume: bool = False,
                   family_weights: dict[str, float] | None = None, formats: str = "single", log=print) -> dict:
-    """Train for `minutes` of wall time; returns the final scores. `resume` continues from `out`.
+    """Train for `minutes` of wall time or for `steps` optimizer steps (exactly one); returns the final scores.
+    `resume` continues from `out`. Evaluations come every `eval_every` seconds, or every `eval_every_steps`
+    steps (a step budget with step cadence does not depend on the machine's load).
 
     `family_weights` re-weights the question families of the training stream (default
     ``world.FAMILY_WEIGHTS``), e.g. to spend a resumed run on the families still below target. Every
@@ -84,6 +87,12 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
 
     from bard_core.tiny import build_model, build_processor
 
+    if (minutes is None) == (steps is None):
+        raise ValueError("pretrain_tiny: give exactly one budget, minutes or steps")
+    if (minutes is not None and minutes <= 0) or (steps is not None and steps <= 0) or \
+            (eval_every_steps is not None and eval_every_steps <= 0):
+        raise ValueError(f"pretrain_tiny: budgets must be positive (minutes={minutes}, steps={steps}, "
+                         f"eval_every_steps={eval_every_steps})")
     out = Path(out)
     curve_path = out.with_name(out.name + ".curve.json")
     state = {"steps": 0, "seconds": 0.0, "curve": [], "runs": []}
@@ -118,16 +127,19 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
                                                                  weights=weights, formats=formats)]
 
     this_run = {"from_step": state["steps"], "to_step": state["steps"], "lr": lr, "batch_size": batch_size,
-                "family_weights": weights, "formats": formats, "minutes": minutes,
+                "family_weights": weights, "formats": formats, "minutes": minutes, "steps": steps,
                 "resumed": bool(resume and state["runs"])}
     state["runs"].append(this_run)
     pool = fresh_pool(state["steps"])
     started, last_eval, losses = time.monotonic(), time.monotonic(), []
     scores: dict[str, float] = {}
     while True:
-        elapsed = time.monotonic() - started
-        done = elapsed >= minutes * 60
-        if done or time.monotonic() - last_eval >= eval_every:
+        elapsed, ran = time.monotonic() - started, state["steps"] - this_run["from_step"]
+        progress = ran / steps if steps is not None else elapsed / (minutes * 60)
+        done = progress >= 1.0
+        due = (ran > 0 and ran % eval_every_steps == 0) if eval_every_steps else \
+            time.monotonic() - last_eval >= eval_every
+        if done or due:
             scores = score_families(model, processor, items)
             point = {"step": state["steps"], "seconds": round(state["seconds"] + elapsed, 1),
                      "loss": sum(losses) / len(losses) if losses else None, **scores}
@@ -148,10 +160,9 @@ def pretrain_tiny(out: str | Path, minutes: float, cfg: ModelConfig | None = Non
             curve_path.write_text(json.dumps(state["curve"], indent=1))
             if done:
                 return scores
-        # warm-up by steps (also on resume: the optimizer state is new), then cosine over the wall-clock
-        # budget (the budget is time, not steps)
-        factor = min(1.0, (state["steps"] - this_run["from_step"] + 1) / warmup_steps)
-        factor *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed / (minutes * 60))))
+        # warm-up by steps (also on resume: the optimizer state is new), then cosine over the budget
+        factor = min(1.0, (ran + 1) / warmup_steps)
+        factor *= 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         for group, peak in zip(optimizer.param_groups, peak_lrs):
             group["lr"] = peak * factor
         batch = ar_batch(rng.sample(pool, batch_size), pad_id)

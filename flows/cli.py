@@ -103,12 +103,15 @@ def cmd_pretrain_tiny(args) -> int:
     from bard_core.config import ModelConfig
     from bard_core.pretrain import pretrain_tiny
 
-    if args.minutes <= 0:
-        raise UsageError(f"bard pretrain-tiny: --minutes must be positive (got {args.minutes})")
+    for flag, value in (("--minutes", args.minutes), ("--steps", args.steps), ("--eval-every-steps", args.eval_every_steps)):
+        if value is not None and value <= 0:
+            raise UsageError(f"bard pretrain-tiny: {flag} must be positive (got {value})")
+    minutes = 60.0 if args.minutes is None and args.steps is None else args.minutes
     cfg = _model_config(ModelConfig(), args.set, "pretrain-tiny")
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    scores = pretrain_tiny(args.out, args.minutes, cfg, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
-                           eval_every=args.eval_every, eval_per_family=args.eval_per_family, resume=args.resume,
+    scores = pretrain_tiny(args.out, minutes, cfg, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                           lr=args.lr, eval_every=args.eval_every, eval_every_steps=args.eval_every_steps,
+                           eval_per_family=args.eval_per_family, resume=args.resume,
                            family_weights=_family_weights(args.weight), formats=args.formats, log=log)
     out = Path(args.out)
     info = json.loads((out / "bard_model.json").read_text())
@@ -280,7 +283,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain-tiny", help="next-token SFT of the tiny model on the shapes world (the AR base)")
     p.add_argument("--out", required=True)
-    p.add_argument("--minutes", type=float, default=60.0, help="wall-clock budget")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=None, help="wall-clock budget (default 60)")
+    budget.add_argument("--steps", type=int, default=None,
+                        help="optimizer-step budget instead (the same run on a busy or an idle machine)")
     p.add_argument("--resume", action="store_true", help="continue training the checkpoint in --out")
     p.add_argument("--weight", action="append", metavar="FAMILY=W",
                    help="sampling weight of a question family in the training stream (repeatable)")
@@ -291,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--eval-every", type=float, default=300.0, help="seconds between evaluations/checkpoints")
+    p.add_argument("--eval-every-steps", type=int, default=None,
+                   help="steps between evaluations/checkpoints instead of --eval-every's seconds")
     p.add_argument("--eval-per-family", type=int, default=40)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", help="override a ModelConfig field")
     p.add_argument("--json", action="store_true")

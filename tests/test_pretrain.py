@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_pretrain_command_runs_end_to_end_and_lowers_the_loss(tmp_path):
     out = tmp_path / "base"
-    cmd = [sys.executable, "-m", "flows.cli", "pretrain-tiny", "--out", str(out), "--minutes", "1",
-           "--eval-every", "20", "--eval-per-family", "4", "--json"]
+    # a step budget with step cadence: the same run however busy the machine is
+    cmd = [sys.executable, "-m", "flows.cli", "pretrain-tiny", "--out", str(out), "--steps", "150",
+           "--eval-every-steps", "50", "--eval-per-family", "4", "--json"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -28,12 +30,38 @@ def test_pretrain_command_runs_end_to_end_and_lowers_the_loss(tmp_path):
     losses = [p["loss"] for p in curve if p["loss"] is not None]
     assert len(losses) >= 2 and losses[-1] < 0.7 * losses[0], losses
     assert set(payload["scores"]) >= {"colour", "shape", "count", "yesno", "mcq", "ocr", "extract", "extract_em"}
+    assert [p["step"] for p in curve] == [50, 100, 150]
     info = json.loads((out / "bard_model.json").read_text())
-    assert info["steps"] == payload["steps"] > 0 and info["objective"] == "ar"
+    assert info["steps"] == payload["steps"] == 150 and info["objective"] == "ar"
+    assert info["training_runs"][-1]["steps"] == 150 and info["training_runs"][-1]["minutes"] is None
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     AutoProcessor.from_pretrained(out), AutoModelForImageTextToText.from_pretrained(out)
+
+
+def test_a_step_budget_is_exact_and_reproducible(tmp_path):
+    """Two runs of the same step budget and seed write the same weights (no clock in the schedule); a
+    resumed run adds its own budget; a run needs exactly one budget."""
+    from safetensors.torch import load_file
+
+    from bard_core.pretrain import pretrain_tiny
+
+    kw = dict(steps=3, batch_size=2, warmup_steps=2, eval_every_steps=2, eval_per_family=1, pool_size=8,
+              log=lambda line: None)
+    pretrain_tiny(tmp_path / "a", **kw)
+    pretrain_tiny(tmp_path / "b", **kw)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    curve = json.loads((tmp_path / "a.curve.json").read_text())
+    assert [p["step"] for p in curve] == [2, 3]
+    pretrain_tiny(tmp_path / "a", resume=True, **{**kw, "steps": 2})
+    info = json.loads((tmp_path / "a" / "bard_model.json").read_text())
+    assert info["steps"] == 5 and [r["steps"] for r in info["training_runs"]] == [3, 2]
+    assert not all(torch.equal(a[k], t) for k, t in load_file(tmp_path / "a" / "model.safetensors").items())
+    for bad in ({}, {"minutes": 1.0, "steps": 3}, {"steps": 0}, {"steps": 3, "eval_every_steps": 0}):
+        with pytest.raises(ValueError, match="budget"):
+            pretrain_tiny(tmp_path / "c", **bad)
 
 
 def test_source_formats_cover_what_curation_emits_and_all_encode(tiny_model_dir):
