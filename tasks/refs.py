@@ -29,7 +29,8 @@ def _without_prose(source: str) -> str:
     return ast.dump(tree)
 
 
-def _module_file(name: str, root: Path) -> Path | None:
+def module_file(name: str, root: Path = _ROOT) -> Path | None:
+    """The file of project module `name` (a package's ``__init__.py``), or None for any other name."""
     parts = name.split(".")
     if parts[0] not in _PACKAGES:
         return None
@@ -39,9 +40,10 @@ def _module_file(name: str, root: Path) -> Path | None:
     return None
 
 
-def _imported(name: str, path: Path) -> set[str]:
-    """Every module name `path` (module `name`) imports anywhere in its body, functions included; for
-    ``from a import b`` both ``a`` and ``a.b`` (b may be a module)."""
+def imported_modules(path: Path, name: str) -> set[str]:
+    """Every module name `path` (module `name`) imports anywhere in its body, functions included, relative
+    imports resolved; for ``from a import b`` both ``a`` and ``a.b`` (b may be a module). Also what
+    tests/test_layering.py checks the layers with."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -67,9 +69,9 @@ def code_modules(*entries: str, root: Path = _ROOT) -> list[str]:
         parts = name.split(".")
         for i in range(1, len(parts) + 1):  # a module's packages are imported before it
             head = ".".join(parts[:i])
-            if head not in seen and (path := _module_file(head, root)) is not None:
+            if head not in seen and (path := module_file(head, root)) is not None:
                 seen[head] = path
-                todo.extend(_imported(head, path))
+                todo.extend(imported_modules(path, head))
     missing = [e for e in entries if e not in seen]
     if missing:
         raise ValueError(f"no project module {', '.join(missing)} under {root}")
@@ -84,7 +86,7 @@ def code_version(*entries: str, root: Path = _ROOT) -> str:
     h = hashlib.sha256()
     for name in code_modules(*entries, root=root):
         h.update(name.encode())
-        h.update(_without_prose(_module_file(name, root).read_text()).encode())
+        h.update(_without_prose(module_file(name, root).read_text()).encode())
     return h.hexdigest()[:12]
 
 
