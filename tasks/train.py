@@ -69,7 +69,7 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
         # a small curated set is one or two files: without blocks to share, one actor would do all the work
         # one actor pool for both steps: two pools would hold every CPU and starve the read that feeds them
         return ds.repartition(4 * workers).map_batches(
-            BaseTargets, batch_format="pyarrow", batch_size=64, concurrency=workers,
+            BaseTargets, batch_format="pyarrow", batch_size=64, compute=ray.data.ActorPoolStrategy(size=workers),
             num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
             fn_constructor_kwargs={"base": anchor.uri, "max_tokens": max_tokens, "answers": train.targets == "base",
                                    "top_k": train.kd_top_k if train.anchor_weight > 0 else 0,
