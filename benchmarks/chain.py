@@ -25,10 +25,12 @@ def parse_steps(text: str) -> list[tuple[int, int]]:
 
 def chain_params(work: str | Path, *, seed: int = 11, size: int = 3000, limit: int = 300, threshold: float = 0.9,
                  steps: list[tuple[int, int]] | None = None, lrs: list[float] | None = None,
-                 overrides: dict | None = None, run_name: str = "chain"):
+                 overrides: dict | None = None, stage_sets: dict[int, dict[str, str]] | None = None,
+                 run_name: str = "chain"):
     """The PipelineParams of a benchmark's chain. `steps`/`lrs`: per stage of the recipe's schedule from B4
     on (the schedule is cut to the length of `steps`; one rate is every stage's); `overrides`: recipe
-    overrides for every stage. Bad values raise ValueError before any work."""
+    overrides for every stage; `stage_sets`: block size → overrides of that stage only (they beat `overrides`).
+    Bad values raise ValueError before any work."""
     from bard_core.recipes import get_recipe
     from flows.pipeline import PipelineParams, WorldParams
 
@@ -41,7 +43,10 @@ def chain_params(work: str | Path, *, seed: int = 11, size: int = 3000, limit: i
     lrs = (lrs * len(schedule) if len(lrs) == 1 else lrs) if lrs else None
     if lrs is not None and len(lrs) != len(schedule):
         raise ValueError(f"{len(lrs)} learning rates for {len(schedule)} stages: give one, or one per stage")
-    per_stage: dict[int, dict[str, str]] = {B: {} for B in schedule}
+    unknown = set(stage_sets or {}) - set(schedule)
+    if unknown:
+        raise ValueError(f"stage settings for block sizes {sorted(unknown)} outside the schedule {schedule}")
+    per_stage: dict[int, dict[str, str]] = {B: dict((stage_sets or {}).get(B, {})) for B in schedule}
     for k, B in enumerate(schedule):
         if steps is not None:
             per_stage[B].update({"train.merge_steps": str(steps[k][0]), "train.distill_steps": str(steps[k][1])})

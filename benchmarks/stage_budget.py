@@ -9,7 +9,7 @@ cache: stages whose inputs did not change are reused) and adds a row with its wo
 
     python -m benchmarks.stage_budget [--limit 300] [--seed 11] [--size 3000] [--steps 450:0,100:40,100:40,420:60]
         [--lr 2.5e-4,2e-4,2e-4,2e-4] [--speed-batch 16] [--ar-control] [--set noise.kind=mask]
-        [--ablate train.long_share=0] [--work DIR]
+        [--stage-set 16:train.base_pull=2] [--ablate train.long_share=0] [--work DIR]
 
 Defaults: the tiny recipe's own schedule and rates. The chain is the pipeline's (`benchmarks/chain.py`,
 gates opened so every stage is measured); what the schedule depends on, measured, is in
@@ -158,12 +158,19 @@ def main(argv: list[str] | None = None) -> None:
                              "and rate on the same data, and report its drops (a control row, outside the verdict)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.vision_lr_scale=0.1")
+    parser.add_argument("--stage-set", action="append", default=[], metavar="B:KEY=VALUE",
+                        help="override for the stage at block size B only, e.g. 16:train.base_pull=2 (beats --set)")
     parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
                         help="run the chain again with this one override added (repeatable: one chain each)")
     args = parser.parse_args(argv)
     bad = [kv for kv in args.set + args.ablate if "=" not in kv]
+    bad += [kv for kv in args.stage_set if "=" not in kv or not kv.split(":", 1)[0].isdigit()]
     if bad:
-        parser.error(f"--set / --ablate expect KEY=VALUE, got {bad[0]!r}")
+        parser.error(f"--set / --ablate expect KEY=VALUE, --stage-set B:KEY=VALUE; got {bad[0]!r}")
+    stage_sets: dict[int, dict[str, str]] = {}
+    for kv in args.stage_set:
+        block, pair = kv.split(":", 1)
+        stage_sets.setdefault(int(block), {}).update([pair.split("=", 1)])
     extra = dict(kv.split("=", 1) for kv in args.set)
     if "train.lr" in extra:
         parser.error("set the merge learning rate with --lr (one, or one per stage), not --set train.lr")
@@ -177,12 +184,12 @@ def main(argv: list[str] | None = None) -> None:
         steps = parse_steps(args.steps) if args.steps else None
         lrs = [float(x) for x in args.lr.split(",")] if args.lr else None
         settings = dict(seed=args.seed, size=args.size, limit=args.limit, threshold=args.threshold, steps=steps,
-                        lrs=lrs, overrides=extra)
+                        lrs=lrs, overrides=extra, stage_sets=stage_sets)
         chain_params(args.work or "unused", **settings)
         for change in ablations:
             chain_params(args.work or "unused", **{**settings, "overrides": {**extra, **change}})
     except (KeyError, ValueError, TypeError) as e:
-        parser.error(f"--steps / --lr / --set / --ablate: {e}")
+        parser.error(f"--steps / --lr / --set / --stage-set / --ablate: {e}")
 
     work = Path(args.work or tempfile.mkdtemp(prefix="stage_budget_")).resolve()
     started = time.monotonic()

@@ -261,7 +261,10 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path, capsys):
              ("--set", "train.vision_lr_scale=-1"): "vision_lr_scale", ("--set", "train.nope=1"): "nope",
              ("--set", "train.lr=1e-3"): "with --lr", ("--ablate", "train.nope=0"): "nope",
              ("--ablate", "train.long_share"): "KEY=VALUE", ("--set", "train.long_share=1.5"): "long_share",
-             ("--speed-batch", "0"): "speed-batch"}
+             ("--speed-batch", "0"): "speed-batch", ("--stage-set", "train.base_pull=2"): "B:KEY=VALUE",
+             ("--stage-set", "16:train.base_pull"): "B:KEY=VALUE", ("--stage-set", "64:train.base_pull=2"): "64",
+             ("--stage-set", "8:train.base_pull=-1"): "base_pull",
+             ("--steps", "6:0,1:1", "--stage-set", "16:train.base_pull=2"): "16"}
     from benchmarks.stage_budget import main
 
     for args, message in cases.items():
@@ -286,6 +289,11 @@ def test_the_benchmarks_chain_is_the_pipeline_flow_with_per_stage_steps_and_open
     assert recipe.noise.kind == "mask" and recipe.gate.thresholds == (0.7,) and recipe.gate.limit == 8
     assert recipe.gate.min_tpf == {} and recipe.gate.default_tolerance == 1  # every stage is measured
     assert recipe.train.for_stage(8).merge_steps == 3 and recipe.train.for_stage(8).lr == 1e-3
+    pulled = chain_params(tmp_path, steps=[(6, 0), (3, 2)], overrides={"train.base_pull": "5"},
+                          stage_sets={8: {"train.base_pull": "2"}})
+    assert pulled.stage_overrides[8] == {"train.base_pull": "2", "train.merge_steps": "3", "train.distill_steps": "2"}
+    assert get_recipe("tiny", {**pulled.overrides, **pulled.stage_overrides[8]}).train.base_pull == 2
+    assert get_recipe("tiny", {**pulled.overrides, **pulled.stage_overrides[4]}).train.base_pull == 5
     everything = chain_params(tmp_path)  # the recipe's own schedule, steps and rates
     assert everything.block_sizes == [4, 8, 16, 32] and everything.stage_overrides == {}
 
