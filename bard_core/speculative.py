@@ -14,9 +14,10 @@ One set of weights is both drafter and verifier, on one KV cache. Each step, per
    accept different lengths and still share one cache.
 
 Per step a row gains 2 + a exact tokens (the first draft, a accepted drafts, the bonus) for 2 forwards: never
-fewer tokens per forward than AR. With ``fuse`` the verify forward also carries B masks that see every drafted
-token; when every row accepted every draft, they are the next step's drafts (after the bonus) and its draft
-forward is skipped. With another model as verifier (the AR base), see `_with_verifier`.
+fewer tokens per forward than AR. With ``fuse``, after a step in which every row accepted every draft, the verify
+forward also carries B masks that see every drafted token; when every row accepts every draft again, they are the
+next step's drafts (after the bonus) and its draft forward is skipped (``look_ahead="always"``: in every step,
+the rule before 2026-12-07). With another model as verifier (the AR base), see `_with_verifier`.
 
 With greedy decoding the output is the verifier's `decode.ar_generate_cached` answer token for token, up to
 ties that floating-point summation order can break (docs/decoding.md "Lossless mode").
@@ -59,7 +60,7 @@ def _draft(model, h: torch.Tensor, c: int, B: int, cfg: DecodeConfig, mask_id: i
 
 @torch.no_grad()
 def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenIds,
-                         verifier=None, fuse: bool = True) -> list[Generation]:
+                         verifier=None, fuse: bool = True, look_ahead: str = "after_full") -> list[Generation]:
     """Greedy speculative decoding of a batch (module docstring): `model` drafts; `verifier` (default: the same
     weights) decides, and the output is its greedy answer. ``Generation.accepted`` holds, per step, the drafted
     tokens accepted (after the exact first one, with the same weights)."""
@@ -81,6 +82,11 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
     pixels, grids = rows.pixel_values, rows.image_grid_thw
     next_pos = rows.next_pos.clone()  # position of the first drafted token
     ahead = None  # the next step's drafts, read from the last verify forward when every row accepted all
+    # look ahead only after a step in which every row accepted every draft: otherwise the B masks rarely pay
+    # (at B = 32 almost never) and the verify forward carries 2B positions for nothing (docs/decoding.md)
+    if look_ahead not in ("after_full", "always"):
+        raise ValueError(f"look_ahead: 'after_full' or 'always', got {look_ahead!r}")
+    all_accepted = True
     start = time.perf_counter()
     while True:
         m = active.numel()
@@ -97,7 +103,8 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
             draft, first_new = ahead, 1
         # 2. verify: the drafted tokens under the causal mask (AR's prediction after each), followed — with
         # fuse — by B masks that see them all: the next step's drafts if every drafted token is accepted
-        q = 2 * B if fuse else B
+        ahead_masks = fuse and (all_accepted or look_ahead == "always")
+        q = 2 * B if ahead_masks else B
         mask = torch.zeros(q, q, dtype=torch.bool)
         mask[:B, :B] = torch.ones(B, B, dtype=torch.bool).tril()
         mask[B:] = True
@@ -111,7 +118,8 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
         _truncate(cache, kept_valid.shape[1])  # the look-ahead masks' K/V
         bonus = predicted[torch.arange(m), accepted]
         ahead = None
-        if fuse and bool((accepted == B - 1).all()):  # the bonus sits where the masks begin
+        all_accepted = bool((accepted == B - 1).all())
+        if ahead_masks and all_accepted:  # the bonus sits where the masks begin
             read = hv[:, B:2 * B - 1] if cfg.label_shift else hv[:, B + 1:2 * B]
             ahead = torch.cat([bonus[:, None], _greedy(model, read, ids.mask)], 1)
         finished = torch.zeros(m, dtype=torch.bool)

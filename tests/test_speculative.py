@@ -122,3 +122,42 @@ def test_decode_speed_measures_the_lossless_mode_beside_ar_and_block_decoding(wo
         assert spec["identical"] == 1.0 and spec["tpf"] >= 0.5 and spec["accepted_mean"] >= 0
         assert spec["speedup"] == pytest.approx(spec["tok_s"] / result["ar_tok_s_by_batch"][bs])
     assert "speculative" in out.stdout and "same" in out.stdout  # the table
+
+
+def test_look_ahead_masks_ride_only_after_a_fully_accepted_step(stage_b4):
+    """The verify forward carries B look-ahead masks (2B positions) in the first step and after a step whose
+    every draft was accepted, B positions otherwise (``look_ahead="always"``: every step); both answer the AR
+    greedy answer, and the forwards they save are the same."""
+    from bard_core import checkpoint
+    from bard_core.speculative import speculative_generate
+
+    model, processor, meta = checkpoint.load(stage_b4.uri)
+    ids = checkpoint.token_ids(processor.tokenizer, meta)
+    prompts = _shapes_and_random_prompts(processor, n_random=0)  # prompts of 26+ tokens: no draft forward of 4 or 8
+    cfg = checkpoint.decode_config(meta, None, mode="speculative", max_new_tokens=40)
+    B = cfg.block_size
+    widths: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    try:
+        full_seen = 0
+        for p in prompts:
+            (ar,) = ar_generate_cached(model, [p], 40, ids)
+            runs = {}
+            for rule in ("after_full", "always"):
+                widths.clear()
+                (g,) = speculative_generate(model, [p], cfg, ids, look_ahead=rule)
+                runs[rule] = g
+                assert g.token_ids == ar.token_ids
+                verify = [w for w in widths if w in (B, 2 * B)]
+                assert len(verify) == len(g.accepted) and g.nfe == len(widths)
+                full = [a == B - 1 for a in g.accepted]
+                expected = full[:-1] if rule == "after_full" else [True] * (len(full) - 1)
+                assert [w == 2 * B for w in verify] == [True] + expected
+            full_seen += sum(full)
+            assert runs["after_full"].nfe >= runs["always"].nfe  # a streak's first full step has no masks to reuse
+        assert full_seen > 0  # the rule was exercised
+    finally:
+        hook.remove()
+    with pytest.raises(ValueError, match="look_ahead"):
+        speculative_generate(model, prompts[:1], cfg, ids, look_ahead="sometimes")
