@@ -10,8 +10,8 @@ paths) and returns an `EvalReport`:
   metrics and decode statistics.
 - ``speed``: tokens per forward over the whole long-output benchmark (``tpf``), and tokens/s measured
   on its first ``speed_items`` items at batch 1 and on four batches' worth at batch N (``batch``) —
-  beside the AR base (``ar``) in the same engine, in the same run, tokens counted through EOS; the AR
-  base is measured once per threshold sweep.
+  beside the AR base (``ar``) in the same engine, interleaved part by part (`measure_speed`), tokens
+  counted through EOS.
 - ``harness``: lm-eval's wall time against the engine's own decode time (``overhead``, see docs/).
 
 ``evaluate_checkpoint`` loads a checkpoint once and evaluates it at every threshold of a sweep.
@@ -121,43 +121,61 @@ def _write_samples(path: Path, triples: list[tuple[str, str, dict]], stats: dict
             fh.write(json.dumps(record, default=str) + "\n")
 
 
-def measure_speed(lm: BardLM, requests: list[tuple], items: int, batch_size: int, answers: bool = False) -> dict:
-    """Tokens (through EOS), forwards, engine seconds, TPF and tokens/s at batch 1 (the first `items`
-    requests) and at `batch_size` (four batches' worth, so one batch's noise does not decide the figure);
-    `answers`: keep the batch-1 answers too (what the lossless mode must reproduce)."""
-    out = {}
-    lm.decode_contexts(requests[:1], 1)  # untimed: a decoder's first call pays one-off costs (allocations, caches)
+def _parts(requests: list[tuple], rounds: int, size: int) -> list[list[tuple]]:
+    """`requests` in at most `rounds` consecutive parts, each a whole number of batches of `size`."""
+    batches = -(-len(requests) // size)
+    per = -(-batches // max(1, min(rounds, batches))) * size
+    return [requests[i:i + per] for i in range(0, len(requests), per)]
+
+
+def measure_speed(lms: dict[str, BardLM], requests: list[tuple], items: int, batch_size: int, rounds: int = 4,
+                  answers: tuple[str, ...] = ()) -> dict[str, dict]:
+    """Per decoder of `lms`: tokens (through EOS), forwards, engine seconds, TPF and tokens/s at batch 1 (the first
+    `items` requests) and at `batch_size` (four batches' worth, so one batch's noise does not decide the figure),
+    measured side by side: each list in `rounds` parts that every decoder decodes in turn (the order rotating), so
+    two decoders' ratio compares them under the same load, not two moments of a shared machine (docs/evaluation.md).
+    `answers`: the decoders whose batch-1 answers are kept too (what the lossless mode must reproduce)."""
+    names = list(lms)
+    for lm in lms.values():
+        lm.decode_contexts(requests[:1], 1)  # untimed: a decoder's first call pays one-off costs (allocations, caches)
+    out: dict[str, dict] = {name: {} for name in names}
     for size, chunk in ((1, requests[:items]), (batch_size, requests[:max(items, 4 * batch_size)])):
-        before = lm.engine_seconds
-        texts, stats = lm.decode_contexts(chunk, size)
-        seconds = lm.engine_seconds - before
-        tokens, nfe = sum(s["tokens"] for s in stats), sum(s["nfe"] for s in stats)
-        out[str(size)] = {"items": len(chunk), "tokens": tokens, "nfe": nfe, "seconds": round(seconds, 4),
-                          "tpf": tokens / max(1, nfe), "tok_s": tokens / max(seconds, 1e-9)}
-        if answers and size == 1:
-            out["1"]["answers"] = texts
+        totals = {name: [0, 0, 0.0, []] for name in names}  # tokens, nfe, seconds, answers
+        for r, part in enumerate(_parts(chunk, rounds, size)):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                lm, t = lms[name], totals[name]
+                before = lm.engine_seconds
+                texts, stats = lm.decode_contexts(part, size)
+                t[0] += sum(s["tokens"] for s in stats)
+                t[1] += sum(s["nfe"] for s in stats)
+                t[2] += lm.engine_seconds - before
+                t[3] += texts
+        for name, (tokens, nfe, seconds, texts) in totals.items():
+            out[name][str(size)] = {"items": len(chunk), "tokens": tokens, "nfe": nfe, "seconds": round(seconds, 4),
+                                    "tpf": tokens / max(1, nfe), "tok_s": tokens / max(seconds, 1e-9)}
+            if name in answers and size == 1:
+                out[name]["1"]["answers"] = texts
     return out
 
 
-def _lossless(lm: BardLM, ar: BardLM, requests: list[tuple], suite: Suite, ar_speed: dict) -> dict:
-    """The model's lossless mode (speculative, verified by the AR base `ar`) on the speed items: tokens/s and
-    TPF at batch 1 and N, the speed-up over the AR base measured beside it, and the share of its answers (batch
-    1 and the same items at batch N) identical to the AR base's batch-1 answers — 1.0 unless something is wrong."""
-    spec = lm.variant(mode="speculative", verifier=ar)
-    batch = measure_speed(spec, requests, suite.speed_items, lm.decode.batch_size, answers=True)
+def _ratio(mine: dict, theirs: dict) -> dict:
+    return {k: v["tok_s"] / max(theirs[k]["tok_s"], 1e-9) for k, v in mine.items() if k in theirs}
+
+
+def _lossless(spec: BardLM, measured: dict, requests: list[tuple], ar_speed: dict, batch_size: int) -> dict:
+    """The model's lossless mode (speculative, verified by the AR base) on the speed items, `measured` beside the AR
+    base (`ar_speed`): TPF, the speed-up, and the share of its answers (batch 1 and the same items at batch N)
+    identical to the AR base's batch-1 answers — 1.0 unless something is wrong."""
     reference = ar_speed["1"]["answers"]
-    batch_n, _ = spec.decode_contexts(requests[:len(reference)], lm.decode.batch_size)
-    mine = batch["1"].pop("answers")
+    batch_n, _ = spec.decode_contexts(requests[:len(reference)], batch_size)
+    mine = measured["1"].pop("answers")
     same = sum(a == b for a, b in zip(mine, reference)) + sum(a == b for a, b in zip(batch_n, reference))
-    return {"verifier": ar.pretrained, "batch": batch, "tpf": batch["1"]["tpf"], "items": len(reference),
-            "identical": same / (2 * len(reference)),
-            "speedup": {k: v["tok_s"] / max(ar_speed[k]["tok_s"], 1e-9) for k, v in batch.items() if k in ar_speed}}
+    return {"verifier": spec.verifier, "batch": measured, "tpf": measured["1"]["tpf"], "items": len(reference),
+            "identical": same / (2 * len(reference)), "speedup": _ratio(measured, ar_speed)}
 
 
-def evaluate(lm: BardLM, suite: Suite, out: str | Path, ar: BardLM | None = None, ar_speed: dict | None = None,
-             label: str = "") -> EvalReport:
-    """One evaluation (see module docstring). `ar`: the AR base, whose speed is measured beside this
-    model's (or `ar_speed`, measured earlier in the same run, is reused)."""
+def evaluate(lm: BardLM, suite: Suite, out: str | Path, ar: BardLM | None = None, label: str = "") -> EvalReport:
+    """One evaluation (see module docstring). `ar`: the AR base, whose speed is measured beside this model's."""
     import lm_eval
 
     out = Path(out)
@@ -181,7 +199,7 @@ def evaluate(lm: BardLM, suite: Suite, out: str | Path, ar: BardLM | None = None
         scores[name] = sum(values) / len(values) if values else math.nan
         metrics[name] = _reported(results, name)
         _write_samples(out / "samples" / f"{name}.jsonl", triples, lm.stats)
-    speed = _speed(lm, suite, results, ar, ar_speed) if suite.speed_benchmark in names else {}
+    speed = _speed(lm, suite, results, ar) if suite.speed_benchmark in names else {}
     report = EvalReport(checkpoint=lm.pretrained, mode=lm.mode, decode=lm.describe(), scores=scores, items=items,
                         metrics=metrics, speed=speed, harness=harness, samples_uri=str((out / "samples").resolve()),
                         label=label)
@@ -189,22 +207,26 @@ def evaluate(lm: BardLM, suite: Suite, out: str | Path, ar: BardLM | None = None
     return report
 
 
-def _speed(lm: BardLM, suite: Suite, results: dict, ar: BardLM | None, ar_speed: dict | None) -> dict:
+def _speed(lm: BardLM, suite: Suite, results: dict, ar: BardLM | None) -> dict:
     name = suite.speed_benchmark
     leaves = set(_leaves(results, name))
     records = [r for (task_name, _), rs in lm.stats.items() if task_name in leaves for r in rs]
     tokens, nfe = sum(r["tokens"] for r in records), sum(r["nfe"] for r in records)
     requests = [lm.requests[(leaf, s["doc_id"])] for leaf in _leaves(results, name) for s in results["samples"][leaf]]
     speed = {"benchmark": name, "items": len(records), "tokens": tokens, "nfe": nfe, "tpf": tokens / max(1, nfe)}
-    if ar is not None and ar_speed is None:
-        ar_speed = measure_speed(ar, requests, suite.speed_items, lm.decode.batch_size, answers=suite.lossless)
-    speed["batch"] = measure_speed(lm, requests, suite.speed_items, lm.decode.batch_size)
-    if ar_speed is not None:
-        speed["ar"] = ar_speed
-        speed["speedup"] = {k: v["tok_s"] / max(ar_speed[k]["tok_s"], 1e-9) for k, v in speed["batch"].items()
-                            if k in ar_speed}
-    if suite.lossless and lm.mode == "diffusion" and ar is not None:
-        speed["lossless"] = _lossless(lm, ar, requests, suite, ar_speed)
+    lms = {"own": lm} if ar is None else {"own": lm, "ar": ar}
+    lossless = suite.lossless and lm.mode == "diffusion" and ar is not None
+    if lossless:
+        lms["lossless"] = lm.variant(mode="speculative", verifier=ar)
+    measured = measure_speed(lms, requests, suite.speed_items, lm.decode.batch_size,
+                             answers=("ar", "lossless") if lossless else ())
+    speed["batch"] = measured["own"]
+    if ar is not None:
+        speed["ar"] = measured["ar"]
+        speed["speedup"] = _ratio(measured["own"], measured["ar"])
+    if lossless:
+        speed["lossless"] = _lossless(lms["lossless"], measured["lossless"], requests, measured["ar"],
+                                      lm.decode.batch_size)
     return speed
 
 
@@ -215,21 +237,20 @@ def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *,
                         speculative: bool = False) -> list[EvalReport]:
     """Evaluate a checkpoint (loaded once) at each threshold of `thresholds` (None: its own decode setting);
     `speculative`: then in its own speculative mode too (mode diffusion; one more setting of the gate's sweep);
-    `ar_model`: the AR base whose decode speed is measured beside it, once for the sweep. `recipe` and its
+    `ar_model`: the AR base whose decode speed is measured beside each setting. `recipe` and its
     `overrides` give the decode defaults and the mask id; `decode`: explicit DecodeConfig fields."""
     lm = BardLM(str(model_dir), mode=mode, recipe=recipe, recipe_overrides=overrides,
                 verifier=str(verifier) if verifier else None, **(decode or {}))
     ar = BardLM(str(ar_model), mode="ar", recipe=recipe, recipe_overrides=overrides) if ar_model else None
     settings = [None] if mode in ("ar", "speculative") or not thresholds else list(thresholds)
-    reports, ar_speed = [], None
+    reports = []
     for tau in settings:
         variant = lm if tau is None else lm.variant(threshold=tau)
         label = mode if mode in ("ar", "speculative") else f"tau-{variant.decode.threshold:g}"
-        reports.append(evaluate(variant, suite, Path(out) / label, ar=ar, ar_speed=ar_speed, label=label))
-        ar_speed = reports[-1].speed.get("ar")
+        reports.append(evaluate(variant, suite, Path(out) / label, ar=ar, label=label))
     if speculative and mode == "diffusion":
         reports.append(evaluate(lm.variant(mode="speculative"), suite, Path(out) / "speculative", ar=ar,
-                                ar_speed=ar_speed, label="speculative"))
+                                label="speculative"))
     return reports
 
 

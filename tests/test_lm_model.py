@@ -75,9 +75,45 @@ def test_a_trained_block_diffusion_checkpoint_decodes_in_blocks_and_reports_its_
         assert set(speed["batch"]) == {"1", "32"} and speed["batch"]["1"]["items"] == 4
         assert speed["ar"]["1"]["tpf"] == 1.0 and speed["speedup"]["1"] > 0
         assert (Path(r.samples_uri) / "shapes_mcq.jsonl").exists()
-    assert reports[0].speed["ar"] == reports[1].speed["ar"]  # the AR base measured once for the sweep
+    ar_runs = [r.speed["ar"]["1"] for r in reports]  # the AR base measured again beside each setting: same answers
+    assert ar_runs[0]["tokens"] == ar_runs[1]["tokens"] and ar_runs[0]["nfe"] == ar_runs[1]["nfe"]
+    for r in reports:
+        assert r.speed["speedup"]["1"] == pytest.approx(r.speed["batch"]["1"]["tok_s"] / r.speed["ar"]["1"]["tok_s"])
     assert reports[1].speed["tpf"] >= reports[0].speed["tpf"]  # a lower threshold accepts more per forward
     assert json.loads((tmp_path / "tau-0.3" / "eval.json").read_text())["scores"] == reports[1].scores
+
+
+def test_speed_is_measured_side_by_side_part_by_part(base_lm, world_dir, tmp_path):
+    """Two decoders' tokens/s are compared under the same load: each speed list is cut into parts of whole
+    batches, and every decoder decodes a part before the next part starts, the order rotating."""
+    from bard_core.assets import shipped_base
+    from tasks.evaluate import Suite, evaluate, measure_speed
+    from tasks.lm_model import BardLM
+
+    evaluate(base_lm, Suite(("shapes_extract",), (str(world_dir / "benchmarks"),), limit=6), tmp_path)
+    requests = list(base_lm.requests.values())
+    assert len(requests) == 6
+    calls = []
+
+    class Logged(BardLM):
+        def decode_contexts(self, args, batch_size):
+            calls.append((self.tag, len(args), batch_size))
+            return super().decode_contexts(args, batch_size)
+
+    lms = {}
+    for tag in ("a", "b"):
+        lms[tag] = Logged(str(shipped_base()), mode="ar", recipe="tiny")
+        lms[tag].tag = tag
+    out = measure_speed(lms, requests, items=4, batch_size=2, rounds=2, answers=("b",))
+    assert calls[:2] == [("a", 1, 1), ("b", 1, 1)]  # untimed warm-up
+    # batch 1: 4 items in 2 parts; batch 2: 6 items (3 batches) in parts of 2 batches and 1
+    assert calls[2:] == [("a", 2, 1), ("b", 2, 1), ("b", 2, 1), ("a", 2, 1),
+                         ("a", 4, 2), ("b", 4, 2), ("b", 2, 2), ("a", 2, 2)]
+    for size, items in (("1", 4), ("2", 6)):
+        a, b = out["a"][size], out["b"][size]  # one model twice: the same tokens and forwards
+        assert a["items"] == b["items"] == items and a["tokens"] == b["tokens"] > 0 and a["nfe"] == b["nfe"]
+        assert a["tok_s"] == pytest.approx(a["tokens"] / a["seconds"], rel=1e-3)  # seconds rounded to 0.1 ms
+    assert "answers" not in out["a"]["1"] and len(out["b"]["1"]["answers"]) == 4
 
 
 def test_speculative_mode_through_lm_eval_scores_exactly_what_its_verifier_scores(base_lm, tiny_model_dir, world_dir,
