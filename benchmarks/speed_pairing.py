@@ -3,7 +3,7 @@ interleaved part by part (`tasks.evaluate.measure_speed`, what the gate does). O
 changes, the sequential ratio compares two moments; the spread of each method over repeats says how much.
 
     python -m benchmarks.speed_pairing --model STAGE --benchmarks-dir WORLD/benchmarks [--mode speculative]
-        [--threshold 0.9] [--items 32] [--batch-size 16] [--repeats 6]
+        [--threshold 0.9] [--items 32] [--batch-size 16] [--repeats 6] [--block-size B]
 
 Prints one row per repeat (both methods' speed-ups at batch 1 and N), the mean and spread of each, and one JSON
 line. Findings: docs/evaluation.md "Speed side by side".
@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--block-size", type=int, default=None, help="decode block size (default: the checkpoint's)")
     args = parser.parse_args(argv)
     if min(args.items, args.batch_size, args.repeats) < 1:
         parser.error("--items, --batch-size and --repeats must be at least 1")
     requests = requests_for(args.benchmarks_dir, max(args.items, 4 * args.batch_size), args.max_new_tokens)
     decode = {"threshold": args.threshold, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens}
+    if args.block_size is not None:
+        decode["block_size"] = args.block_size
     model = BardLM(args.model, mode="speculative" if args.mode == "speculative" else "diffusion", **decode)
     ar = BardLM(args.ar_model, mode="ar", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     sizes = ("1", str(args.batch_size))

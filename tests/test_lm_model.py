@@ -116,6 +116,36 @@ def test_speed_is_measured_side_by_side_part_by_part(base_lm, world_dir, tmp_pat
     assert "answers" not in out["a"]["1"] and len(out["b"]["1"]["answers"]) == 4
 
 
+def test_speed_pairing_benchmark_measures_both_ways_every_repeat(world_dir):
+    """benchmarks/speed_pairing.py on a 'stage' that is the shipped base in its speculative mode: a row per
+    repeat with both methods' speed-ups at batch 1 and N, their summaries, and one JSON line."""
+    import subprocess
+    import sys
+
+    from bard_core.assets import shipped_base
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.speed_pairing", "--model", str(shipped_base()),
+                          "--benchmarks-dir", str(world_dir / "benchmarks"), "--items", "2", "--batch-size", "2",
+                          "--repeats", "2", "--max-new-tokens", "16", "--block-size", "4"], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1], timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["rows"]) == 2 and result["tpf"] >= 1.0  # speculative: never fewer tokens than forwards
+    for row in result["rows"]:
+        assert set(row["sequential"]) == set(row["interleaved"]) == {"1", "2"}
+        assert all(v > 0 for m in ("sequential", "interleaved") for v in row[m].values())
+    summary = result["summary"]
+    assert set(summary) == {"sequential_b1", "sequential_b2", "interleaved_b1", "interleaved_b2"}
+    for name, s in summary.items():
+        method, size = name.split("_b")
+        values = [row[method][size] for row in result["rows"]]
+        assert s["min"] == min(values) and s["max"] == max(values) and s["mean"] == pytest.approx(sum(values) / 2)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.speed_pairing", "--model", str(shipped_base()),
+                          "--benchmarks-dir", str(world_dir / "benchmarks"), "--repeats", "0"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+
 def test_speculative_mode_through_lm_eval_scores_exactly_what_its_verifier_scores(base_lm, tiny_model_dir, world_dir,
                                                                                    tmp_path):
     """mode=speculative: a drafter that knows nothing (the random tiny model), the AR base as verifier: every
