@@ -127,7 +127,7 @@ def test_decode_speed_measures_the_lossless_mode_beside_ar_and_block_decoding(wo
 def test_look_ahead_masks_ride_only_after_a_fully_accepted_step(stage_b4):
     """The verify forward carries B look-ahead masks (2B positions) in the first step and after a step whose
     every draft was accepted, B positions otherwise (``look_ahead="always"``: every step); both answer the AR
-    greedy answer, and the forwards they save are the same."""
+    greedy answer, and the new rule never needs fewer forwards than the old."""
     from bard_core import checkpoint
     from bard_core.speculative import speculative_generate
 
