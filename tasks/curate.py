@@ -147,13 +147,15 @@ def benchmark_contamination(benchmarks_dir: str | None, cfg: DataConfig, train_q
                                cfg.ngram, common)
 
 
-def _shuffle_keys(sample_ids: list[str], salt: str) -> list[int]:
-    """Sort keys that write the kept rows in a pseudo-random order fixed by the curation's fingerprint.
+def _shuffle_keys(sample_ids: list[str], seed: int) -> list[int]:
+    """Sort keys that write the kept rows in a pseudo-random order fixed by the rows and the data seed alone: the
+    same rows come out in the same order whatever else re-ran the curation (a code change, a moved source), so a
+    stage trained again on them sees the same batches (`DataConfig.seed` reorders them).
 
     Training streams each worker's shard in file order through a small shuffle buffer, so rows written
     source by source made every worker's batches come from one subset for ~50 steps at a time (and a
     stage's last steps from whichever subset came last)."""
-    return [int.from_bytes(hashlib.blake2b(f"{salt}:{i}".encode(), digest_size=8).digest(), "big")
+    return [int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "big")
             for i in sample_ids]
 
 
@@ -257,7 +259,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
         contaminates = [j.of if j and j.reason.startswith("benchmark_") else None for j in rejects]
         return (batch.append_column("duplicate_of", pa.array(duplicate_of, pa.string()))
                 .append_column("contaminates", pa.array(contaminates, pa.string()))
-                .append_column("shuffle", pa.array(_shuffle_keys(ids, fingerprint), pa.uint64())))
+                .append_column("shuffle", pa.array(_shuffle_keys(ids, cfg.seed), pa.uint64())))
 
     final = processed.map_batches(apply, batch_format="pyarrow").materialize()
     with files.staged_dir(out, "curated dataset") as tmp:

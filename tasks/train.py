@@ -63,6 +63,7 @@ def training_dataset(data: DatasetRef, cache_mb: int, anchor: CheckpointRef | No
 
     def build():
         ds = ray.data.read_parquet(str(files))
+        ds.context.execution_options.preserve_order = True  # the same batches on every run (docs/stage_budget.md)
         if anchor is None:
             return ds
         gpu = bool(train.use_gpu)
@@ -157,6 +158,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
          workers: int | None, on_progress) -> CheckpointRef:
     """The stage's `fit()` and the atomic move of its last checkpoint to `out` (under the stage's lock)."""
     import ray
+    import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -198,6 +200,8 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
     config["progress"] = board
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
+        # the order kept: the split hands each worker the same rows on every run, not blocks to whoever asks first
+        dataset_config=ray.train.DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=train.use_gpu),
         run_config=ray.train.RunConfig(storage_path=str(storage), name=f"stage-{fingerprint}",
                                        failure_config=ray.train.FailureConfig(max_failures=2),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import io
@@ -232,7 +233,7 @@ def test_one_image_with_three_questions_is_three_samples_or_one_merged_row(tmp_p
     assert all(r["duplicate_of"] in leaders for r in rejects)
 
 
-def test_streamed_source_matches_the_parquet_reader(world_dir, tiny_model_dir, tmp_path, local_ray):
+def test_streamed_source_matches_the_parquet_reader_row_for_row_and_the_data_seed_orders_the_rows(world_dir, tiny_model_dir, tmp_path, local_ray):
     from bard_core.recipes import get_recipe
     from tasks.curate import run_curation
 
@@ -240,6 +241,11 @@ def test_streamed_source_matches_the_parquet_reader(world_dir, tiny_model_dir, t
     local = run_curation({"finevision": str(world_dir / "sources/finevision")}, tmp_path / "a", cfg, str(tiny_model_dir))
     streamed = run_curation({"finevision": f"stream://{world_dir / 'sources/finevision'}"}, tmp_path / "b", cfg,
                             str(tiny_model_dir))
-    assert streamed.counts == local.counts
-    ids = lambda p: Counter(pq.read_table(glob.glob(str(p / "data" / "*.parquet"))).column("sample_id").to_pylist())  # noqa: E731
-    assert ids(tmp_path / "a") == ids(tmp_path / "b")
+    assert streamed.counts == local.counts and streamed.fingerprint != local.fingerprint
+    ids = lambda p: pq.read_table(sorted(glob.glob(str(p / "data" / "*.parquet")))).column("sample_id").to_pylist()  # noqa: E731
+    # the same rows in the same order: the written order follows the rows and the data seed, not the fingerprint
+    # (a re-curation for any other reason used to reorder them, and so every batch a stage trained on)
+    assert ids(tmp_path / "a") == ids(tmp_path / "b") and len(ids(tmp_path / "a")) == local.num_rows
+    reseeded = run_curation({"finevision": str(world_dir / "sources/finevision")}, tmp_path / "c",
+                            dataclasses.replace(cfg, seed=cfg.seed + 1), str(tiny_model_dir))
+    assert Counter(ids(tmp_path / "c")) == Counter(ids(tmp_path / "a")) and ids(tmp_path / "c") != ids(tmp_path / "a")

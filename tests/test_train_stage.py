@@ -71,6 +71,20 @@ def test_a_short_stage_learns_and_writes_a_loadable_checkpoint(stage_b4, data_re
     assert not (Path(stage_b4.uri) / "optimizer.pt").exists()
 
 
+def test_a_stage_trained_again_takes_the_very_same_steps(stage_b4, data_ref, tiny_model_dir, tmp_path):
+    """Reproducible: the same stage trained again (its dataset and the anchor's targets rebuilt, not the shared
+    copy) has the same loss at every step, bit for bit: the curated order, the split between the two workers, the
+    batches and the noise are all fixed by the inputs."""
+    from tasks import train
+    from tasks.train import checkpoint_ref, run_stage
+
+    train._DATASETS.clear()
+    again = run_stage(data_ref, checkpoint_ref(tiny_model_dir), tmp_path / "B4", "tiny", SHORT, block_size=4, workers=2)
+    first, second = _meta(stage_b4)["history"], _meta(again)["history"]
+    assert len(first) == 40 and [h["loss"] for h in second] == [h["loss"] for h in first]
+    assert [h["anchor"] for h in second] == [h["anchor"] for h in first]
+
+
 def test_same_inputs_return_the_existing_checkpoint_without_training(stage_b4, data_ref, tiny_model_dir):
     from tasks.train import checkpoint_ref, run_stage
 
