@@ -248,4 +248,5 @@ def test_streamed_source_matches_the_parquet_reader_row_for_row_and_the_data_see
     assert ids(tmp_path / "a") == ids(tmp_path / "b") and len(ids(tmp_path / "a")) == local.num_rows
     reseeded = run_curation({"finevision": str(world_dir / "sources/finevision")}, tmp_path / "c",
                             dataclasses.replace(cfg, seed=cfg.seed + 1), str(tiny_model_dir))
+    assert reseeded.counts == local.counts and reseeded.fingerprint != local.fingerprint
     assert Counter(ids(tmp_path / "c")) == Counter(ids(tmp_path / "a")) and ids(tmp_path / "c") != ids(tmp_path / "a")
