@@ -37,6 +37,7 @@ PARALLEL = ("ddp", "fsdp")  # data parallel with replicas, or fully sharded (par
 OBJECTIVES = ("ar", "diffusion")
 DECODE_MODES = ("dynamic", "static", "speculative")
 DECODE_FALLBACKS = ("leftmost", "confident")
+DRAFT_WIDTHS = ("adaptive", "block")
 DTYPES = ("float32", "bfloat16", "float16")
 RECIPE_SECTIONS = ("model", "noise", "train", "decode", "gate", "data")  # a Recipe's dataclass parts (dotted keys)
 # what `TrainConfig.stages` may set per block size
@@ -301,6 +302,9 @@ class DecodeConfig:
                          "masked one or the most confident", choices=DECODE_FALLBACKS)
     sure_eos: bool = _opt(True, "dynamic mode: propose <|im_end|> only above the threshold (it ends the answer for "
                           "good); elsewhere the position's next best token")
+    draft: str = _opt("adaptive", "speculative mode: masks drafted per step: the block size, or adaptive (from 8, "
+                      "doubled after a step in which every row accepted every draft, halved when rows gained under a "
+                      "quarter)", choices=DRAFT_WIDTHS)
     tokens_per_step: int = _opt(1, "static mode: positions committed per forward")
     edit_threshold: float = _opt(0.95, "correction: replace a visible token when another clears this")
     max_edits_per_position: int = _opt(1, "correction: edits allowed per position")
@@ -317,6 +321,7 @@ class DecodeConfig:
         c = "DecodeConfig"
         _check_choice(c, "mode", self.mode, DECODE_MODES)
         _check_choice(c, "fallback", self.fallback, DECODE_FALLBACKS)
+        _check_choice(c, "draft", self.draft, DRAFT_WIDTHS)
         _check_positive(c, block_size=self.block_size, tokens_per_step=self.tokens_per_step,
                         max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
         if not 0.0 <= self.threshold <= 1.0:

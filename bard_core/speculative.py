@@ -13,6 +13,9 @@ One set of weights is both drafter and verifier, on one KV cache. Each step, per
    written; the rejected ones stay in the cache as holes the attention mask hides, so rows of a batch
    accept different lengths and still share one cache.
 
+The draft is ``DecodeConfig.draft`` wide: B masks, or (adaptive, the default) from 8 up to B as the rows
+accept (`_next_width`); B below stands for that width.
+
 Per step a row gains 2 + a exact tokens (the first draft, a accepted drafts, the bonus) for 2 forwards: never
 fewer tokens per forward than AR. With ``fuse``, after a step in which every row accepted every draft, the verify
 forward also carries B masks that see every drafted token; when every row accepts every draft again, they are the
@@ -58,6 +61,20 @@ def _draft(model, h: torch.Tensor, c: int, B: int, cfg: DecodeConfig, mask_id: i
     return _greedy(model, read, mask_id)
 
 
+def _next_width(width: int, gained: torch.Tensor, B: int, draft: str) -> int:
+    """The next step's draft width (``DecodeConfig.draft``): B, or adaptive — doubled (up to B) when every row
+    accepted every draft (`gained`: each row's exact tokens from the draft, accepted + 1), halved (down to 4)
+    when the rows gained a quarter of the width or less on average, never under 8. Wider drafts cost every row a wider forward
+    and rarely pay on a CPU (docs/decoding.md "Draft width")."""
+    if draft == "block":
+        return B
+    if bool((gained >= width).all()):
+        return min(B, 2 * width)
+    if float(gained.float().mean()) <= width / 4:
+        return max(min(B, 8), width // 2)
+    return width
+
+
 @torch.no_grad()
 def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenIds,
                          verifier=None, fuse: bool = True, look_ahead: str = "after_full") -> list[Generation]:
@@ -87,40 +104,42 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
     if look_ahead not in ("after_full", "always"):
         raise ValueError(f"look_ahead: 'after_full' or 'always', got {look_ahead!r}")
     all_accepted = True
+    W = B if cfg.draft == "block" else min(B, 8)  # this step's draft width
     start = time.perf_counter()
     while True:
         m = active.numel()
-        draft_pos = _text_positions(next_pos, B)
-        if ahead is None:  # 1. draft: [ctx ‖ B masks]; ctx is committed (its K/V kept), the masks' K/V dropped
+        if ahead is None:  # 1. draft: [ctx ‖ W masks]; ctx is committed (its K/V kept), the masks' K/V dropped
             c = ctx.ids.shape[1]
-            new = ctx.then(torch.full((m, B), ids.mask, dtype=torch.long), draft_pos)
+            new = ctx.then(torch.full((m, W), ids.mask, dtype=torch.long), _text_positions(next_pos, W))
             h = _forward(model, cache, new.ids, new.positions, kept_valid, new.mask, device, pixels, grids, new.types)
             kept_valid = torch.cat([kept_valid, ctx.valid], dim=1)
             _truncate(cache, kept_valid.shape[1])
             pixels = grids = None
-            draft, first_new = _draft(model, h, c, B, cfg, ids.mask), 0  # the first is AR's: exact
+            draft, first_new = _draft(model, h, c, W, cfg, ids.mask), 0  # the first is AR's: exact
         else:  # drafted already; its first token is the last step's bonus (exact, output already)
             draft, first_new = ahead, 1
+        W = draft.shape[1]
         # 2. verify: the drafted tokens under the causal mask (AR's prediction after each), followed — with
-        # fuse — by B masks that see them all: the next step's drafts if every drafted token is accepted
+        # fuse — by masks that see them all: the next step's drafts if every drafted token is accepted
         ahead_masks = fuse and (all_accepted or look_ahead == "always")
-        q = 2 * B if ahead_masks else B
+        wide = _next_width(W, torch.full((m,), W), B, cfg.draft)  # the next width after a fully accepted step
+        q = W + wide if ahead_masks else W
         mask = torch.zeros(q, q, dtype=torch.bool)
-        mask[:B, :B] = torch.ones(B, B, dtype=torch.bool).tril()
-        mask[B:] = True
-        ids_v = torch.cat([draft, torch.full((m, q - B), ids.mask, dtype=torch.long)], 1)
+        mask[:W, :W] = torch.ones(W, W, dtype=torch.bool).tril()
+        mask[W:] = True
+        ids_v = torch.cat([draft, torch.full((m, q - W), ids.mask, dtype=torch.long)], 1)
         hv = _forward(model, cache, ids_v, _text_positions(next_pos, q), kept_valid, mask[None].expand(m, q, q),
                       device)
-        predicted = _greedy(model, hv[:, :B], ids.mask)  # [m, B]: the token after each drafted one
+        predicted = _greedy(model, hv[:, :W], ids.mask)  # [m, W]: the token after each drafted one
         agree = (draft[:, 1:] == predicted[:, :-1]).long()
         accepted = agree.cumprod(dim=1).sum(dim=1)  # drafted tokens accepted after the exact first one
-        kept_valid = torch.cat([kept_valid, torch.arange(B)[None, :] <= accepted[:, None]], dim=1)
+        kept_valid = torch.cat([kept_valid, torch.arange(W)[None, :] <= accepted[:, None]], dim=1)
         _truncate(cache, kept_valid.shape[1])  # the look-ahead masks' K/V
         bonus = predicted[torch.arange(m), accepted]
         ahead = None
-        all_accepted = bool((accepted == B - 1).all())
+        all_accepted = bool((accepted == W - 1).all())
         if ahead_masks and all_accepted:  # the bonus sits where the masks begin
-            read = hv[:, B:2 * B - 1] if cfg.label_shift else hv[:, B + 1:2 * B]
+            read = hv[:, W:W + wide - 1] if cfg.label_shift else hv[:, W + 1:W + wide]
             ahead = torch.cat([bonus[:, None], _greedy(model, read, ids.mask)], 1)
         finished = torch.zeros(m, dtype=torch.bool)
         now = time.perf_counter() - start
@@ -134,6 +153,7 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
         keep = torch.nonzero(~finished).flatten()
         if keep.numel() == 0:
             break
+        W = _next_width(W, accepted[keep] + 1, B, cfg.draft)  # a look-ahead's drafts (`ahead`) keep their width
         if keep.numel() < m:  # finished rows leave the batch and the cache
             cache.batch_select_indices(keep.to(device))
             kept_valid, bonus, accepted = kept_valid[keep], bonus[keep], accepted[keep]

@@ -1,10 +1,11 @@
-"""The lossless mode's look-ahead fusion side by side: off, after a fully accepted step (the default), in every
-step; batch 1, long answers (shapes extract).
+"""The lossless mode's settings side by side: the look-ahead fusion (off, after a fully accepted step — the
+default —, in every step) and the draft width (the block, or adaptive); long answers (shapes extract).
 
     python -m benchmarks.speculative_fuse --checkpoint STAGE_DIR [--items 24] [--repeats 2] [--blocks 4,8]
+        [--drafts block,adaptive] [--rules off,after_full,always] [--batch 1]
 
-Runs AR and every (block size, look-ahead) setting interleaved, `--repeats` times, on the same prompts; prints
-a table and one JSON line. Findings: docs/decoding.md "Lossless mode".
+Runs AR and every (block size, draft, look-ahead) setting interleaved batch by batch, `--repeats` times, on the
+same prompts; prints a table and one JSON line. Findings: docs/decoding.md "Lossless mode" and "Draft width".
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 import torch
 
 from bard_core import checkpoint
-from bard_core.config import DecodeConfig
+from bard_core.config import DRAFT_WIDTHS, DecodeConfig
 from bard_core.decode import ar_generate_cached
 from bard_core.inputs import encode_sample
 from bard_core.shapes.data import conversations
@@ -29,8 +30,16 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--blocks", default="4,8")
+    parser.add_argument("--drafts", default="block", help="draft widths (DecodeConfig.draft), comma-separated")
+    parser.add_argument("--rules", default="off,after_full,always",
+                        help="look-ahead: off (no fusion), after_full, always; comma-separated")
+    parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     args = parser.parse_args()
+    drafts, rules = args.drafts.split(","), args.rules.split(",")
+    bad = [d for d in drafts if d not in DRAFT_WIDTHS] + [r for r in rules if r not in ("off", "after_full", "always")]
+    if bad or args.items < 1 or args.repeats < 1 or args.batch < 1:
+        parser.error(f"unknown draft/rule {bad}" if bad else "--items, --repeats and --batch must be positive")
     model, processor, meta = checkpoint.load(args.checkpoint)
     ids = checkpoint.token_ids(processor.tokenizer, meta)
     prompts = []
@@ -38,33 +47,38 @@ def main() -> None:
         enc = encode_sample(s, processor, 512)
         enc.response_ids = enc.response_ids[:0]
         prompts.append(enc)
-    runs = {"ar": lambda p: ar_generate_cached(model, [p], args.max_new_tokens, ids)[0]}
+    runs = {"ar": lambda b: ar_generate_cached(model, b, args.max_new_tokens, ids)}
     for B in (int(b) for b in args.blocks.split(",")):
-        cfg = DecodeConfig(block_size=B, mode="speculative", max_new_tokens=args.max_new_tokens,
-                           label_shift=bool(meta.get("label_shift", False)))
-        for name, fuse, rule in (("off", False, "after_full"), ("after_full", True, "after_full"),
-                                 ("always", True, "always")):
-            runs[f"B{B} {name}"] = (lambda c, f, r: lambda p: speculative_generate(model, [p], c, ids, fuse=f,
-                                                                                   look_ahead=r)[0])(cfg, fuse, rule)
+        for draft in drafts:
+            cfg = DecodeConfig(block_size=B, mode="speculative", max_new_tokens=args.max_new_tokens, draft=draft,
+                               label_shift=bool(meta.get("label_shift", False)))
+            for rule in rules:
+                runs[f"B{B} {draft} {rule}"] = (lambda c, f, r: lambda b: speculative_generate(
+                    model, b, c, ids, fuse=f, look_ahead=r))(cfg, rule != "off", "always" if rule == "always"
+                                                            else "after_full")
+    batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     totals = {name: [0, 0, 0.0] for name in runs}
-    answers: dict[str, list] = {}
-    for _ in range(args.repeats):
-        for name, run in runs.items():
-            started = time.perf_counter()
-            gens = [run(p) for p in prompts]
-            answers.setdefault(name, [g.token_ids for g in gens])
-            t = totals[name]
-            t[0], t[1], t[2] = t[0] + sum(g.tokens for g in gens), t[1] + sum(g.nfe for g in gens), \
-                t[2] + time.perf_counter() - started
+    answers: dict[str, list] = {name: [] for name in runs}
+    for repeat in range(args.repeats):
+        for batch in batches:  # every setting on one batch before the next: load changes hit them all alike
+            for name, run in runs.items():
+                started = time.perf_counter()
+                gens = run(batch)
+                if repeat == 0:
+                    answers[name] += [g.token_ids for g in gens]
+                t = totals[name]
+                t[0], t[1], t[2] = t[0] + sum(g.tokens for g in gens), t[1] + sum(g.nfe for g in gens), \
+                    t[2] + time.perf_counter() - started
     ar_speed = totals["ar"][0] / totals["ar"][2]
     rows = {name: {"tpf": t / n, "tok_s": t / s, "x_ar": t / s / ar_speed} for name, (t, n, s) in totals.items()}
     for name, r in rows.items():  # lossless: every setting answers what AR answers
         r["same_as_ar"] = sum(a == b for a, b in zip(answers[name], answers["ar"])) / len(prompts)
-    print(f"{'setting':<16} {'TPF':>5} {'tok/s':>7} {'x AR':>5} {'same':>5}  ({args.items} prompts x {args.repeats}, "
-          f"batch 1, {torch.get_num_threads()} threads)")
+    print(f"{'setting':<26} {'TPF':>5} {'tok/s':>7} {'x AR':>5} {'same':>5}  ({args.items} prompts x {args.repeats}, "
+          f"batch {args.batch}, {torch.get_num_threads()} threads)")
     for name, r in rows.items():
-        print(f"{name:<16} {r['tpf']:>5.2f} {r['tok_s']:>7.0f} {r['x_ar']:>5.2f} {r['same_as_ar']:>5.2f}")
-    print(json.dumps({"checkpoint": args.checkpoint, "items": args.items, "repeats": args.repeats, "rows": rows}))
+        print(f"{name:<26} {r['tpf']:>5.2f} {r['tok_s']:>7.0f} {r['x_ar']:>5.2f} {r['same_as_ar']:>5.2f}")
+    print(json.dumps({"checkpoint": args.checkpoint, "items": args.items, "repeats": args.repeats,
+                      "batch": args.batch, "rows": rows}))
 
 
 if __name__ == "__main__":

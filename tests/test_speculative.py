@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -50,6 +52,56 @@ def test_speculative_output_is_ar_greedy_token_for_token(label_shift):
         for g in unfused:  # per step: the exact first draft, `accepted` more, the bonus
             assert g.nfe == 2 * len(g.accepted) and all(0 <= a < B for a in g.accepted)
             assert g.tokens <= sum(a + 2 for a in g.accepted)
+        if B > 8:  # the default draft is adaptive (from 8 masks); the block-wide one answers the same
+            block = generate(model, prompts, dataclasses.replace(cfg, draft="block"), ids)
+            assert [g.token_ids for g in block] == ar
+
+
+def test_the_adaptive_draft_widens_after_full_steps_and_narrows_when_drafts_fail(tiny_model_dir):
+    """`_next_width`: doubled (to B) when every row accepted every draft, halved (to 8) when the rows gained a
+    quarter of the width or less; ``draft="block"``: always B. On a model that predicts one token everywhere
+    (its head zeroed: every draft is accepted) the forwards widen 8 → 16 → 32 and stay there, and the answer is
+    still the AR greedy answer."""
+    from bard_core import checkpoint
+    from bard_core.speculative import _next_width, speculative_generate
+
+    t = torch.tensor
+    assert _next_width(8, t([8, 8]), 32, "adaptive") == 16 and _next_width(16, t([16]), 32, "adaptive") == 32
+    assert _next_width(32, t([32]), 32, "adaptive") == 32  # never past the block
+    assert _next_width(8, t([8, 3]), 32, "adaptive") == 8  # one row short of full: no wider
+    assert _next_width(32, t([8, 8]), 32, "adaptive") == 16 and _next_width(32, t([9, 8]), 32, "adaptive") == 32
+    assert _next_width(16, t([1]), 32, "adaptive") == 8 and _next_width(8, t([1]), 32, "adaptive") == 8  # floor 8
+    assert _next_width(4, t([4]), 4, "adaptive") == 4 and _next_width(8, t([1]), 32, "block") == 32
+    with pytest.raises(ValueError, match="draft"):
+        DecodeConfig(block_size=32, mode="speculative", draft="sometimes")
+
+    model, processor, _ = checkpoint.load(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: argmax is token 0 everywhere, drafts and verification alike
+    tok = processor.tokenizer
+    ids = TokenIds(mask=tok.convert_tokens_to_ids("<|mask|>"), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    assert ids.eos != 0 and ids.mask != 0
+    prompts = _shapes_and_random_prompts(processor, n_random=1)[-2:]
+    ar = [g.token_ids for g in ar_generate_cached(model, prompts, 90, ids)]
+    assert ar == [[0] * 90] * 2
+    widths: list[int] = []
+    hook = model.model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                                 with_kwargs=True)
+    try:
+        # 90 tokens: adaptive 9 + 16 + 32 + 32 + 32 in five steps (the price of starting narrow when every draft
+        # is accepted: two forwards more than the block-wide draft's 33 + 32 + 32)
+        for draft, verify, drafted in (("adaptive", [8 + 16, 16 + 32, 32 + 32, 32 + 32, 32 + 32], [8, 16, 32, 32, 32]),
+                                       ("block", [64, 64, 64], [32, 32, 32])):
+            widths.clear()
+            cfg = DecodeConfig(block_size=32, mode="speculative", max_new_tokens=90, draft=draft)
+            gens = speculative_generate(model, prompts, cfg, ids)
+            assert [g.token_ids for g in gens] == ar
+            # the first forward drafts [prompt ‖ W masks]; then one verify forward a step, carrying the drafts and
+            # the next (wider) step's look-ahead masks, which every step uses
+            assert widths[1:] == verify and widths[0] > 8
+            assert [g.accepted for g in gens] == [[w - 1 for w in drafted]] * 2 and gens[0].nfe == len(widths)
+    finally:
+        hook.remove()
 
 
 def test_with_a_separate_verifier_the_output_is_the_verifiers_greedy_answer(tiny_model_dir):
@@ -161,3 +213,30 @@ def test_look_ahead_masks_ride_only_after_a_fully_accepted_step(stage_b4):
         hook.remove()
     with pytest.raises(ValueError, match="look_ahead"):
         speculative_generate(model, prompts[:1], cfg, ids, look_ahead="sometimes")
+
+
+def test_speculative_fuse_benchmark_runs_every_setting_side_by_side():
+    """`benchmarks/speculative_fuse.py` on the shipped base, batch 2: a row per (block, draft, look-ahead) setting
+    and AR, each answering the AR answers, never under one token per forward; a bad setting is refused."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bard_core.assets import shipped_base
+
+    def bench(*extra):
+        return subprocess.run([sys.executable, "-m", "benchmarks.speculative_fuse", "--checkpoint", str(shipped_base()),
+                               "--items", "3", "--repeats", "1", "--max-new-tokens", "16", *extra],
+                              capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=600)
+
+    out = bench("--blocks", "16", "--drafts", "block,adaptive", "--rules", "off,after_full", "--batch", "2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["batch"] == 2 and set(result["rows"]) == {
+        "ar", "B16 block off", "B16 block after_full", "B16 adaptive off", "B16 adaptive after_full"}
+    for name, row in result["rows"].items():
+        assert row["same_as_ar"] == 1.0 and row["tpf"] >= 1.0 and row["tok_s"] > 0, name
+    assert "B16 adaptive after_full" in out.stdout  # the table
+    bad = bench("--drafts", "narrow")
+    assert bad.returncode == 2 and "narrow" in bad.stderr
