@@ -63,7 +63,7 @@ def _draft(model, h: torch.Tensor, c: int, B: int, cfg: DecodeConfig, mask_id: i
 
 def _next_width(width: int, gained: torch.Tensor, B: int, draft: str) -> int:
     """The next step's draft width (``DecodeConfig.draft``): B, or adaptive — doubled (up to B) when every row
-    accepted every draft (`gained`: each row's exact tokens from the draft, accepted + 1), halved (down to 4)
+    accepted every draft (`gained`: per row, how many of its drafted tokens were exact), halved (down to 4)
     when the rows gained a quarter of the width or less on average, never under 8. Wider drafts cost every row a wider forward
     and rarely pay on a CPU (docs/decoding.md "Draft width")."""
     if draft == "block":
@@ -190,24 +190,25 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
     ctx_d = ctx_v = prompt_ctx
     pixels, grids = rows.pixel_values, rows.image_grid_thw
     next_pos = rows.next_pos.clone()
+    W = B if cfg.draft == "block" else min(B, 8)  # this step's draft width
     start = time.perf_counter()
     while True:
         m = active.numel()
-        draft_pos = _text_positions(next_pos, B)
+        draft_pos = _text_positions(next_pos, W)
         c = ctx_d.ids.shape[1]
-        new = ctx_d.then(torch.full((m, B), ids.mask, dtype=torch.long), draft_pos)
+        new = ctx_d.then(torch.full((m, W), ids.mask, dtype=torch.long), draft_pos)
         h = _forward(drafter, caches[0], new.ids, new.positions, valid[0], new.mask, device, pixels, grids, new.types)
         valid[0] = torch.cat([valid[0], ctx_d.valid], dim=1)
         _truncate(caches[0], valid[0].shape[1])
-        draft = _draft(drafter, h, c, B, cfg, ids.mask)
+        draft = _draft(drafter, h, c, W, cfg, ids.mask)
         cv = ctx_v.ids.shape[1]
         new = ctx_v.then(draft, draft_pos)
         causal = new.mask & torch.ones_like(new.mask).tril()  # the drafts causal too: an AR forward
         hv = _forward(verifier, caches[1], new.ids, new.positions, valid[1], causal, device, pixels, grids, new.types)
         pixels = grids = None
-        predicted = _greedy(verifier, hv[:, cv - 1:], ids.mask)  # [m, B+1]: the token at next_pos + j
-        accepted = (draft == predicted[:, :B]).long().cumprod(dim=1).sum(dim=1)
-        valid[1] = torch.cat([valid[1], ctx_v.valid, torch.arange(B)[None, :] < accepted[:, None]], dim=1)
+        predicted = _greedy(verifier, hv[:, cv - 1:], ids.mask)  # [m, W+1]: the token at next_pos + j
+        accepted = (draft == predicted[:, :W]).long().cumprod(dim=1).sum(dim=1)
+        valid[1] = torch.cat([valid[1], ctx_v.valid, torch.arange(W)[None, :] < accepted[:, None]], dim=1)
         bonus = predicted[torch.arange(m), accepted]
         finished = torch.zeros(m, dtype=torch.bool)
         now = time.perf_counter() - start
@@ -228,13 +229,13 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
             draft, accepted, bonus, active, next_pos = draft[keep], accepted[keep], bonus[keep], active[keep], \
                 next_pos[keep]
         m = active.numel()
-        # the drafter has not seen the accepted drafts nor the bonus: left-padded to B + 1, like a prompt batch
-        width = B + 1
+        # the drafter has not seen the accepted drafts nor the bonus: left-padded to W + 1, like a prompt batch
+        width = W + 1
         pad = width - (accepted + 1)
-        seq = torch.cat([draft, bonus[:, None]], dim=1)  # bonus at column B; accepted drafts at 0..a-1
+        seq = torch.cat([draft, bonus[:, None]], dim=1)  # bonus at column W; accepted drafts at 0..a-1
         col = torch.arange(width)[None, :] - pad[:, None]  # index into seq's row, per column
         real = col >= 0
-        take = torch.where(col >= accepted[:, None], torch.full_like(col, B), col).clamp(min=0)
+        take = torch.where(col >= accepted[:, None], torch.full_like(col, W), col).clamp(min=0)
         ids_d = torch.where(real, seq.gather(1, take), torch.full_like(take, ids.pad))
         pos = (next_pos[:, None] + col).clamp(min=0)
         ctx_d = _Context(ids_d, pos[None].expand(3, -1, -1).clone(), torch.zeros_like(ids_d), real,
@@ -242,4 +243,5 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
         last_pos = next_pos + accepted  # the bonus token's position
         ctx_v = _Context.block(bonus[:, None], _text_positions(last_pos, 1))
         next_pos = last_pos + 1
+        W = _next_width(W, accepted, B, cfg.draft)  # `accepted`: the drafts that were exact
     return _finished(out, ids.eos, cfg.max_new_tokens, start)

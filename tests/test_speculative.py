@@ -61,7 +61,7 @@ def test_the_adaptive_draft_widens_after_full_steps_and_narrows_when_drafts_fail
     """`_next_width`: doubled (to B) when every row accepted every draft, halved (to 8) when the rows gained a
     quarter of the width or less; ``draft="block"``: always B. On a model that predicts one token everywhere
     (its head zeroed: every draft is accepted) the forwards widen 8 → 16 → 32 and stay there, and the answer is
-    still the AR greedy answer."""
+    still the AR greedy answer; the same with a separate verifier."""
     from bard_core import checkpoint
     from bard_core.speculative import _next_width, speculative_generate
 
@@ -102,6 +102,13 @@ def test_the_adaptive_draft_widens_after_full_steps_and_narrows_when_drafts_fail
             assert [g.accepted for g in gens] == [[w - 1 for w in drafted]] * 2 and gens[0].nfe == len(widths)
     finally:
         hook.remove()
+    # the two-model path (verified by a copy of the same weights): W drafts a step, all accepted, plus the bonus
+    verifier = checkpoint.load(tiny_model_dir)[0]
+    verifier.load_state_dict(model.state_dict())
+    for draft, accepted in (("adaptive", [8, 16, 32, 32]), ("block", [32, 32, 32])):
+        cfg = DecodeConfig(block_size=32, mode="speculative", max_new_tokens=90, draft=draft)
+        gens = speculative_generate(model, prompts, cfg, ids, verifier=verifier)
+        assert [g.token_ids for g in gens] == ar and [g.accepted for g in gens] == [accepted] * 2
 
 
 def test_with_a_separate_verifier_the_output_is_the_verifiers_greedy_answer(tiny_model_dir):
@@ -116,8 +123,8 @@ def test_with_a_separate_verifier_the_output_is_the_verifiers_greedy_answer(tiny
     ids = TokenIds(mask=tok.convert_tokens_to_ids("<|mask|>"), eos=tok.eos_token_id, pad=tok.pad_token_id)
     prompts = _shapes_and_random_prompts(processor, n_random=2)
     ar = [g.token_ids for g in ar_generate_cached(verifier, prompts, 24, ids)]
-    for B, shift in ((4, False), (32, True)):
-        cfg = DecodeConfig(block_size=B, mode="speculative", max_new_tokens=24, label_shift=shift)
+    for B, shift, draft in ((4, False, "adaptive"), (32, True, "adaptive"), (32, False, "block")):
+        cfg = DecodeConfig(block_size=B, mode="speculative", max_new_tokens=24, label_shift=shift, draft=draft)
         batched = generate(drafter, prompts, cfg, ids, verifier=verifier)
         assert [g.token_ids for g in batched] == ar
         assert [generate(drafter, [p], cfg, ids, verifier=verifier)[0].token_ids for p in prompts] == ar
