@@ -303,8 +303,8 @@ class DecodeConfig:
     sure_eos: bool = _opt(True, "dynamic mode: propose <|im_end|> only above the threshold (it ends the answer for "
                           "good); elsewhere the position's next best token")
     draft: str = _opt("adaptive", "speculative mode: masks drafted per step: the block size, or adaptive (from 8, "
-                      "doubled after a step in which every row accepted every draft, halved when rows gained under a "
-                      "quarter)", choices=DRAFT_WIDTHS)
+                      "doubled after a step in which every row accepted every draft, halved — not under 8 — when the rows "
+                      "gained a quarter of it or less)", choices=DRAFT_WIDTHS)
     tokens_per_step: int = _opt(1, "static mode: positions committed per forward")
     edit_threshold: float = _opt(0.95, "correction: replace a visible token when another clears this")
     max_edits_per_position: int = _opt(1, "correction: edits allowed per position")

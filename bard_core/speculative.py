@@ -63,9 +63,9 @@ def _draft(model, h: torch.Tensor, c: int, B: int, cfg: DecodeConfig, mask_id: i
 
 def _next_width(width: int, gained: torch.Tensor, B: int, draft: str) -> int:
     """The next step's draft width (``DecodeConfig.draft``): B, or adaptive — doubled (up to B) when every row
-    accepted every draft (`gained`: per row, how many of its drafted tokens were exact), halved (down to 4)
-    when the rows gained a quarter of the width or less on average, never under 8. Wider drafts cost every row a wider forward
-    and rarely pay on a CPU (docs/decoding.md "Draft width")."""
+    accepted every draft (`gained`: per row, how many of its drafted tokens were exact), halved (down to 8, or B
+    if smaller) when the rows gained a quarter of the width or less on average. A wider draft widens every row's
+    forward and rarely pays on a CPU (docs/decoding.md "Draft width")."""
     if draft == "block":
         return B
     if bool((gained >= width).all()):
