@@ -15,6 +15,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -159,10 +160,19 @@ def _shuffle_keys(sample_ids: list[str], seed: int) -> list[int]:
             for i in sample_ids]
 
 
+def _beyond_content(uri: str) -> str:
+    """What of a source's URI its content digest does not cover: a hub name (the digest is its revision) or a
+    stream's options. Not a local path: moved or copied sources keep their curation and the stages on it."""
+    if uri.startswith("hf://"):
+        return uri
+    return "stream://?" + urlparse(uri).query if uri.startswith("stream://") else "local"
+
+
 def _fingerprint(sources: dict[str, str], benchmarks_dir: str | None, cfg: DataConfig, processor_path: str) -> str:
     from tasks.sources import path_digest, sources_digest
 
-    inputs = {"cfg": cfg.__dict__, "code": code_version("tasks.curate"), "sources": sources, "data": sources_digest(sources),
+    inputs = {"cfg": cfg.__dict__, "code": code_version("tasks.curate"), "data": sources_digest(sources),
+              "sources": {kind: _beyond_content(uri) for kind, uri in sources.items()},
               "benchmarks": path_digest(Path(benchmarks_dir)) if benchmarks_dir else None,
               "tokenizer": path_digest(Path(processor_path) / "tokenizer.json")}
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:20]
