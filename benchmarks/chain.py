@@ -70,7 +70,8 @@ def run_chain(work: str | Path, **settings) -> dict:
 
 def annotate(report: dict) -> dict:
     """`report` (a pipeline run's ``report.json``) with, per stage, ``final_loss`` (the mean loss of its last
-    10% of steps), ``steps`` (merge+distill), merge ``lr`` and ``train_seconds``, read from its checkpoint."""
+    10% of steps), ``steps`` (merge+distill), merge ``lr``, ``train_seconds`` (this run's) and ``step_seconds``
+    (its training steps', recorded in its checkpoint)."""
     for stage in report["stages"]:
         meta = json.loads((Path(stage["checkpoint"]) / "bard.json").read_text())
         tail = meta["history"][-max(1, len(meta["history"]) // 10):]
@@ -79,6 +80,8 @@ def annotate(report: dict) -> dict:
         stage["steps"] = f"{phases['merge']['steps']}+{phases.get('distill', {}).get('steps', 0)}"
         stage["lr"] = phases["merge"]["lr"]
         stage["train_seconds"] = report["timing"].get(f"{stage['stage']}_train")
+        # the stage's own training steps, whichever run paid for them (a cached stage costs this run nothing)
+        stage["step_seconds"] = sum(h.get("step_s", 0.0) + h.get("data_s", 0.0) for h in meta["history"])
     return report
 
 

@@ -14,8 +14,9 @@ cache: stages whose inputs did not change are reused) and adds a row with its wo
 Defaults: the tiny recipe's own schedule and rates. The chain is the pipeline's (`benchmarks/chain.py`,
 gates opened so every stage is measured); what the schedule depends on, measured, is in
 docs/stage_budget.md. `--seed` builds another shapes world to check that a split is not tuned to one.
-The last line printed is one JSON object (`train_seconds`, `max_drop`, `final_block_size`,
-`final_tpf_extract`, `speedup_batch1`, `speedup_batch<N>`, `every_within`, the stages, the ablations).
+The last line printed is one JSON object (`train_seconds`: this run's; `step_seconds`: the stages' own training
+steps, cached ones included; `max_drop`, `final_block_size`, `final_tpf_extract`, `speedup_batch1`,
+`speedup_batch<N>`, `every_within`, the stages, the ablations, `overrides` and `stage_overrides`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def stage_rows(report: dict, names: list[str], tolerance: float, batch: int) -> 
         speedup = speed.get("speedup") or {}
         rows.append({"stage": r["stage"], "setting": setting(r["decode"]), "block_size": r["block_size"], "lr": r["lr"],
                      "steps": r["steps"],
-                     "train_seconds": r["train_seconds"], "final_loss": r["final_loss"], "tpf": r["tpf"],
+                     "train_seconds": r["train_seconds"], "step_seconds": r.get("step_seconds"),
+                     "final_loss": r["final_loss"], "tpf": r["tpf"],
                      "tok_s_batch1": speed.get("tok_s_batch1"), f"tok_s_batch{batch}": speed.get("tok_s"),
                      "speedup_batch1": speedup.get("1"), f"speedup_batch{batch}": speedup.get(str(batch)),
                      "worst": worst["benchmark"], "max_drop": worst["drop"], "max_drop_se": worst["se"],
@@ -89,6 +91,7 @@ def chain_summary(report: dict, names: list[str], tolerance: float, batch: int) 
     stages = stage_rows(report, names, tolerance, batch)
     final = stages[-1]
     return {"train_seconds": sum(s["train_seconds"] or 0 for s in stages),
+            "step_seconds": sum(s["step_seconds"] or 0 for s in stages),
             "max_drop": max(s["max_drop"] for s in stages), "final_block_size": final["block_size"],
             "final_setting": final["setting"],
             "final_tpf_extract": final["tpf"], "speedup_batch1": final["speedup_batch1"],
@@ -103,18 +106,18 @@ def _x(value, spec: str) -> str:
 def print_table(report: dict, summary: dict, names: list[str], batch: int, ablations: list[dict],
                 control: dict | None) -> None:
     short = [n.removeprefix("shapes_") for n in names]
-    print(f"{'stage':<22} {'steps':>9} {'train s':>7} {'loss':>6} " + " ".join(f"{n:>7}" for n in short)
+    print(f"{'stage':<22} {'steps':>9} {'train s':>7} {'step s':>7} {'loss':>6} " + " ".join(f"{n:>7}" for n in short)
           + f" {'max drop (±se)':>22} {'TPF':>5} {'tok/s b1':>8} {f'b{batch}':>7} {'× b1':>5} {f'× b{batch}':>5}")
     base, final = report["baseline"], summary["stages"][-1]
 
     def beside(key: str):  # the AR base's tokens/s measured beside the final stage (its × figures' reference)
         return final[f"tok_s_{key}"] / final[f"speedup_{key}"] if final.get(f"speedup_{key}") else None
 
-    print(f"{'AR':<22} {'-':>9} {'-':>7} {'-':>6} " + " ".join(f"{base['scores'][n]:>7.3f}" for n in names)
+    print(f"{'AR':<22} {'-':>9} {'-':>7} {'-':>7} {'-':>6} " + " ".join(f"{base['scores'][n]:>7.3f}" for n in names)
           + f" {'-':>22} {base['speed'].get('tpf', 1.0):>5.2f} {_x(beside('batch1'), '.0f'):>8}"
           + f" {_x(beside(f'batch{batch}'), '.0f'):>7} {'1.00':>5} {'1.00':>5}")
     for r in summary["stages"] + ([control] if control else []):
-        print(f"{(r['stage'] + ' ' + r.get('setting', '')).strip():<22} {r['steps']:>9} {r['train_seconds'] or 0:>7.0f} {r['final_loss']:>6.3f} "
+        print(f"{(r['stage'] + ' ' + r.get('setting', '')).strip():<22} {r['steps']:>9} {r['train_seconds'] or 0:>7.0f} {_x(r.get('step_seconds'), '.0f'):>7} {r['final_loss']:>6.3f} "
               + " ".join(f"{r['scores'][n]:>7.3f}" for n in names)
               + f" {r['max_drop']:>7.3f} ±{_x(r['max_drop_se'], '.3f'):>5} {r['worst'][7:]:>7} {r['tpf']:>5.2f}"
               + f" {_x(r.get('tok_s_batch1'), '.0f'):>8} {_x(r.get(f'tok_s_batch{batch}'), '.0f'):>7}"
@@ -123,7 +126,7 @@ def print_table(report: dict, summary: dict, names: list[str], batch: int, ablat
         f = a["stages"][-1]
         worst = max(a["stages"], key=lambda s: s["max_drop"])
         label = "abl " + ",".join(f"{k.split('.')[-1]}={v}" for k, v in a["set"].items())
-        print(f"{label[:22]:<22} {'all':>9} {a['train_seconds']:>7.0f} {f['final_loss']:>6.3f} "
+        print(f"{label[:22]:<22} {'all':>9} {a['train_seconds']:>7.0f} {_x(a.get('step_seconds'), '.0f'):>7} {f['final_loss']:>6.3f} "
               + " ".join(f"{f['scores'][n]:>7.3f}" for n in names)
               + f" {worst['max_drop']:>7.3f} ±{_x(worst['max_drop_se'], '.3f'):>5} {worst['worst'][7:]:>7}"
               + f" {f['tpf']:>5.2f} {_x(f.get('tok_s_batch1'), '.0f'):>8} {_x(f.get(f'tok_s_batch{batch}'), '.0f'):>7}"
@@ -211,12 +214,14 @@ def main(argv: list[str] | None = None) -> None:
           f"tau={args.threshold}, world {args.seed}; speed on {recipe.gate.speed_benchmark} at batch 1 and {batch}, "
           f"× = tokens/s over the AR base's, same engine, same run")
     print_table(report, summary, names, batch, abl, control)
-    print(f"training wall time {summary['train_seconds']:.0f}s, whole run {wall:.0f}s; every stage within "
+    print(f"training wall time {summary['train_seconds']:.0f}s (the stages' steps, cached ones too: "
+          f"{summary['step_seconds']:.0f}s), whole run {wall:.0f}s; every stage within "
           f"{args.tolerance:.2f} of AR: {summary['every_within']}; final B{summary['final_block_size']} TPF "
           f"{summary['final_tpf_extract']:.2f}, {_x(summary['speedup_batch1'], '.2f')}× AR at batch 1, "
           f"{_x(summary[f'speedup_batch{batch}'], '.2f')}× at batch {batch}")
     print(json.dumps({**summary, "seconds": wall, "timing": report["timing"], "tolerance": args.tolerance,
                       "items_per_benchmark": args.limit, "seed": args.seed, "overrides": extra,
+                      "stage_overrides": {str(b): o for b, o in sorted(stage_sets.items())},
                       "ar": report["baseline"]["scores"], "ablations": abl, "ar_control": control,
                       "report": str(work / "chain" / "report.md"), "work": str(work)}))
 

@@ -155,9 +155,12 @@ def pipeline_flow(params: PipelineParams) -> dict:
         teacher = {"previous": parent if parent.block_size else None, "ar": base, "none": None}[train.teacher]
         if teacher is None or not train.distill_steps:  # no distill phase: no teacher, and no steps recorded for it
             teacher, overrides = None, {**overrides, "train.distill_steps": "0"}
-        key = stage_key(data, parent, params.recipe, overrides, block_size=B, teacher=teacher)
+        # the chain's own base, not the path a cached parent recorded (it may have moved since; the key is its digest)
+        anchor = base if train.uses_base else None
+        key = stage_key(data, parent, params.recipe, overrides, block_size=B, teacher=teacher, anchor=anchor)
         out = cache / "stages" / f"B{B}-{key[:16]}"
-        ref = train_stage(data, parent, str(out), params.recipe, overrides, block_size=B, teacher=teacher)
+        ref = train_stage(data, parent, str(out), params.recipe, overrides, block_size=B, teacher=teacher,
+                          anchor=anchor)
         t = lap(f"B{B}_train", t)
         outcome = judge_stage(f"B{B}", B, ref.uri, baseline, base.uri, suite, params.recipe, overrides,
                               run_dir / "eval", params.registry, True, run_id)

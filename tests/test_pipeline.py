@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,9 @@ def test_the_stage_budget_summary_reads_the_chain_report(first_run, capsys):
     drops = [c["drop"] for s in report["stages"] for c in s["checks"] if c["benchmark"] in names]
     assert summary["max_drop"] == max(drops)
     assert summary["train_seconds"] == pytest.approx(report["timing"]["B4_train"] + report["timing"]["B8_train"])
+    recorded = [json.loads((Path(s["checkpoint"]) / "bard.json").read_text())["history"] for s in report["stages"]]
+    assert summary["step_seconds"] == pytest.approx(sum(h["step_s"] + h["data_s"] for r in recorded for h in r))
+    assert 0 < summary["step_seconds"] < summary["train_seconds"]  # the steps, without Ray Train's start and saves
     from tasks.report import chosen_entry
 
     b8 = report["stages"][1]  # the figures are the chosen setting's (spec or a threshold), not the sweep's first
@@ -104,6 +108,27 @@ def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
     assert {p: p.stat().st_mtime_ns for p in stages.rglob("*.safetensors")} == before
     report = json.loads((root / "second" / "report.json").read_text())
     first = json.loads((root / "first" / "report.json").read_text())
+    assert [s["checkpoint"] for s in report["stages"]] == [s["checkpoint"] for s in first["stages"]]
+    from benchmarks.chain import annotate  # a cached stage's cost is still reported: its recorded steps' seconds
+
+    assert [s["step_seconds"] for s in annotate(report)["stages"]] == [s["step_seconds"] for s in annotate(first)["stages"]]
+
+    # the same data from another place, and a B4 whose recorded AR base has moved away since it was trained:
+    # still nothing to train (the curation is keyed by the sources' content, B8 by the chain's base, not a path)
+    moved = root / "moved-world"
+    for kind in ("llava_ov", "finevision"):
+        shutil.copytree(world_dir / "sources" / kind, moved / "sources" / kind)
+    b4 = Path(first["stages"][0]["checkpoint"]) / "bard.json"
+    original = b4.read_bytes()
+    b4.write_text(json.dumps({**json.loads(original), "anchor": str(root / "a-base-that-moved")}))
+    try:
+        third = pipeline_flow(_params(world_dir, root, "third").model_copy(update={"sources": {
+            k: str(moved / "sources" / k) for k in ("llava_ov", "finevision")}}), return_state=True)
+    finally:
+        b4.write_bytes(original)
+    assert third.is_completed(), third.message
+    assert {p: p.stat().st_mtime_ns for p in stages.rglob("*.safetensors")} == before
+    report = json.loads((root / "third" / "report.json").read_text())
     assert [s["checkpoint"] for s in report["stages"]] == [s["checkpoint"] for s in first["stages"]]
 
 
