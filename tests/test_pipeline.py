@@ -109,7 +109,9 @@ def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
     report = json.loads((root / "second" / "report.json").read_text())
     first = json.loads((root / "first" / "report.json").read_text())
     assert [s["checkpoint"] for s in report["stages"]] == [s["checkpoint"] for s in first["stages"]]
-    from benchmarks.chain import annotate  # a cached stage's cost is still reported: its recorded steps' seconds
+    from benchmarks.chain import (
+        annotate,  # a cached stage's cost is still reported: its recorded steps' seconds
+    )
 
     assert [s["step_seconds"] for s in annotate(report)["stages"]] == [s["step_seconds"] for s in annotate(first)["stages"]]
 
