@@ -98,6 +98,7 @@ def test_the_stage_budget_summary_reads_the_chain_report(first_run, capsys):
 
 
 def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
+    from benchmarks.chain import annotate
     from flows.pipeline import pipeline_flow
 
     state, root = first_run
@@ -109,10 +110,7 @@ def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
     report = json.loads((root / "second" / "report.json").read_text())
     first = json.loads((root / "first" / "report.json").read_text())
     assert [s["checkpoint"] for s in report["stages"]] == [s["checkpoint"] for s in first["stages"]]
-    from benchmarks.chain import (
-        annotate,  # a cached stage's cost is still reported: its recorded steps' seconds
-    )
-
+    # a cached stage's cost is still reported: its recorded steps' seconds
     assert [s["step_seconds"] for s in annotate(report)["stages"]] == [s["step_seconds"] for s in annotate(first)["stages"]]
 
     # the same data from another place, and a B4 whose recorded AR base has moved away since it was trained:
