@@ -40,15 +40,29 @@ def train_workers() -> list[int]:
 
 class WorkerCrash:
     """A stage's `on_progress` callback that SIGKILLs one Ray Train worker, once, as soon as the stage
-    reports a step ≥ `after_step` (an OOM kill or a lost node, as far as Ray Train can tell). Every progress
-    value it receives is kept in `seen`."""
+    reports a step ≥ `after_step` (an OOM kill or a lost node, as far as Ray Train can tell). With `saved_under`
+    (the stage's Ray storage directory) it also waits until Ray's controller has registered a checkpoint there:
+    a worker reports step 9 before the controller has polled its step-8 checkpoint, and a kill in between is a
+    restart from scratch (correct, but not the resume a test means to check). Every progress value it receives
+    is kept in `seen`."""
 
-    def __init__(self, after_step: int):
-        self.after_step, self.seen, self.killed = after_step, [], None
+    def __init__(self, after_step: int, saved_under: Path | None = None):
+        self.after_step, self.saved_under, self.seen, self.killed = after_step, saved_under, [], None
+
+    def _registered(self) -> bool:
+        if self.saved_under is None:
+            return True
+        for snapshot in Path(self.saved_under).glob("*/checkpoint_manager_snapshot.json"):
+            try:
+                if "checkpoint_" in snapshot.read_text():
+                    return True
+            except OSError:  # being rewritten
+                continue
+        return False
 
     def __call__(self, value: dict) -> None:
         self.seen.append(value)
-        if self.killed is None and value["step"] >= self.after_step:
+        if self.killed is None and value["step"] >= self.after_step and self._registered():
             workers = train_workers()
             if workers:
                 os.kill(workers[-1], signal.SIGKILL)

@@ -99,7 +99,7 @@ def test_distillation_keeps_the_teacher_frozen_and_resumes_after_a_worker_dies(s
 
     teacher_files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
                      for p in Path(stage_b4.uri).iterdir() if p.is_file()}
-    crash = WorkerCrash(after_step=9)
+    crash = WorkerCrash(after_step=9, saved_under=tmp_path / "B8.ray")
     # with the pull towards the stage's start, which the restarted workers load from the init (not the resumed state)
     ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", {**SHORT, "train.base_pull": "50"}, block_size=8,
                     teacher=stage_b4, workers=2, on_progress=crash)
@@ -242,7 +242,7 @@ def test_an_fsdp_stage_distills_checkpoints_and_resumes_after_a_worker_dies(stag
 
     short = {**SHORT, "train.parallel": "fsdp", "train.merge_steps": "16", "train.distill_steps": "8",
              "train.base_pull": "50"}  # the pull's starting weights sharded like the student's
-    crash = WorkerCrash(after_step=9)
+    crash = WorkerCrash(after_step=9, saved_under=tmp_path / "B8.ray")
     ref = run_stage(data_ref, stage_b4, tmp_path / "B8", "tiny", short, block_size=8, teacher=stage_b4, workers=2,
                     on_progress=crash)
     meta = _meta(ref)
