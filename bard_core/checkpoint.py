@@ -144,6 +144,19 @@ def token_ids(tokenizer, meta: dict | None = None, mask_id: int | None = None, *
     return TokenIds(mask=mask_token_id(tokenizer, mask_id, required=require_mask), eos=int(eos), pad=int(pad))
 
 
+def promoted_verifier(meta: dict, model_dir: str | Path = "the checkpoint") -> str | None:
+    """The model a stage promoted as a drafter (the gate's ``draft`` setting) is verified by: the AR base whose
+    greedy answers its promoted setting reproduces; None for every other setting. Its directory must exist."""
+    decode = meta.get("decode") or {}
+    verifier = decode.get("verifier")
+    if decode.get("mode") != "speculative" or verifier in (None, "self"):
+        return None
+    if not Path(verifier).is_dir():
+        raise ValueError(f"{model_dir} was promoted as the drafter of {verifier}, which is not there: give the "
+                         "verifier (--verifier, verifier=) or another mode")
+    return str(verifier)
+
+
 def decode_config(meta: dict, base: DecodeConfig | None = None, **overrides) -> DecodeConfig:
     """Decode settings for a checkpoint: `base` (default: the decode settings of the recipe that trained it,
     ``bard.json`` ``recipe``, else DecodeConfig's), then the setting the gate promoted it with (``bard.json``

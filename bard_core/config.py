@@ -366,6 +366,10 @@ class GateConfig:
     # causal view: its AR-order greedy answers, gated like any setting); promoted when it passes with the most
     # tokens per forward (docs/decoding.md, "The stage's own speculative mode in the gate")
     speculative: bool = True
+    # one more setting: the stage as the AR base's drafter (blocks drafted by the stage, verified by the AR base:
+    # the base's greedy answers, gated like every setting); promoted with the base as its verifier, whom
+    # `bard generate` / `bard eval` then load (docs/decoding.md, "The stage as the AR base's drafter")
+    drafter: bool = False
 
     def __post_init__(self) -> None:
         c = "GateConfig"

@@ -69,9 +69,10 @@ class GateResult:
 
 
 def setting(decode: dict) -> str:
-    """A decode setting's name: ``spec`` for the speculative (lossless, self-verified) mode, else ``τ=<threshold>``."""
+    """A decode setting's name: ``spec`` for the speculative (lossless, self-verified) mode, ``draft`` for the
+    speculative mode verified by another model (the AR base), else ``τ=<threshold>``."""
     if decode.get("engine") == "speculative" or decode.get("mode") == "speculative":
-        return "spec"
+        return "spec" if decode.get("verifier") in (None, "self") else "draft"
     threshold = decode.get("threshold")
     return "-" if threshold is None else f"τ={threshold:g}"
 

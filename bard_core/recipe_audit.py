@@ -61,7 +61,7 @@ def reference(recipe: Recipe) -> tuple[str, Recipe]:
     the settings' defaults (`bard_core.config`)."""
     from bard_core.recipes import tiny
 
-    return ("the settings' defaults", Recipe(name="defaults")) if recipe.model.base == "tiny" else \
+    return ("the settings' defaults", Recipe(name="defaults")) if recipe.name == "tiny" else \
         ("the tiny recipe", tiny())
 
 
@@ -80,7 +80,10 @@ def explain(recipe: Recipe, named: Recipe | None = None) -> list[dict[str, Any]]
     from bard_core.recipes import NOTES
 
     notes = NOTES.get(recipe.name, {})
-    mine, ref = settings(recipe), settings(reference(recipe)[1])
+    ref_name, ref_recipe = reference(recipe)
+    # a variant of the tiny recipe keeps the tiny recipe's reasons where it keeps its values (same base, same world)
+    inherited = NOTES.get(ref_recipe.name, {}) if recipe.model.base == ref_recipe.model.base == "tiny" else {}
+    mine, ref = settings(recipe), settings(ref_recipe)
     base = settings(named) if named is not None else mine
     rows = []
     for key, value in mine.items():
@@ -94,6 +97,8 @@ def explain(recipe: Recipe, named: Recipe | None = None) -> list[dict[str, Any]]
             why = f"override (the recipe has {base[key]!r})"
         elif key in notes:
             why = notes[key]
+        elif not off_ref and key in inherited:
+            why = f"as {ref_name}: {inherited[key]}"
         elif not off_method and method is not None:
             why = f"METHOD.md {method[1]}"
         else:

@@ -7,6 +7,7 @@ functions (`tiny()`, `qwen3_vl_4b()`, ...); variants are `dataclasses.replace` o
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from bard_core.config import (
@@ -37,6 +38,22 @@ def tiny() -> Recipe:
         decode=DecodeConfig(max_new_tokens=96, batch_size=32),
         gate=GateConfig(limit=None, thresholds=(0.9,), min_tpf={4: 1.05, 8: 1.05, 16: 1.05, 32: 1.05}),
         data=DataConfig(max_tokens=512, min_image_side=32),
+    )
+
+
+def tiny_long() -> Recipe:
+    """Issue 21's long profile: the tiny recipe trained ~6× longer to decode several tokens per forward
+    (~40 minutes on 2 CPU cores; what it reaches and misses: docs/stage_budget.md, The long profile)."""
+    base = tiny()
+    return dataclasses.replace(
+        base, name="tiny-long",
+        noise=dataclasses.replace(base.noise, kind="mask", prefix_prob=0.0),
+        train=dataclasses.replace(base.train, long_share=0.5, base_pull=2.0, anchor_weight=8.0,
+                                  stages={4: {"merge_steps": 1500, "distill_steps": 0},
+                                          8: {"merge_steps": 2500, "distill_steps": 0},
+                                          16: {"merge_steps": 2000, "distill_steps": 0},
+                                          32: {"merge_steps": 1500, "distill_steps": 0}}),
+        gate=dataclasses.replace(base.gate, min_tpf={4: 1.6, 8: 2.0, 16: 2.3, 32: 2.5}),
     )
 
 
@@ -72,7 +89,7 @@ def qwen3_vl_8b() -> Recipe:
     return _qwen3_vl("8B")
 
 
-RECIPES = {"tiny": tiny, "qwen3-vl-2b": qwen3_vl_2b, "qwen3-vl-4b": qwen3_vl_4b, "qwen3-vl-8b": qwen3_vl_8b}
+RECIPES = {"tiny": tiny, "tiny-long": tiny_long, "qwen3-vl-2b": qwen3_vl_2b, "qwen3-vl-4b": qwen3_vl_4b, "qwen3-vl-8b": qwen3_vl_8b}
 
 
 def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
@@ -85,7 +102,7 @@ def get_recipe(name: str, overrides: dict[str, Any] | None = None) -> Recipe:
 # Why each recipe departs from METHOD.md or its reference (a real recipe: the tiny one; the tiny recipe: the
 # settings' defaults): one reason per setting, shown by
 # `bard recipe NAME`; tests/test_recipes.py fails on a departure without a reason or a reason without a departure.
-_TINY_DEPARTS = "measured on the shapes world only (docs/stage_budget.md)"
+_LONG = "docs/stage_budget.md, The long profile"
 NOTES: dict[str, dict[str, str]] = {
     "tiny": {
         "noise.prefix_prob": "half the blocks as a clean prefix + masks: without it B32 lost 2.8–3.2 points of "
@@ -113,6 +130,20 @@ NOTES: dict[str, dict[str, str]] = {
                         "speculative mode, block decoding at τ 0.9 1.00 (docs/evaluation.md, Speed minimums)",
         "data.max_tokens": "shapes conversations are < 512 tokens",
         "data.min_image_side": "the shapes world's images are 96 px; smaller ones are planted defects",
+    },
+    "tiny-long": {
+        "noise.kind": f"mask-only: it learns in-block parallelism in fewer steps than mixed noise on this base ({_LONG})",
+        "noise.prefix_prob": f"no clean-prefix blocks: they favour the left-to-right fill that keeps TPF near 1 ({_LONG})",
+        "train.lr": f"1e-3 in every stage: at the tiny recipe's 2e-4–2.5e-4 the blocks still fill one token per "
+                    f"forward after thousands of steps ({_LONG})",
+        "train.stages": f"1,500 / 2,500 / 2,000 / 1,500 merge steps at 1e-3 (~40 min on 2 cores): TPF 1.8 at B4 to "
+                        f"2.8–3.1 at B32 in the speculative mode ({_LONG})",
+        "train.long_share": f"half of each batch from the long answers, where parallel filling is learned ({_LONG})",
+        "train.base_pull": f"a pull towards each stage's start bounds the drift at 1e-3; 5 held mcq and gained no "
+                           f"speed, 2 reached TPF 3 at B32 ({_LONG})",
+        "train.anchor_weight": f"8: holds mcq at B4 and B8 at this rate (2 lost 2.3–2.7 points there) ({_LONG})",
+        "gate.min_tpf": f"under the lowest speculative TPF per stage on three shapes worlds (1.77 / 2.21 / 2.48 / "
+                        f"2.78) ({_LONG})",
     },
 }
 

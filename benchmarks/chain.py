@@ -1,5 +1,6 @@
 """The stage chain as the benchmarks run it: the pipeline flow (`flows/pipeline.py`, the only chain) on
-the tiny recipe over a shapes world, with the benchmark's steps, rates and overrides per stage.
+a recipe on the tiny base (`tiny`, `tiny-long`) over a shapes world, with the benchmark's steps, rates and
+overrides per stage.
 
 Its gates are opened (tolerance 1, no minimum TPF) so that every stage of the schedule is trained and
 measured whatever its scores: a benchmark reports drops and speeds; it does not stop at the first stage
@@ -26,17 +27,19 @@ def parse_steps(text: str) -> list[tuple[int, int]]:
 def chain_params(work: str | Path, *, seed: int = 11, size: int = 3000, limit: int = 300, threshold: float = 0.9,
                  steps: list[tuple[int, int]] | None = None, lrs: list[float] | None = None,
                  overrides: dict | None = None, stage_sets: dict[int, dict[str, str]] | None = None,
-                 run_name: str = "chain"):
+                 run_name: str = "chain", recipe: str = "tiny"):
     """The PipelineParams of a benchmark's chain. `steps`/`lrs`: per stage of the recipe's schedule from B4
     on (the schedule is cut to the length of `steps`; one rate is every stage's); `overrides`: recipe
     overrides for every stage; `stage_sets`: block size → overrides of that stage only (they beat `overrides`).
-    Bad values raise ValueError before any work."""
+    `recipe`: a recipe on the tiny base. Bad values raise ValueError before any work."""
     from bard_core.recipes import get_recipe
     from flows.pipeline import PipelineParams, WorldParams
 
     work = Path(work).resolve()
     base = {**(overrides or {}), **OPEN_GATES, "gate.limit": str(limit), "gate.thresholds": json.dumps([threshold])}
-    schedule = list(get_recipe("tiny", base).train.block_sizes)
+    if get_recipe(recipe).model.base != "tiny":
+        raise ValueError(f"recipe {recipe!r} is not on the tiny base: the chain runs on a shapes world")
+    schedule = list(get_recipe(recipe, base).train.block_sizes)
     if steps is not None and len(steps) > len(schedule):
         raise ValueError(f"{len(steps)} stages of steps for the block sizes {schedule}")
     schedule = schedule[:len(steps)] if steps is not None else schedule
@@ -52,8 +55,8 @@ def chain_params(work: str | Path, *, seed: int = 11, size: int = 3000, limit: i
             per_stage[B].update({"train.merge_steps": str(steps[k][0]), "train.distill_steps": str(steps[k][1])})
         if lrs is not None:
             per_stage[B]["train.lr"] = str(lrs[k])
-        get_recipe("tiny", {**base, **per_stage[B]})  # a bad value fails here
-    return PipelineParams(recipe="tiny", overrides=base, stage_overrides={B: o for B, o in per_stage.items() if o},
+        get_recipe(recipe, {**base, **per_stage[B]})  # a bad value fails here
+    return PipelineParams(recipe=recipe, overrides=base, stage_overrides={B: o for B, o in per_stage.items() if o},
                           block_sizes=schedule, root=str(work), run_name=run_name, registry=str(work / "registry"),
                           world=WorldParams(seed=seed, size=size, bench_size=limit))
 

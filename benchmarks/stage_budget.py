@@ -7,13 +7,13 @@ over the AR base measured beside it; whether every stage stays within `--toleran
 Each `--ablate KEY=VALUE` runs the chain once more with that one setting changed (same world, data and
 cache: stages whose inputs did not change are reused) and adds a row with its worst drop and final speed.
 
-    python -m benchmarks.stage_budget [--limit 300] [--seed 11] [--size 3000] [--steps 450:0,100:40,100:40,420:60]
-        [--lr 2.5e-4,2e-4,2e-4,2e-4] [--speed-batch 16] [--ar-control] [--set noise.kind=mask]
-        [--stage-set 16:train.base_pull=2] [--ablate train.long_share=0] [--work DIR]
+    python -m benchmarks.stage_budget [--recipe tiny] [--limit 300] [--seed 11] [--size 3000]
+        [--steps 450:0,100:40,100:40,420:60] [--lr 2.5e-4,2e-4,2e-4,2e-4] [--speed-batch 16] [--ar-control]
+        [--set noise.kind=mask] [--stage-set 16:train.base_pull=2] [--ablate train.long_share=0] [--work DIR]
 
-Defaults: the tiny recipe's own schedule and rates. The chain is the pipeline's (`benchmarks/chain.py`,
-gates opened so every stage is measured); what the schedule depends on, measured, is in
-docs/stage_budget.md. `--seed` builds another shapes world to check that a split is not tuned to one.
+Defaults: the recipe's own schedule and rates (`--recipe tiny-long`: issue 21's long profile). The chain is
+the pipeline's (`benchmarks/chain.py`, gates opened so every stage is measured); what the schedule depends
+on, measured, is in docs/stage_budget.md. `--seed` builds another shapes world to check that a split is not tuned to one.
 The last line printed is one JSON object (`train_seconds`: this run's; `step_seconds`: the stages' own training
 steps, cached ones included; `max_drop`, `final_block_size`, `final_tpf_extract`, `speedup_batch1`,
 `speedup_batch<N>`, `every_within`, the stages, the ablations, `overrides` and `stage_overrides`).
@@ -35,7 +35,7 @@ from tasks.report import chosen_entry
 
 
 def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict, limit: int, tolerance: float,
-               benchmarks: Path) -> dict:
+               benchmarks: Path, recipe: str = "tiny") -> dict:
     """The AR base fine-tuned with its own next-token objective for `steps` at `lr` on the chain's data, and
     its paired drops against the chain's AR evaluation: how much plain fine-tuning on this data costs."""
     from tasks.evaluate import Suite, evaluate_checkpoint
@@ -44,12 +44,12 @@ def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict,
 
     settings = {**overrides, "train.lr": lr, "train.base_steps": str(steps)}
     started = time.monotonic()
-    ref = run_stage(curated(report), checkpoint_ref(report["baseline"]["checkpoint"]), work / "AR-control", "tiny",
+    ref = run_stage(curated(report), checkpoint_ref(report["baseline"]["checkpoint"]), work / "AR-control", recipe,
                     settings, objective="ar")
     seconds = time.monotonic() - started
-    gate = get_recipe("tiny").gate
+    gate = get_recipe(recipe).gate
     suite = Suite(gate.benchmarks, (str(benchmarks),), limit)
-    (result,) = evaluate_checkpoint(ref.uri, suite, work / "AR-control-eval", mode="ar", recipe="tiny")
+    (result,) = evaluate_checkpoint(ref.uri, suite, work / "AR-control-eval", mode="ar", recipe=recipe)
     baseline = json.loads((work / "chain" / "eval" / "AR" / "ar" / "eval.json").read_text())
     checks = []
     for name in gate.benchmarks:
@@ -142,6 +142,7 @@ def print_table(report: dict, summary: dict, names: list[str], batch: int, ablat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="tiny", help="a recipe on the tiny base: tiny (the demo's) or tiny-long")
     parser.add_argument("--steps", default=None, help="merge:distill steps for B4,B8,B16,B32 (default: the recipe's)")
     parser.add_argument("--lr", default=None, help="merge learning rate (train.lr): one for every stage, or one per "
                                                    "stage (default: the recipe's); vision and distillation rates "
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also fine-tune the AR base with its own next-token objective for the first stage's steps "
                              "and rate on the same data, and report its drops (a control row, outside the verdict)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="tiny-recipe override for every stage, e.g. noise.kind=mask or train.vision_lr_scale=0.1")
+                        help="recipe override for every stage, e.g. noise.kind=mask or train.vision_lr_scale=0.1")
     parser.add_argument("--stage-set", action="append", default=[], metavar="B:KEY=VALUE",
                         help="override for the stage at block size B only, e.g. 16:train.base_pull=2 (beats --set)")
     parser.add_argument("--ablate", action="append", default=[], metavar="KEY=VALUE",
@@ -182,12 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     extra.setdefault("decode.batch_size", str(args.speed_batch))
     ablations = [dict([kv.split("=", 1)]) for kv in args.ablate]
     try:  # bad values fail here, before minutes of synthesis and curation
-        recipe = get_recipe("tiny", extra)
+        recipe = get_recipe(args.recipe, extra)
         batch = recipe.decode.batch_size
         steps = parse_steps(args.steps) if args.steps else None
         lrs = [float(x) for x in args.lr.split(",")] if args.lr else None
         settings = dict(seed=args.seed, size=args.size, limit=args.limit, threshold=args.threshold, steps=steps,
-                        lrs=lrs, overrides=extra, stage_sets=stage_sets)
+                        lrs=lrs, overrides=extra, stage_sets=stage_sets, recipe=args.recipe)
         chain_params(args.work or "unused", **settings)
         for change in ablations:
             chain_params(args.work or "unused", **{**settings, "overrides": {**extra, **change}})
@@ -209,8 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         first = report["stages"][0]
         params = chain_params(work, **settings)
         control = ar_control(work, report, sum(int(x) for x in first["steps"].split("+")), first["lr"], extra,
-                             args.limit, args.tolerance, world_dir(params.root, params.world) / "benchmarks")
-    print(f"stage budget — tiny recipe through the pipeline flow, {args.limit} items per benchmark, "
+                             args.limit, args.tolerance, world_dir(params.root, params.world) / "benchmarks",
+                             args.recipe)
+    print(f"stage budget — recipe {args.recipe} through the pipeline flow, {args.limit} items per benchmark, "
           f"tau={args.threshold}, world {args.seed}; speed on {recipe.gate.speed_benchmark} at batch 1 and {batch}, "
           f"× = tokens/s over the AR base's, same engine, same run")
     print_table(report, summary, names, batch, abl, control)
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{summary['final_tpf_extract']:.2f}, {_x(summary['speedup_batch1'], '.2f')}× AR at batch 1, "
           f"{_x(summary[f'speedup_batch{batch}'], '.2f')}× at batch {batch}")
     print(json.dumps({**summary, "seconds": wall, "timing": report["timing"], "tolerance": args.tolerance,
-                      "items_per_benchmark": args.limit, "seed": args.seed, "overrides": extra,
+                      "items_per_benchmark": args.limit, "seed": args.seed, "recipe": args.recipe, "overrides": extra,
                       "stage_overrides": {str(b): o for b, o in sorted(stage_sets.items())},
                       "ar": report["baseline"]["scores"], "ablations": abl, "ar_control": control,
                       "report": str(work / "chain" / "report.md"), "work": str(work)}))

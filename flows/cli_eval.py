@@ -77,10 +77,13 @@ def cmd_generate(args) -> int:
         (g,) = ar_generate_cached(model, [enc], cfg.max_new_tokens, ids)
         decoder = "ar"
     elif cfg.mode == "speculative":
-        verifier = checkpoint.load(_existing_dir(args.verifier, "generate", "--verifier"))[0] if args.verifier else None
+        try:  # given, or the AR base a stage promoted as its drafter is verified by
+            path = args.verifier or checkpoint.promoted_verifier(meta, model_dir)
+        except ValueError as exc:
+            raise UsageError(f"bard generate: {exc}") from None
+        verifier = checkpoint.load(_existing_dir(path, "generate", "--verifier"))[0] if path else None
         (g,) = generate(model, [enc], cfg, ids, verifier=verifier)
-        decoder = (f"speculative B={cfg.block_size} (lossless: the greedy answer of "
-                   f"{args.verifier or 'these weights'})")
+        decoder = f"speculative B={cfg.block_size} (lossless: the greedy answer of {path or 'these weights'})"
     else:
         (g,) = generate(model, [enc], cfg, ids)
         decoder = f"block-diffusion B={cfg.block_size} tau={cfg.threshold:g} fallback={cfg.fallback}"

@@ -118,7 +118,7 @@ def judge_stage(stage: str, block_size: int, candidate: str, baseline: EvalRepor
     speed beside it), the verdict, the promotion of the chosen setting when it passes, the gate artifacts."""
     policy = get_recipe(recipe, overrides).gate
     candidates = evaluate_task(candidate, suite, str(out / stage), "diffusion", policy.thresholds, baseline_uri,
-                               recipe, overrides, None, speculative=policy.speculative)
+                               recipe, overrides, None, speculative=policy.speculative, drafter=policy.drafter)
     result = gate_task(candidates, baseline, recipe, overrides, stage, block_size)
     if result.passed and promote:
         chosen = next(c for c in candidates if c.decode == result.decode)

@@ -234,11 +234,14 @@ def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *,
                         thresholds: tuple[float, ...] | None = None, ar_model: str | Path | None = None,
                         recipe: str | None = None, overrides: dict | None = None,
                         decode: dict | None = None, verifier: str | Path | None = None,
-                        speculative: bool = False) -> list[EvalReport]:
+                        speculative: bool = False, drafter: bool = False) -> list[EvalReport]:
     """Evaluate a checkpoint (loaded once) at each threshold of `thresholds` (None: its own decode setting);
     `speculative`: then in its own speculative mode too (mode diffusion; one more setting of the gate's sweep);
+    `drafter`: then as the drafter of `ar_model` (speculative, verified by it; one more setting);
     `ar_model`: the AR base whose decode speed is measured beside each setting. `recipe` and its
     `overrides` give the decode defaults and the mask id; `decode`: explicit DecodeConfig fields."""
+    if drafter and mode == "diffusion" and not ar_model:
+        raise ValueError("the drafter setting is verified by the AR base: give ar_model")
     lm = BardLM(str(model_dir), mode=mode, recipe=recipe, recipe_overrides=overrides,
                 verifier=str(verifier) if verifier else None, **(decode or {}))
     ar = BardLM(str(ar_model), mode="ar", recipe=recipe, recipe_overrides=overrides) if ar_model else None
@@ -249,8 +252,11 @@ def evaluate_checkpoint(model_dir: str | Path, suite: Suite, out: str | Path, *,
         label = mode if mode in ("ar", "speculative") else f"tau-{variant.decode.threshold:g}"
         reports.append(evaluate(variant, suite, Path(out) / label, ar=ar, label=label))
     if speculative and mode == "diffusion":
-        reports.append(evaluate(lm.variant(mode="speculative"), suite, Path(out) / "speculative", ar=ar,
-                                label="speculative"))
+        reports.append(evaluate(lm.variant(mode="speculative", verifier="self"), suite, Path(out) / "speculative",
+                                ar=ar, label="speculative"))
+    if drafter and mode == "diffusion":
+        reports.append(evaluate(lm.variant(mode="speculative", verifier=ar), suite, Path(out) / "drafter", ar=ar,
+                                label="drafter"))
     return reports
 
 
@@ -259,8 +265,8 @@ def evaluate_task(model_dir: str, suite: Suite, out: str, mode: str = "diffusion
                   thresholds: tuple[float, ...] | None = None, ar_model: str | None = None,
                   recipe: str | None = None, overrides: dict | None = None,
                   decode: dict | None = None, verifier: str | None = None,
-                  speculative: bool = False) -> list[EvalReport]:
+                  speculative: bool = False, drafter: bool = False) -> list[EvalReport]:
     """Prefect task: `evaluate_checkpoint`."""
     return evaluate_checkpoint(model_dir, suite, out, mode=mode, thresholds=thresholds, ar_model=ar_model,
                                recipe=recipe, overrides=overrides, decode=decode, verifier=verifier,
-                               speculative=speculative)
+                               speculative=speculative, drafter=drafter)

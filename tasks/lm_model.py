@@ -5,7 +5,8 @@
 (block size, label shift, token ids and the promoted decode setting from the checkpoint's ``bard.json``;
 any `DecodeConfig` field may be given by name, its ``mode`` as ``decode_mode``); ``mode=ar`` is the AR
 baseline in the same engine; ``mode=speculative`` the lossless mode (drafted in blocks, verified causally:
-the greedy answers of ``verifier=DIR``, default the checkpoint's own weights).
+the greedy answers of ``verifier=DIR``, default the checkpoint's own weights — or, for a stage the gate
+promoted as the AR base's drafter, that base; ``verifier=self`` for the checkpoint's own).
 
 - ``generate_until``: the context's ``<image>`` placeholders mark where the request's images go in one
   user turn of the chat template; requests are batched through the engine, ``max_gen_toks`` caps the
@@ -65,6 +66,9 @@ class BardLM(LM):
         elif verifier:
             raise ValueError("bard: verifier= is for mode=speculative")
         self.decode = checkpoint.decode_config(self.meta, settings.decode if settings else None, **_typed(decode))
+        own, verifier = verifier == "self", None if verifier == "self" else verifier  # "self": these weights
+        if verifier is None and not own and _loaded is None and self.decode.mode == "speculative":
+            verifier = checkpoint.promoted_verifier(self.meta, pretrained)  # a stage promoted as the AR base's drafter
         self.verifier = str(verifier) if verifier else None  # the model whose greedy answers come out (default: self)
         self.verifier_model = _verifier or (checkpoint.load(verifier)[0].to(self._device).eval() if verifier else None)
         if mode != "ar" and not self.meta.get("block_size") and "block_size" not in decode:
@@ -78,9 +82,12 @@ class BardLM(LM):
     def device(self) -> torch.device:
         return self._device
 
-    def variant(self, mode: str | None = None, verifier: BardLM | None = None, **decode) -> BardLM:
+    def variant(self, mode: str | None = None, verifier: BardLM | str | None = None, **decode) -> BardLM:
         """The same loaded model with another mode or decode setting (a τ sweep loads the weights once);
-        `verifier`: a loaded model whose greedy answers the speculative mode reproduces (default: its own)."""
+        `verifier`: a loaded model whose greedy answers the speculative mode reproduces, ``"self"`` for these
+        weights' own (default: this one's verifier)."""
+        own = isinstance(verifier, str) and verifier == "self"
+        verifier = None if own else verifier
         fields = {**dataclasses.asdict(self.decode), **decode}
         fields["decode_mode"] = fields.pop("mode")
         speculative = (mode or self.mode) == "speculative"
@@ -88,9 +95,9 @@ class BardLM(LM):
             fields["decode_mode"] = "dynamic"
         return BardLM(self.pretrained, mode or self.mode, self.recipe, self.ids.mask, str(self.device),
                       recipe_overrides=self.recipe_overrides,
-                      verifier=(verifier.pretrained if verifier else self.verifier) if speculative else None,
+                      verifier=None if own or not speculative else verifier.pretrained if verifier else self.verifier,
                       _loaded=(self.model, self.processor, self.meta),
-                      _verifier=verifier.model if verifier else self.verifier_model, **fields)
+                      _verifier=None if own else verifier.model if verifier else self.verifier_model, **fields)
 
     def describe(self) -> dict:
         """What decoded: the engine and, for diffusion, the whole decode setting (`DecodeConfig` fields)."""

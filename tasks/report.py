@@ -118,6 +118,9 @@ def report_markdown(recipe: str, baseline: EvalReport, outcomes: list[StageOutco
     if any(setting(e.decode) == "spec" for o in outcomes for e in o.evaluations):
         lines += ["", "spec: the stage's own speculative mode (blocks drafted, verified by the stage's causal view: "
                       "its own AR-order greedy answers, gated like every setting; docs/decoding.md)"]
+    if any(setting(e.decode) == "draft" for o in outcomes for e in o.evaluations):
+        lines += ["", "draft: the stage as the AR base's drafter (blocks drafted by the stage, verified by the AR "
+                      "base: the base's greedy answers; promoted, it decodes with the base beside it; docs/decoding.md)"]
     if plot:
         lines += ["", f"![accuracy vs tokens/s]({plot})"]
     names = list(baseline.scores)

@@ -264,7 +264,8 @@ def test_stage_budget_rejects_bad_settings_before_any_work(tmp_path, capsys):
              ("--speed-batch", "0"): "speed-batch", ("--stage-set", "train.base_pull=2"): "B:KEY=VALUE",
              ("--stage-set", "16:train.base_pull"): "B:KEY=VALUE", ("--stage-set", "64:train.base_pull=2"): "64",
              ("--stage-set", "8:train.base_pull=-1"): "base_pull",
-             ("--steps", "6:0,1:1", "--stage-set", "16:train.base_pull=2"): "16"}
+             ("--steps", "6:0,1:1", "--stage-set", "16:train.base_pull=2"): "16",
+             ("--recipe", "qwen3-vl-4b"): "not on the tiny base", ("--recipe", "tiny-short"): "unknown recipe"}
     from benchmarks.stage_budget import main
 
     for args, message in cases.items():
@@ -296,6 +297,12 @@ def test_the_benchmarks_chain_is_the_pipeline_flow_with_per_stage_steps_and_open
     assert get_recipe("tiny", {**pulled.overrides, **pulled.stage_overrides[4]}).train.base_pull == 5
     everything = chain_params(tmp_path)  # the recipe's own schedule, steps and rates
     assert everything.block_sizes == [4, 8, 16, 32] and everything.stage_overrides == {}
+    long = chain_params(tmp_path, recipe="tiny-long", steps=[(6, 0)])  # the long profile, its noise kept
+    assert long.recipe == "tiny-long" and long.block_sizes == [4]
+    recipe = get_recipe("tiny-long", {**long.overrides, **long.stage_overrides[4]})
+    assert recipe.noise.kind == "mask" and recipe.train.anchor_weight == 8 and recipe.train.for_stage(4).merge_steps == 6
+    assert recipe.gate.min_tpf == {} and recipe.gate.default_tolerance == 1
+    assert get_recipe("tiny-long").train.for_stage(16).merge_steps == 2000  # the profile's own, without --steps
 
 
 def test_generate_in_lossless_mode_answers_what_the_verifier_answers(capsys, tiny_model_dir):

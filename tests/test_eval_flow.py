@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 
 from bard_core.gate import setting
+from bard_core.recipes import get_recipe
 
 pytestmark = pytest.mark.slow
 
 # small and lenient: the tiny random base and a 40-step stage are near chance, so these gates judge plumbing
 PASSING = {"gate.limit": "4", "gate.thresholds": "[0.9, 0.4]", "gate.speed_items": "2", "gate.default_tolerance": "1",
-           "gate.min_tpf": '{"4": 0.5}'}
+           "gate.min_tpf": '{"4": 0.5}', "gate.drafter": "true"}
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -56,17 +57,20 @@ def test_a_passing_stage_is_promoted_with_the_fastest_passing_threshold(passed_g
     report = json.loads((out / "report.json").read_text())
     (stage,) = report["stages"]
     assert report["schema"] == 1 and report["passed"] and report["promoted"] == [4]
-    # the recipe's thresholds, then the stage's own speculative mode (gate.speculative, on by default)
-    assert [s["setting"] for s in stage["sweep"]] == ["τ=0.9", "τ=0.4", "spec"]
-    assert [s["threshold"] for s in stage["sweep"]] == [0.9, 0.4, None] and all(s["passed"] for s in stage["sweep"])
+    # the recipe's thresholds, the stage's own speculative mode (gate.speculative, on by default), the stage as
+    # the AR base's drafter (gate.drafter)
+    assert [s["setting"] for s in stage["sweep"]] == ["τ=0.9", "τ=0.4", "spec", "draft"]
+    assert [s["threshold"] for s in stage["sweep"]] == [0.9, 0.4, None, None] and all(s["passed"] for s in stage["sweep"])
     fastest = max(stage["sweep"], key=lambda s: (s["tpf"], s["threshold"] or 0.0))
     assert setting(result["decode"]) == fastest["setting"] == setting(stage["decode"])
     entry = registry.read(registry_root, "tiny")["current"]["B4"]
     promoted = checkpoint.read_meta(entry["uri"])
     assert setting(promoted["decode"]) == fastest["setting"] and entry["uri"] == stage["promoted_uri"]
     cfg = checkpoint.decode_config(promoted)  # what bard generate/eval will use
-    assert (cfg.mode, cfg.threshold) == (("speculative", cfg.threshold) if fastest["setting"] == "spec"
+    assert (cfg.mode, cfg.threshold) == (("speculative", cfg.threshold) if fastest["setting"] in ("spec", "draft")
                                          else ("dynamic", fastest["threshold"]))
+    assert checkpoint.promoted_verifier(promoted) == (promoted["decode"]["verifier"] if fastest["setting"] == "draft"
+                                                      else None)
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert f"| B4 | ✅ promoted | {fastest['setting']} |" in markdown
@@ -80,8 +84,8 @@ def test_the_gate_measures_the_lossless_mode_beside_each_setting(passed_gate, ti
     state, out = passed_gate
     report = json.loads((out / "report.json").read_text())
     sweep = report["stages"][0]["sweep"]
-    assert [e["lossless"] for e in sweep if e["setting"] == "spec"] == [None]  # a lossless mode itself
-    for entry in [e for e in sweep if e["setting"] != "spec"]:
+    assert [e["lossless"] for e in sweep if e["setting"] in ("spec", "draft")] == [None, None]  # lossless themselves
+    for entry in [e for e in sweep if e["setting"] not in ("spec", "draft")]:
         lossless = entry["lossless"]
         eval_json = json.loads((Path(entry["samples"]).parent / "eval.json").read_text())
         ar = eval_json["speed"]["ar"]
@@ -93,6 +97,20 @@ def test_the_gate_measures_the_lossless_mode_beside_each_setting(passed_gate, ti
             assert v["tpf"] == pytest.approx(v["tokens"] / v["nfe"])
     markdown = (out / "report.md").read_text()
     assert "lossless b1" in markdown and "100% identical" in markdown
+
+
+def test_the_drafter_setting_scores_what_the_ar_base_scores_item_for_item(passed_gate, tiny_model_dir):
+    # gate.drafter: the stage drafts, the AR base verifies, on every benchmark of the gate: the AR base's greedy
+    # answers, so every paired drop is exactly zero, however near chance the stage is
+    _, out = passed_gate
+    report = json.loads((out / "report.json").read_text())
+    (draft,) = [e for e in report["stages"][0]["sweep"] if e["setting"] == "draft"]
+    evaluated = json.loads((Path(draft["samples"]).parent / "eval.json").read_text())
+    baseline = json.loads((Path(report["baseline"]["samples"]).parent / "eval.json").read_text())
+    assert evaluated["decode"]["verifier"] == str(tiny_model_dir) and evaluated["mode"] == "speculative"
+    assert evaluated["items"] == baseline["items"] and set(evaluated["items"]) == set(get_recipe("tiny").gate.benchmarks)
+    assert draft["tpf"] == pytest.approx(evaluated["speed"]["tokens"] / evaluated["speed"]["nfe"])
+    assert "draft: the stage as the AR base's drafter" in (out / "report.md").read_text()
 
 
 def test_the_gate_publishes_its_verdict_checks_and_the_report_as_artifacts(passed_gate):
@@ -138,6 +156,39 @@ def test_a_stage_promoted_in_its_speculative_mode_decodes_its_own_causal_greedy_
     assert main(["generate", "--model", entry["uri"], "--ar", *prompt]) == 0
     ar = json.loads(capsys.readouterr().out)
     assert spec["text"] == ar["text"] and spec["tokens"] == ar["tokens"] and spec["nfe"] <= 2 * ar["nfe"]
+
+
+def test_a_stage_promoted_as_the_ar_bases_drafter_decodes_the_bases_answer(stage_b4, tiny_model_dir, tmp_path,
+                                                                              capsys):
+    # what a user gets from a stage the gate promoted as "draft": the AR base loaded beside it as its verifier
+    # (from the promoted bard.json), so the answer is the base's own, token for token; a base that has gone
+    # is a clear error, not a silent switch to the stage's own answers
+    import shutil
+
+    from bard_core.gate import EvalReport, GateResult
+    from flows.cli import main
+    from tasks import registry
+    from tasks.lm_model import BardLM
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    decode = {"engine": "speculative", "verifier": str(base), "mode": "speculative", "block_size": 4,
+              "threshold": 0.9, "temperature": 0.0}
+    report = EvalReport(stage_b4.uri, "speculative", decode, {"shapes_mcq": 0.5}, speed={"tpf": 1.5})
+    entry = registry.promote(tmp_path / "reg", "tiny", GateResult("B4", True, (), decode=decode), stage_b4.uri,
+                             report, block_size=4)
+    prompt = ["--prompt", "List the contents of every cell.", "--max-new-tokens", "24", "--json"]
+    assert main(["generate", "--model", entry["uri"], *prompt]) == 0
+    drafted = json.loads(capsys.readouterr().out)
+    assert drafted["decoder"] == f"speculative B=4 (lossless: the greedy answer of {base})"
+    assert main(["generate", "--model", str(base), "--ar", *prompt]) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert drafted["text"] == ar["text"] and drafted["tokens"] == ar["tokens"]
+    assert BardLM(entry["uri"]).verifier == str(base)  # lm-eval and bard eval load it too
+    assert BardLM(entry["uri"], mode="speculative", verifier="self").verifier is None  # unless told otherwise
+    shutil.rmtree(base)
+    assert main(["generate", "--model", entry["uri"], *prompt]) == 2
+    assert "was promoted as the drafter of" in capsys.readouterr().err
 
 
 def test_a_failed_gate_fails_the_run_with_its_reasons_and_leaves_the_registry_alone(
