@@ -137,23 +137,31 @@ def test_generate_uses_the_promoted_decode_setting_by_default(passed_gate, regis
     assert "tau=0.6 " in json.loads(capsys.readouterr().out)["decoder"]  # a flag still wins
 
 
+PROMPT = ["--prompt", "List the contents of every cell.", "--max-new-tokens", "24", "--json"]
+
+
+def _promoted_speculative(stage, verifier: str, root: Path) -> dict:
+    """The registry entry of `stage` promoted in a speculative setting verified by `verifier` ("self" or a dir)."""
+    from bard_core.gate import EvalReport, GateResult
+    from tasks import registry
+
+    decode = {"engine": "speculative", "verifier": verifier, "mode": "speculative", "block_size": 4,
+              "threshold": 0.9, "temperature": 0.0}
+    report = EvalReport(stage.uri, "speculative", decode, {"shapes_mcq": 0.5}, speed={"tpf": 1.5})
+    return registry.promote(root, "tiny", GateResult("B4", True, (), decode=decode), stage.uri, report,
+                            block_size=4)
+
+
 def test_a_stage_promoted_in_its_speculative_mode_decodes_its_own_causal_greedy_answer(stage_b4, tmp_path, capsys):
     # what a user gets from a stage the gate promoted as "spec": blocks drafted and verified by its own causal
     # view, so token for token what the same weights decode one token per forward
-    from bard_core.gate import EvalReport, GateResult
     from flows.cli import main
-    from tasks import registry
 
-    decode = {"engine": "speculative", "verifier": "self", "mode": "speculative", "block_size": 4, "threshold": 0.9,
-              "temperature": 0.0}
-    report = EvalReport(stage_b4.uri, "speculative", decode, {"shapes_mcq": 0.5}, speed={"tpf": 1.5})
-    entry = registry.promote(tmp_path / "reg", "tiny", GateResult("B4", True, (), decode=decode), stage_b4.uri,
-                             report, block_size=4)
-    prompt = ["--prompt", "List the contents of every cell.", "--max-new-tokens", "24", "--json"]
-    assert main(["generate", "--model", entry["uri"], *prompt]) == 0
+    entry = _promoted_speculative(stage_b4, "self", tmp_path / "reg")
+    assert main(["generate", "--model", entry["uri"], *PROMPT]) == 0
     spec = json.loads(capsys.readouterr().out)
     assert spec["decoder"].startswith("speculative B=4 (lossless: the greedy answer of these weights)")
-    assert main(["generate", "--model", entry["uri"], "--ar", *prompt]) == 0
+    assert main(["generate", "--model", entry["uri"], "--ar", *PROMPT]) == 0
     ar = json.loads(capsys.readouterr().out)
     assert spec["text"] == ar["text"] and spec["tokens"] == ar["tokens"] and spec["nfe"] <= 2 * ar["nfe"]
 
@@ -165,29 +173,22 @@ def test_a_stage_promoted_as_the_ar_bases_drafter_decodes_the_bases_answer(stage
     # is a clear error, not a silent switch to the stage's own answers
     import shutil
 
-    from bard_core.gate import EvalReport, GateResult
     from flows.cli import main
-    from tasks import registry
     from tasks.lm_model import BardLM
 
     base = tmp_path / "base"
     shutil.copytree(tiny_model_dir, base)
-    decode = {"engine": "speculative", "verifier": str(base), "mode": "speculative", "block_size": 4,
-              "threshold": 0.9, "temperature": 0.0}
-    report = EvalReport(stage_b4.uri, "speculative", decode, {"shapes_mcq": 0.5}, speed={"tpf": 1.5})
-    entry = registry.promote(tmp_path / "reg", "tiny", GateResult("B4", True, (), decode=decode), stage_b4.uri,
-                             report, block_size=4)
-    prompt = ["--prompt", "List the contents of every cell.", "--max-new-tokens", "24", "--json"]
-    assert main(["generate", "--model", entry["uri"], *prompt]) == 0
+    entry = _promoted_speculative(stage_b4, str(base), tmp_path / "reg")
+    assert main(["generate", "--model", entry["uri"], *PROMPT]) == 0
     drafted = json.loads(capsys.readouterr().out)
     assert drafted["decoder"] == f"speculative B=4 (lossless: the greedy answer of {base})"
-    assert main(["generate", "--model", str(base), "--ar", *prompt]) == 0
+    assert main(["generate", "--model", str(base), "--ar", *PROMPT]) == 0
     ar = json.loads(capsys.readouterr().out)
     assert drafted["text"] == ar["text"] and drafted["tokens"] == ar["tokens"]
     assert BardLM(entry["uri"]).verifier == str(base)  # lm-eval and bard eval load it too
     assert BardLM(entry["uri"], mode="speculative", verifier="self").verifier is None  # unless told otherwise
     shutil.rmtree(base)
-    assert main(["generate", "--model", entry["uri"], *prompt]) == 2
+    assert main(["generate", "--model", entry["uri"], *PROMPT]) == 2
     assert "was promoted as the drafter of" in capsys.readouterr().err
 
 
