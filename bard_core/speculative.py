@@ -229,8 +229,9 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
             draft, accepted, bonus, active, next_pos = draft[keep], accepted[keep], bonus[keep], active[keep], \
                 next_pos[keep]
         m = active.numel()
-        # the drafter has not seen the accepted drafts nor the bonus: left-padded to W + 1, like a prompt batch
-        width = W + 1
+        # the drafter has not seen the accepted drafts nor the bonus: left-padded to the longest row's, like a
+        # prompt batch (not to W + 1: at batch 1 that made the draft forward up to twice as wide)
+        width = int(accepted.max()) + 1
         pad = width - (accepted + 1)
         seq = torch.cat([draft, bonus[:, None]], dim=1)  # bonus at column W; accepted drafts at 0..a-1
         col = torch.arange(width)[None, :] - pad[:, None]  # index into seq's row, per column

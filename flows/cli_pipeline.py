@@ -172,7 +172,7 @@ def cmd_recipe(args) -> int:
 
 def add_commands(sub) -> None:
     p = sub.add_parser("recipe", help="what a recipe departs from (METHOD.md, the tiny recipe) and why")
-    p.add_argument("name", help="tiny, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
+    p.add_argument("name", help="tiny, tiny-long, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="an override, shown as such")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recipe)

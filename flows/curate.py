@@ -17,7 +17,7 @@ class CurateParams(BaseModel):
                                                 "&split=train, or stream://DIR", examples=[{"llava_ov": "/data/llava",
                                                                                              "finevision": "/data/fv"}])
     out: str = Field(description="output directory (data/, rejects/, manifest.json)")
-    recipe: str = Field("tiny", description="named recipe: tiny, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
+    recipe: str = Field("tiny", description="named recipe: tiny, tiny-long, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
     overrides: dict[str, str] = Field(default_factory=dict, description="dotted recipe overrides, e.g. data.min_rating")
     benchmarks_dir: str | None = Field(None, description="benchmarks to decontaminate against (<name>/test.parquet)")
     processor: str | None = Field(None, description="processor for token estimates (default: the recipe's model)")

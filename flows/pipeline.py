@@ -49,7 +49,7 @@ class WorldParams(BaseModel):
 class LineParams(BaseModel):
     """What a pipeline run and an ablation share: the recipe, its data, its schedule, where it runs."""
 
-    recipe: str = Field("tiny", description="named recipe: tiny, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
+    recipe: str = Field("tiny", description="named recipe: tiny, tiny-long, qwen3-vl-2b, qwen3-vl-4b, qwen3-vl-8b")
     sources: dict[str, str] = Field(default_factory=dict, description="source kind → URI (llava_ov, finevision); "
                                                                       "empty: the built-in shapes world")
     include_paths: list[str] = Field(default_factory=list, description="directories with the gate benchmarks' task "
