@@ -12,8 +12,9 @@ cache: stages whose inputs did not change are reused) and adds a row with its wo
         [--set noise.kind=mask] [--stage-set 16:train.base_pull=2] [--ablate train.long_share=0] [--work DIR]
 
 Defaults: the recipe's own schedule and rates (`--recipe tiny-long`: issue 21's long profile). The chain is
-the pipeline's (`benchmarks/chain.py`, gates opened so every stage is measured); what the schedule depends
-on, measured, is in docs/stage_budget.md. `--seed` builds another shapes world to check that a split is not tuned to one.
+the pipeline's (`benchmarks/chain.py`, gates opened so every stage is measured); each stage's row is the decode
+setting the recipe's own gate promotes from its sweep (`chain.rejudge`; `*`: none passes, the row is the fastest).
+What the schedule depends on, measured, is in docs/stage_budget.md. `--seed` builds another shapes world to check that a split is not tuned to one.
 The last line printed is one JSON object (`train_seconds`: this run's; `step_seconds`: the stages' own training
 steps, cached ones included; `max_drop`, `final_block_size`, `final_tpf_extract`, `speedup_batch1`,
 `speedup_batch<N>`, `every_within`, the stages, the ablations, `overrides` and `stage_overrides`).
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from bard_core.gate import paired, setting
 from bard_core.recipes import get_recipe
-from benchmarks.chain import chain_params, curated, parse_steps, run_chain
+from benchmarks.chain import chain_params, curated, parse_steps, rejudge, run_chain
 from flows.pipeline import world_dir
 from tasks.report import chosen_entry
 
@@ -72,7 +73,8 @@ def stage_rows(report: dict, names: list[str], tolerance: float, batch: int) -> 
         worst = max(checks.values(), key=lambda c: c["drop"])
         speed = chosen_entry(r)
         speedup = speed.get("speedup") or {}
-        rows.append({"stage": r["stage"], "setting": setting(r["decode"]), "block_size": r["block_size"], "lr": r["lr"],
+        rows.append({"stage": r["stage"], "setting": setting(r["decode"]), "gate_passed": r.get("gate_passed"),
+                     "block_size": r["block_size"], "lr": r["lr"],
                      "steps": r["steps"],
                      "train_seconds": r["train_seconds"], "step_seconds": r.get("step_seconds"),
                      "final_loss": r["final_loss"], "tpf": r["tpf"],
@@ -117,7 +119,8 @@ def print_table(report: dict, summary: dict, names: list[str], batch: int, ablat
           + f" {'-':>22} {base['speed'].get('tpf', 1.0):>5.2f} {_x(beside('batch1'), '.0f'):>8}"
           + f" {_x(beside(f'batch{batch}'), '.0f'):>7} {'1.00':>5} {'1.00':>5}")
     for r in summary["stages"] + ([control] if control else []):
-        print(f"{(r['stage'] + ' ' + r.get('setting', '')).strip():<22} {r['steps']:>9} {r['train_seconds'] or 0:>7.0f} {_x(r.get('step_seconds'), '.0f'):>7} {r['final_loss']:>6.3f} "
+        label = f"{r['stage']} {r.get('setting', '')}" + (" *" if r.get("gate_passed") is False else "")
+        print(f"{label.strip():<22} {r['steps']:>9} {r['train_seconds'] or 0:>7.0f} {_x(r.get('step_seconds'), '.0f'):>7} {r['final_loss']:>6.3f} "
               + " ".join(f"{r['scores'][n]:>7.3f}" for n in names)
               + f" {r['max_drop']:>7.3f} ±{_x(r['max_drop_se'], '.3f'):>5} {r['worst'][7:]:>7} {r['tpf']:>5.2f}"
               + f" {_x(r.get('tok_s_batch1'), '.0f'):>8} {_x(r.get(f'tok_s_batch{batch}'), '.0f'):>7}"
@@ -134,6 +137,8 @@ def print_table(report: dict, summary: dict, names: list[str], batch: int, ablat
     if control:
         print("AR-ft: the AR base fine-tuned with next-token CE for B4's steps at B4's rate on the same data (a control, "
               "outside the verdict)")
+    print("setting: the one the recipe's own gate promotes from the stage's sweep; * no setting passes it (the "
+          "row is the fastest)")
     print("AR tokens/s: measured beside the final stage (each stage's × is against the AR run beside it)")
     if ablations:
         print("abl rows: the whole chain again with that one setting changed; scores and speed of its final stage, "
@@ -197,12 +202,13 @@ def main(argv: list[str] | None = None) -> None:
 
     work = Path(args.work or tempfile.mkdtemp(prefix="stage_budget_")).resolve()
     started = time.monotonic()
-    report = run_chain(work, **settings)
+    report = rejudge(run_chain(work, **settings), recipe.gate)  # each stage's row: what the recipe's gate promotes
     names = list(recipe.gate.benchmarks)
     summary = chain_summary(report, names, args.tolerance, batch)
     abl = []
     for i, change in enumerate(ablations):
-        other = run_chain(work, **{**settings, "overrides": {**extra, **change}, "run_name": f"ablate-{i}"})
+        other = rejudge(run_chain(work, **{**settings, "overrides": {**extra, **change}, "run_name": f"ablate-{i}"}),
+                        get_recipe(args.recipe, {**extra, **change}).gate)
         abl.append({"set": change, **chain_summary(other, names, args.tolerance, batch)})
     wall = time.monotonic() - started
     control = None

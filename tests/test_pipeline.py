@@ -95,6 +95,21 @@ def test_the_stage_budget_summary_reads_the_chain_report(first_run, capsys):
     print_table(report, summary, names, batch, [{"set": {"train.long_share": "0"}, **summary}], None)
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines[1:5]] == ["AR", "B4", "B8", "abl"]
+    # each row re-judged with a recipe's own gate: the opened gates' pick where it passes, a mark where none does
+    import copy
+
+    from bard_core.config import GateConfig
+    from bard_core.gate import setting
+    from benchmarks.chain import rejudge
+
+    lenient = rejudge(copy.deepcopy(report), GateConfig(default_tolerance=1.0, min_tpf={}))
+    assert [s["decode"] for s in lenient["stages"]] == [s["decode"] for s in report["stages"]]
+    assert all(s["gate_passed"] for s in lenient["stages"])
+    strict = rejudge(copy.deepcopy(report), GateConfig(default_tolerance=1.0, min_tpf={4: 99, 8: 99}))
+    assert not any(s["gate_passed"] for s in strict["stages"])
+    print_table(strict, chain_summary(strict, names, 1.0, batch), names, batch, [], None)
+    rows = capsys.readouterr().out.splitlines()[2:4]
+    assert [row.split()[:3] for row in rows] == [[s["stage"], setting(s["decode"]), "*"] for s in report["stages"]]
 
 
 def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
