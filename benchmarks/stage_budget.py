@@ -14,7 +14,8 @@ cache: stages whose inputs did not change are reused) and adds a row with its wo
 Defaults: the recipe's own schedule and rates (`--recipe tiny-long`: issue 21's long profile). The chain is
 the pipeline's (`benchmarks/chain.py`, gates opened so every stage is measured); each stage's row is the decode
 setting the recipe's own gate promotes from its sweep (`chain.rejudge`; `*`: none passes, the row is the fastest).
-What the schedule depends on, measured, is in docs/stage_budget.md. `--seed` builds another shapes world to check that a split is not tuned to one.
+What the schedule depends on, measured, is in docs/stage_budget.md. `--seed` builds another shapes world to
+check that a split is not tuned to one.
 The last line printed is one JSON object (`train_seconds`: this run's; `step_seconds`: the stages' own training
 steps, cached ones included; `max_drop`, `final_block_size`, `final_tpf_extract`, `speedup_batch1`,
 `speedup_batch<N>`, `every_within`, the stages, the ablations, `overrides` and `stage_overrides`).
