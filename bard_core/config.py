@@ -1,10 +1,9 @@
 """Settings as frozen dataclasses (standard library only, so flows import it cheaply).
 
 A `Recipe` bundles every setting of one pipeline run: the model family, noise, training stages,
-decoding, gates and curation; the named recipes and the override parser are in `bard_core.recipes`.
-Every dataclass checks itself in ``__post_init__`` and raises ``ValueError`` naming the field and the
-allowed values. Over 300 lines on purpose: the six parts of a recipe read together, with their checks, and
-measurements behind the defaults are in docs/ (each field's comment says where).
+decoding and gates (`bard_core.config_eval`, re-exported here) and curation; the named recipes and the
+override parser are in `bard_core.recipes`. Every dataclass checks itself in ``__post_init__``
+(`bard_core.config_checks`). Measurements behind the defaults are in docs/ (each field's comment says where).
 """
 
 from __future__ import annotations
@@ -13,6 +12,15 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+from bard_core.config_checks import check_choice, check_positive, fail
+from bard_core.config_eval import (  # noqa: F401  (re-exported: every reader imports the settings from here)
+    DECODE_FALLBACKS,
+    DECODE_MODES,
+    DRAFT_WIDTHS,
+    DecodeConfig,
+    GateConfig,
+)
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -35,28 +43,10 @@ TEACHERS = ("previous", "ar", "none")  # a stage's distillation teacher (TrainCo
 TARGETS = ("data", "base")  # whose answers a stage trains on (TrainConfig.targets)
 PARALLEL = ("ddp", "fsdp")  # data parallel with replicas, or fully sharded (params, grads, optimizer state)
 OBJECTIVES = ("ar", "diffusion")
-DECODE_MODES = ("dynamic", "static", "speculative")
-DECODE_FALLBACKS = ("leftmost", "confident")
-DRAFT_WIDTHS = ("adaptive", "block")
 DTYPES = ("float32", "bfloat16", "float16")
 RECIPE_SECTIONS = ("model", "noise", "train", "decode", "gate", "data")  # a Recipe's dataclass parts (dotted keys)
 # what `TrainConfig.stages` may set per block size
 STAGE_FIELDS = ("merge_steps", "distill_steps", "lr", "long_share")
-
-
-def _fail(cls: str, name: str, value: Any, expected: str) -> None:
-    raise ValueError(f"{cls}.{name}={value!r} is invalid: expected {expected}")
-
-
-def _check_choice(cls: str, name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        _fail(cls, name, value, f"one of {', '.join(map(str, choices))}")
-
-
-def _check_positive(cls: str, **values: float) -> None:
-    for name, value in values.items():
-        if not value > 0:
-            _fail(cls, name, value, "a positive number")
 
 
 @dataclass(frozen=True)
@@ -93,11 +83,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         c = "ModelConfig"
-        _check_choice(c, "dtype", self.dtype, DTYPES)
+        check_choice(c, "dtype", self.dtype, DTYPES)
         # Eager attention adds a boolean mask to the scores, i.e. masks nothing (METHOD.md §1); transformers 5.24's
         # Qwen3-VL refuses flex_attention at load time, so SDPA is the one that works
-        _check_choice(c, "attn_implementation", self.attn_implementation, ("sdpa",))
-        _check_positive(
+        check_choice(c, "attn_implementation", self.attn_implementation, ("sdpa",))
+        check_positive(
             c,
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -112,16 +102,16 @@ class ModelConfig:
             pos_embed_std=self.pos_embed_std,
         )
         if self.num_attention_heads % self.num_key_value_heads:
-            _fail(c, "num_key_value_heads", self.num_key_value_heads,
-                  f"a divisor of num_attention_heads={self.num_attention_heads}")
+            fail(c, "num_key_value_heads", self.num_key_value_heads,
+                 f"a divisor of num_attention_heads={self.num_attention_heads}")
         if len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.head_dim:
-            _fail(c, "mrope_section", self.mrope_section, f"three ints summing to head_dim/2={self.head_dim // 2}")
+            fail(c, "mrope_section", self.mrope_section, f"three ints summing to head_dim/2={self.head_dim // 2}")
         if self.vision_hidden_size % self.vision_num_heads:
-            _fail(c, "vision_num_heads", self.vision_num_heads, "a divisor of vision_hidden_size")
+            fail(c, "vision_num_heads", self.vision_num_heads, "a divisor of vision_hidden_size")
         if any(not 0 <= i < self.vision_depth for i in self.deepstack_visual_indexes):
-            _fail(c, "deepstack_visual_indexes", self.deepstack_visual_indexes, f"layer indexes < {self.vision_depth}")
+            fail(c, "deepstack_visual_indexes", self.deepstack_visual_indexes, f"layer indexes < {self.vision_depth}")
         if self.vocab_size < len(SPECIAL_TOKENS) + 256:
-            _fail(c, "vocab_size", self.vocab_size, f">= {len(SPECIAL_TOKENS) + 256} (bytes + specials)")
+            fail(c, "vocab_size", self.vocab_size, f">= {len(SPECIAL_TOKENS) + 256} (bytes + specials)")
 
 
 @dataclass(frozen=True)
@@ -135,11 +125,11 @@ class NoiseConfig:
     prefix_prob: float = 0.5
 
     def __post_init__(self) -> None:
-        _check_choice("NoiseConfig", "kind", self.kind, NOISE_KINDS)
+        check_choice("NoiseConfig", "kind", self.kind, NOISE_KINDS)
         if not 0.0 < self.t_min <= 1.0:
-            _fail("NoiseConfig", "t_min", self.t_min, "a number in (0, 1]")
+            fail("NoiseConfig", "t_min", self.t_min, "a number in (0, 1]")
         if not 0.0 <= self.prefix_prob <= 1.0:
-            _fail("NoiseConfig", "prefix_prob", self.prefix_prob, "a probability in [0, 1]")
+            fail("NoiseConfig", "prefix_prob", self.prefix_prob, "a probability in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -237,164 +227,51 @@ class TrainConfig:
             stages = {int(b): {k: (int(v) if k.endswith("_steps") else float(v)) for k, v in entry.items()}
                       for b, entry in self.stages.items()}
         except (TypeError, ValueError, AttributeError):
-            _fail(c, "stages", self.stages, f"a map of block size -> {{{', '.join(STAGE_FIELDS)}}}")
+            fail(c, "stages", self.stages, f"a map of block size -> {{{', '.join(STAGE_FIELDS)}}}")
         object.__setattr__(self, "stages", stages)
         bad = {k for entry in stages.values() for k in entry} - set(STAGE_FIELDS)
         if bad or any(b < 1 for b in stages):
-            _fail(c, "stages", self.stages, f"entries per block size setting only {', '.join(STAGE_FIELDS)}")
+            fail(c, "stages", self.stages, f"entries per block size setting only {', '.join(STAGE_FIELDS)}")
         for entry in stages.values():
             dataclasses.replace(self, stages={}, **entry)  # each stage's settings are valid settings
         if not self.block_sizes or any(b < 1 for b in self.block_sizes):
-            _fail(c, "block_sizes", self.block_sizes, "a non-empty tuple of positive ints")
+            fail(c, "block_sizes", self.block_sizes, "a non-empty tuple of positive ints")
         if list(self.block_sizes) != sorted(set(self.block_sizes)):
-            _fail(c, "block_sizes", self.block_sizes, "strictly increasing block sizes (progressive merging)")
-        _check_positive(c, batch_size=self.batch_size, lr=self.lr, grad_accum_steps=self.grad_accum_steps,
+            fail(c, "block_sizes", self.block_sizes, "strictly increasing block sizes (progressive merging)")
+        check_positive(c, batch_size=self.batch_size, lr=self.lr, grad_accum_steps=self.grad_accum_steps,
                         kd_top_k=self.kd_top_k, kd_temperature=self.kd_temperature,
                         num_workers=self.num_workers, checkpoint_every=self.checkpoint_every)
         if not (math.isfinite(self.base_pull) and 0.0 <= self.base_pull and self.lr * self.base_pull < 1.0):
-            _fail(c, "base_pull", self.base_pull, f"a number in [0, 1/lr) (lr {self.lr:g}: a step never moves a "
-                                                  "weight past its start)")
+            fail(c, "base_pull", self.base_pull, f"a number in [0, 1/lr) (lr {self.lr:g}: a step never moves a "
+                                                 "weight past its start)")
         for name in ("base_steps", "merge_steps", "distill_steps", "warmup_steps", "encode_cache_mb",
                      "dataset_cache_mb"):
             if getattr(self, name) < 0:
-                _fail(c, name, getattr(self, name), "a non-negative int")
-        _check_choice(c, "prompt_mask", self.prompt_mask, PROMPT_MASKS)
-        _check_choice(c, "parallel", self.parallel, PARALLEL)
-        _check_choice(c, "teacher", self.teacher, TEACHERS)
-        _check_choice(c, "targets", self.targets, TARGETS)
+                fail(c, name, getattr(self, name), "a non-negative int")
+        check_choice(c, "prompt_mask", self.prompt_mask, PROMPT_MASKS)
+        check_choice(c, "parallel", self.parallel, PARALLEL)
+        check_choice(c, "teacher", self.teacher, TEACHERS)
+        check_choice(c, "targets", self.targets, TARGETS)
         if self.pad_loss_weight not in (0.0, 0.5):
-            _fail(c, "pad_loss_weight", self.pad_loss_weight, "0.0 (padding ignored) or 0.5 (reference)")
+            fail(c, "pad_loss_weight", self.pad_loss_weight, "0.0 (padding ignored) or 0.5 (reference)")
         if not all(0.0 <= b < 1.0 for b in self.betas):
-            _fail(c, "betas", self.betas, "two numbers in [0, 1)")
+            fail(c, "betas", self.betas, "two numbers in [0, 1)")
         if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.distill_min_lr_ratio <= 1.0:
-            _fail(c, "min_lr_ratio", (self.min_lr_ratio, self.distill_min_lr_ratio), "ratios in [0, 1]")
+            fail(c, "min_lr_ratio", (self.min_lr_ratio, self.distill_min_lr_ratio), "ratios in [0, 1]")
         if self.vision_lr_scale < 0 or self.distill_lr_scale <= 0:
-            _fail(c, "vision_lr_scale/distill_lr_scale", (self.vision_lr_scale, self.distill_lr_scale),
-                  "vision_lr_scale >= 0 (0 freezes the vision tower) and distill_lr_scale > 0")
+            fail(c, "vision_lr_scale/distill_lr_scale", (self.vision_lr_scale, self.distill_lr_scale),
+                 "vision_lr_scale >= 0 (0 freezes the vision tower) and distill_lr_scale > 0")
         if self.keep_loss_weight < 0:
-            _fail(c, "keep_loss_weight", self.keep_loss_weight, "a non-negative weight (0: corrupted tokens only)")
+            fail(c, "keep_loss_weight", self.keep_loss_weight, "a non-negative weight (0: corrupted tokens only)")
         if not 0.0 <= self.long_share < 1.0:
-            _fail(c, "long_share", self.long_share, "a share in [0, 1) (0: the data's own mix)")
+            fail(c, "long_share", self.long_share, "a share in [0, 1) (0: the data's own mix)")
         if self.anchor_weight < 0:
-            _fail(c, "anchor_weight", self.anchor_weight, "a non-negative weight (0 turns the AR anchor off)")
+            fail(c, "anchor_weight", self.anchor_weight, "a non-negative weight (0 turns the AR anchor off)")
         if self.anchor_weight > 0 and not self.label_shift:
-            _fail(c, "anchor_weight", self.anchor_weight, "0 without label_shift (unshifted labels read every "
-                  "prediction from a noisy block, so no position has an AR model's context)")
+            fail(c, "anchor_weight", self.anchor_weight, "0 without label_shift (unshifted labels read every "
+                 "prediction from a noisy block, so no position has an AR model's context)")
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
-            _fail(c, "ce_weight/kd_weight", (self.ce_weight, self.kd_weight), "non-negative, not both zero")
-
-
-def _opt(default, help: str, **kwargs):
-    """A field with its one-line meaning (the CLI's flag help, `flows/cli_eval.add_decode_flags`)."""
-    return field(default=default, metadata={"help": help, **kwargs})
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Block-diffusion decoding (METHOD.md §6); measurements behind the defaults: docs/decoding.md."""
-
-    block_size: int = _opt(32, "tokens decoded per block")
-    mode: str = _opt("dynamic", "dynamic: commit every position above the threshold; static: a fixed number "
-                     "per step; speculative: draft a block, verify it causally, output identical to AR greedy",
-                     choices=DECODE_MODES)
-    threshold: float = _opt(0.9, "dynamic mode: commit a position whose top probability clears this")
-    fallback: str = _opt("leftmost", "dynamic mode, when no position clears the threshold: commit the leftmost "
-                         "masked one or the most confident", choices=DECODE_FALLBACKS)
-    sure_eos: bool = _opt(True, "dynamic mode: propose <|im_end|> only above the threshold (it ends the answer for "
-                          "good); elsewhere the position's next best token")
-    draft: str = _opt("adaptive", "speculative mode: masks drafted per step: the block size, or adaptive (from 8, "
-                      "doubled after a step in which every row accepted every draft, halved — not under 8 — when the rows "
-                      "gained a quarter of it or less)", choices=DRAFT_WIDTHS)
-    tokens_per_step: int = _opt(1, "static mode: positions committed per forward")
-    edit_threshold: float = _opt(0.95, "correction: replace a visible token when another clears this")
-    max_edits_per_position: int = _opt(1, "correction: edits allowed per position")
-    max_steps_per_block: int | None = _opt(None, "forwards allowed per block (None: the block size)")
-    max_new_tokens: int = _opt(128, "answer length cap")
-    temperature: float = _opt(0.0, "0: greedy")
-    top_p: float = _opt(1.0, "nucleus sampling mass (with temperature > 0)")
-    batch_size: int = _opt(16, "prompts decoded together")
-    label_shift: bool = _opt(False, "must match the checkpoint's training (bard.json label_shift)")
-    finish_at_eos: bool = _opt(True, "stop a row's block at a visible <|im_end|> (the positions after it are "
-                               "discarded anyway)")
-
-    def __post_init__(self) -> None:
-        c = "DecodeConfig"
-        _check_choice(c, "mode", self.mode, DECODE_MODES)
-        _check_choice(c, "fallback", self.fallback, DECODE_FALLBACKS)
-        _check_choice(c, "draft", self.draft, DRAFT_WIDTHS)
-        _check_positive(c, block_size=self.block_size, tokens_per_step=self.tokens_per_step,
-                        max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        if not 0.0 <= self.threshold <= 1.0:
-            _fail(c, "threshold", self.threshold, "a probability in [0, 1]")
-        if not 0.0 <= self.edit_threshold <= 1.0:
-            _fail(c, "edit_threshold", self.edit_threshold, "a probability in [0, 1]")
-        if self.max_edits_per_position < 0:
-            _fail(c, "max_edits_per_position", self.max_edits_per_position, "a non-negative int")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            _fail(c, "temperature/top_p", (self.temperature, self.top_p), "temperature >= 0 and top_p in (0, 1]")
-        if self.mode == "speculative" and self.temperature != 0:
-            _fail(c, "temperature", self.temperature, "0 in speculative mode (lossless for greedy decoding only)")
-        if self.tokens_per_step > self.block_size:
-            _fail(c, "tokens_per_step", self.tokens_per_step, f"<= block_size={self.block_size}")
-        if self.sure_eos and self.mode == "dynamic" and self.threshold >= 1.0:
-            _fail(c, "threshold", self.threshold, "< 1 with sure_eos (no EOS could ever be proposed); "
-                  "or set sure_eos=False")
-
-
-@dataclass(frozen=True)
-class GateConfig:
-    """Promotion policy: accuracy within `tolerance` of the AR baseline and a minimum decode speed."""
-
-    benchmarks: tuple[str, ...] = ("shapes_mcq", "shapes_yesno", "shapes_count", "shapes_ocr", "shapes_extract")
-    tolerance: dict[str, float] = field(default_factory=dict)  # per benchmark; default_tolerance otherwise
-    default_tolerance: float = 0.03
-    speed_benchmark: str = "shapes_extract"
-    min_tpf: dict[int, float] = field(default_factory=lambda: {4: 1.5, 8: 2.0, 16: 2.5, 32: 3.0})
-    limit: int | None = None  # items per benchmark (None: all)
-    # decoding thresholds evaluated per stage; the gate promotes the passing one with the most tokens per
-    # forward and writes it into the promoted checkpoint (bard.json "decode")
-    thresholds: tuple[float, ...] = (0.9,)
-    speed_items: int = 32  # items of the speed benchmark decoded at batch 1 (AR beside); batch N: 4 batches
-    # 0: a stage passes when its paired drop is within tolerance; > 0: when drop + z·se is (one-sided
-    # non-inferiority, e.g. 1.645 for 95%), which needs far more items than a CPU evaluation has
-    z: float = 0.0
-    # beside each stage, the lossless mode (speculative decoding verified by the AR base: its answers exactly)
-    # on the speed benchmark's items: tokens/s at batch 1 and N and the share of answers identical to the AR
-    # base's; reported, not gated (docs/decoding.md, "Lossless mode")
-    lossless: bool = True
-    # one more setting in the sweep: the stage's own speculative mode (drafted in blocks, verified by its own
-    # causal view: its AR-order greedy answers, gated like any setting); promoted when it passes with the most
-    # tokens per forward (docs/decoding.md, "The stage's own speculative mode in the gate")
-    speculative: bool = True
-    # one more setting: the stage as the AR base's drafter (blocks drafted by the stage, verified by the AR base:
-    # the base's greedy answers, gated like every setting); promoted with the base as its verifier, whom
-    # `bard generate` / `bard eval` then load (docs/decoding.md, "The stage as the AR base's drafter")
-    drafter: bool = False
-
-    def __post_init__(self) -> None:
-        c = "GateConfig"
-        try:  # block sizes arrive as strings from JSON overrides (CLI, UI forms)
-            object.__setattr__(self, "min_tpf", {int(b): float(v) for b, v in self.min_tpf.items()})
-        except (TypeError, ValueError):
-            _fail(c, "min_tpf", self.min_tpf, "a map of block size -> minimum tokens per forward")
-        if not self.benchmarks:
-            _fail(c, "benchmarks", self.benchmarks, "at least one benchmark")
-        unknown = set(self.tolerance) - set(self.benchmarks)
-        if unknown:
-            _fail(c, "tolerance", sorted(unknown), f"keys among the gate benchmarks {list(self.benchmarks)}")
-        if self.default_tolerance < 0 or any(v < 0 for v in self.tolerance.values()):
-            _fail(c, "tolerance", self.tolerance, "non-negative tolerances")
-        if self.speed_benchmark not in self.benchmarks:
-            _fail(c, "speed_benchmark", self.speed_benchmark, f"one of {list(self.benchmarks)}")
-        if not self.thresholds or not all(0.0 < t < 1.0 for t in self.thresholds):
-            _fail(c, "thresholds", self.thresholds, "one or more decoding thresholds in (0, 1)")
-        if self.limit is not None and self.limit < 1:
-            _fail(c, "limit", self.limit, "None (every item) or a positive int")
-        if self.speed_items < 1 or self.z < 0:
-            _fail(c, "speed_items/z", (self.speed_items, self.z), "speed_items >= 1 and z >= 0")
-
-    def tolerance_for(self, benchmark: str) -> float:
-        return self.tolerance.get(benchmark, self.default_tolerance)
+            fail(c, "ce_weight/kd_weight", (self.ce_weight, self.kd_weight), "non-negative, not both zero")
 
 
 @dataclass(frozen=True)
@@ -421,16 +298,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         c = "DataConfig"
         if not self.weights or any(w < 0 for w in self.weights.values()) or sum(self.weights.values()) == 0:
-            _fail(c, "weights", self.weights, "non-negative per-source weights, not all zero")
+            fail(c, "weights", self.weights, "non-negative per-source weights, not all zero")
         if self.target_size is not None and self.target_size <= 0:
-            _fail(c, "target_size", self.target_size, "None or a positive int")
+            fail(c, "target_size", self.target_size, "None or a positive int")
         if not 0 <= self.phash_threshold < 32:
-            _fail(c, "phash_threshold", self.phash_threshold, "an int in [0, 32)")
+            fail(c, "phash_threshold", self.phash_threshold, "an int in [0, 32)")
         if not 0 <= self.colour_threshold <= 255:
-            _fail(c, "colour_threshold", self.colour_threshold, "an int in [0, 255] (chroma levels)")
+            fail(c, "colour_threshold", self.colour_threshold, "an int in [0, 255] (chroma levels)")
         if not 1 <= self.min_rating <= 5:
-            _fail(c, "min_rating", self.min_rating, "an int in [1, 5]")
-        _check_positive(c, max_tokens=self.max_tokens, ngram=self.ngram, min_image_side=self.min_image_side,
+            fail(c, "min_rating", self.min_rating, "an int in [1, 5]")
+        check_positive(c, max_tokens=self.max_tokens, ngram=self.ngram, min_image_side=self.min_image_side,
                         max_aspect_ratio=self.max_aspect_ratio, max_image_pixels=self.max_image_pixels)
 
 
@@ -447,10 +324,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if not self.name:
-            _fail("Recipe", "name", self.name, "a non-empty name")
+            fail("Recipe", "name", self.name, "a non-empty name")
         missing = set(self.gate.min_tpf) - set(self.train.block_sizes)
         if missing:
-            _fail("Recipe", "gate.min_tpf", sorted(missing), f"block sizes among train.block_sizes {self.train.block_sizes}")
+            fail("Recipe", "gate.min_tpf", sorted(missing), f"block sizes among train.block_sizes {self.train.block_sizes}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

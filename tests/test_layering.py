@@ -14,7 +14,8 @@ FORBIDDEN = {
     "bard_core": {"prefect", "ray", "lm_eval"},
     "flows": {"torch", "ray", "transformers"},
 }
-STDLIB_ONLY = ["bard_core/config.py", "bard_core/recipes.py", "bard_core/overrides.py", "bard_core/gate.py", "bard_core/files.py",
+STDLIB_ONLY = ["bard_core/config.py", "bard_core/config_eval.py", "bard_core/config_checks.py",
+               "bard_core/recipes.py", "bard_core/overrides.py", "bard_core/gate.py", "bard_core/files.py",
                "tasks/refs.py"]
 
 
