@@ -9,7 +9,7 @@ from bard_core.config_checks import check_choice, check_positive, fail
 
 DECODE_MODES = ("dynamic", "static", "speculative")
 DECODE_FALLBACKS = ("leftmost", "confident")
-DRAFT_WIDTHS = ("adaptive", "block")
+DRAFT_WIDTHS = ("adaptive", "block", "wide")
 
 
 def _opt(default, help: str, **kwargs):
@@ -32,7 +32,8 @@ class DecodeConfig:
                           "good); elsewhere the position's next best token")
     draft: str = _opt("adaptive", "speculative mode: masks drafted per step: the block size, or adaptive (from 8, "
                       "doubled after a step in which every row accepted every draft, halved — not under 8 — when the rows "
-                      "gained a quarter of it or less)", choices=DRAFT_WIDTHS)
+                      "gained a quarter of it or less), or wide (the first step at the block size — an answer's opening, "
+                      "where a good drafter's drafts run longest — then adaptive from 8)", choices=DRAFT_WIDTHS)
     tokens_per_step: int = _opt(1, "static mode: positions committed per forward")
     edit_threshold: float = _opt(0.95, "correction: replace a visible token when another clears this")
     max_edits_per_position: int = _opt(1, "correction: edits allowed per position")

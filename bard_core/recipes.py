@@ -54,6 +54,7 @@ def tiny_long() -> Recipe:
                                           8: {"merge_steps": 2500, "distill_steps": 0},
                                           16: {"merge_steps": 2000, "distill_steps": 0},
                                           32: {"merge_steps": 1500, "distill_steps": 0}}),
+        decode=dataclasses.replace(base.decode, draft="wide"),
         gate=dataclasses.replace(base.gate, drafter=True, min_tpf={4: 1.7, 8: 3.0, 16: 3.4, 32: 3.5}),
     )
 
@@ -142,6 +143,8 @@ NOTES: dict[str, dict[str, str]] = {
                         f"/ 3.6 / 4.1 / 4.2 ({_LONG})",
         "train.long_share": f"half of each batch from the long answers, where parallel filling is learned ({_LONG})",
         "train.targets": f"the AR base's own answers: the stages learn to draft what the base will accept ({_LONG})",
+        "decode.draft": "the first step drafts the whole block, then adapts from 8: a B32 drafter's opening drafts "
+                        "run 26–31 tokens, the later ones about 8 (docs/decoding.md, An answer's opening)",
         "gate.drafter": f"the stages lose 6–9 points of mcq in their own answers at this rate; as the base's drafters "
                         f"they answer as the base does ({_LONG})",
         "gate.min_tpf": f"under each stage's drafter TPF on world 11 (1.98 / 3.57 / 4.10 / 4.24) ({_LONG})",

@@ -61,15 +61,18 @@ def _draft(model, h: torch.Tensor, c: int, B: int, cfg: DecodeConfig, mask_id: i
     return _greedy(model, read, mask_id)
 
 
-def _next_width(width: int, gained: torch.Tensor, B: int, draft: str) -> int:
+def _next_width(width: int, gained: torch.Tensor, B: int, draft: str, first: bool = False) -> int:
     """The next step's draft width (``DecodeConfig.draft``): B, or adaptive — doubled (up to B) when every row
     accepted every draft (`gained`: per row, how many of its drafted tokens were exact), halved (down to 8, or B
-    if smaller) when the rows gained a quarter of the width or less on average. A wider draft widens every row's
-    forward and rarely pays on a CPU (docs/decoding.md "Draft width")."""
+    if smaller) when the rows gained a quarter of the width or less on average; ``"wide"``: its `first` step at B,
+    then B again if every row accepted all of it, else adaptive from 8. A wider draft widens every row's forward
+    and rarely pays on a CPU past an answer's opening (docs/decoding.md "Draft width")."""
     if draft == "block":
         return B
     if bool((gained >= width).all()):
         return min(B, 2 * width)
+    if draft == "wide" and first:
+        return min(B, 8)
     if float(gained.float().mean()) <= width / 4:
         return max(min(B, 8), width // 2)
     return width
@@ -104,7 +107,7 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
     if look_ahead not in ("after_full", "always"):
         raise ValueError(f"look_ahead: 'after_full' or 'always', got {look_ahead!r}")
     all_accepted = True
-    W = B if cfg.draft == "block" else min(B, 8)  # this step's draft width
+    W, first = (B if cfg.draft in ("block", "wide") else min(B, 8)), True  # this step's draft width
     start = time.perf_counter()
     while True:
         m = active.numel()
@@ -122,7 +125,7 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
         # 2. verify: the drafted tokens under the causal mask (AR's prediction after each), followed — with
         # fuse — by masks that see them all: the next step's drafts if every drafted token is accepted
         ahead_masks = fuse and (all_accepted or look_ahead == "always")
-        wide = _next_width(W, torch.full((m,), W), B, cfg.draft)  # the next width after a fully accepted step
+        wide = _next_width(W, torch.full((m,), W), B, cfg.draft, first)  # the next width after a fully accepted step
         q = W + wide if ahead_masks else W
         mask = torch.zeros(q, q, dtype=torch.bool)
         mask[:W, :W] = torch.ones(W, W, dtype=torch.bool).tril()
@@ -153,7 +156,7 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
         keep = torch.nonzero(~finished).flatten()
         if keep.numel() == 0:
             break
-        W = _next_width(W, accepted[keep] + 1, B, cfg.draft)  # a look-ahead's drafts (`ahead`) keep their width
+        W, first = _next_width(W, accepted[keep] + 1, B, cfg.draft, first), False  # a look-ahead's drafts keep theirs
         if keep.numel() < m:  # finished rows leave the batch and the cache
             cache.batch_select_indices(keep.to(device))
             kept_valid, bonus, accepted = kept_valid[keep], bonus[keep], accepted[keep]
@@ -190,7 +193,7 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
     ctx_d = ctx_v = prompt_ctx
     pixels, grids = rows.pixel_values, rows.image_grid_thw
     next_pos = rows.next_pos.clone()
-    W = B if cfg.draft == "block" else min(B, 8)  # this step's draft width
+    W, first = (B if cfg.draft in ("block", "wide") else min(B, 8)), True  # this step's draft width
     start = time.perf_counter()
     while True:
         m = active.numel()
@@ -244,5 +247,5 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
         last_pos = next_pos + accepted  # the bonus token's position
         ctx_v = _Context.block(bonus[:, None], _text_positions(last_pos, 1))
         next_pos = last_pos + 1
-        W = _next_width(W, accepted, B, cfg.draft)  # `accepted`: the drafts that were exact
+        W, first = _next_width(W, accepted, B, cfg.draft, first), False  # `accepted`: the drafts that were exact
     return _finished(out, ids.eos, cfg.max_new_tokens, start)

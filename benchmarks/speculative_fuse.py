@@ -2,7 +2,10 @@
 default —, in every step) and the draft width (the block, or adaptive); long answers (shapes extract).
 
     python -m benchmarks.speculative_fuse --checkpoint STAGE_DIR [--items 24] [--repeats 2] [--blocks 4,8]
-        [--drafts block,adaptive] [--rules off,after_full,always] [--batch 1]
+        [--drafts block,adaptive] [--rules off,after_full,always] [--batch 1] [--verifier AR_DIR]
+
+With ``--verifier`` the stage drafts and that AR model verifies (the two-model path, ``gate.drafter``): AR is the
+verifier's own decoding, and there is no look-ahead to set (one row per block and draft).
 
 Runs AR and every (block size, draft, look-ahead) setting interleaved batch by batch, `--repeats` times, on the
 same prompts; prints a table and one JSON line. Findings: docs/decoding.md "Lossless mode" and "Draft width".
@@ -31,34 +34,42 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--blocks", default="4,8")
     parser.add_argument("--drafts", default="block", help="draft widths (DecodeConfig.draft), comma-separated")
-    parser.add_argument("--rules", default="off,after_full,always",
-                        help="look-ahead: off (no fusion), after_full, always; comma-separated")
+    parser.add_argument("--rules", default=None,
+                        help="look-ahead: off (no fusion), after_full, always; comma-separated (default: all three)")
+    parser.add_argument("--verifier", default=None, help="an AR model that verifies the stage's drafts (two models)")
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--trace", type=int, default=0, help="print the drafts accepted per step for this many prompts")
     args = parser.parse_args()
-    drafts, rules = args.drafts.split(","), args.rules.split(",")
+    if args.verifier and args.rules:
+        parser.error("--rules sets the look-ahead of a stage verifying itself; with --verifier there is none")
+    drafts = args.drafts.split(",")
+    rules = (args.rules or "off,after_full,always").split(",")
     bad = [d for d in drafts if d not in DRAFT_WIDTHS] + [r for r in rules if r not in ("off", "after_full", "always")]
+    rules = ["drafter"] if args.verifier else rules
     if bad or args.items < 1 or args.repeats < 1 or args.batch < 1:
         parser.error(f"unknown draft/rule {bad}" if bad else "--items, --repeats and --batch must be positive")
     model, processor, meta = checkpoint.load(args.checkpoint)
     ids = checkpoint.token_ids(processor.tokenizer, meta)
+    verifier = checkpoint.load(args.verifier)[0] if args.verifier else None
     prompts = []
     for s in conversations(args.items, seed=5, families=["extract"]):
         enc = encode_sample(s, processor, 512)
         enc.response_ids = enc.response_ids[:0]
         prompts.append(enc)
-    runs = {"ar": lambda b: ar_generate_cached(model, b, args.max_new_tokens, ids)}
+    runs = {"ar": lambda b: ar_generate_cached(verifier or model, b, args.max_new_tokens, ids)}
     for B in (int(b) for b in args.blocks.split(",")):
         for draft in drafts:
             cfg = DecodeConfig(block_size=B, mode="speculative", max_new_tokens=args.max_new_tokens, draft=draft,
                                label_shift=bool(meta.get("label_shift", False)))
             for rule in rules:
                 runs[f"B{B} {draft} {rule}"] = (lambda c, f, r: lambda b: speculative_generate(
-                    model, b, c, ids, fuse=f, look_ahead=r))(cfg, rule != "off", "always" if rule == "always"
-                                                            else "after_full")
+                    model, b, c, ids, verifier=verifier, fuse=f, look_ahead=r))(
+                        cfg, rule != "off", "always" if rule == "always" else "after_full")
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     totals = {name: [0, 0, 0.0] for name in runs}
     answers: dict[str, list] = {name: [] for name in runs}
+    steps: dict[str, list] = {name: [] for name in runs}  # drafts accepted per step, per prompt
     for repeat in range(args.repeats):
         for batch in batches:  # every setting on one batch before the next: load changes hit them all alike
             for name, run in runs.items():
@@ -66,6 +77,7 @@ def main() -> None:
                 gens = run(batch)
                 if repeat == 0:
                     answers[name] += [g.token_ids for g in gens]
+                    steps[name] += [g.accepted for g in gens]
                 t = totals[name]
                 t[0], t[1], t[2] = t[0] + sum(g.tokens for g in gens), t[1] + sum(g.nfe for g in gens), \
                     t[2] + time.perf_counter() - started
@@ -77,7 +89,11 @@ def main() -> None:
           f"batch {args.batch}, {torch.get_num_threads()} threads)")
     for name, r in rows.items():
         print(f"{name:<26} {r['tpf']:>5.2f} {r['tok_s']:>7.0f} {r['x_ar']:>5.2f} {r['same_as_ar']:>5.2f}")
-    print(json.dumps({"checkpoint": args.checkpoint, "items": args.items, "repeats": args.repeats,
+    for name in [n for n in runs if n != "ar"] if args.trace else []:
+        print(f"{name}: drafts accepted per step, first {args.trace} prompts: "
+              + " / ".join(", ".join(map(str, a)) for a in steps[name][:args.trace]))
+    print(json.dumps({"checkpoint": args.checkpoint, "verifier": args.verifier, "items": args.items,
+                      "repeats": args.repeats,
                       "batch": args.batch, "rows": rows}))
 
 

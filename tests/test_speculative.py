@@ -72,6 +72,8 @@ def test_the_adaptive_draft_widens_after_full_steps_and_narrows_when_drafts_fail
     assert _next_width(32, t([8, 8]), 32, "adaptive") == 16 and _next_width(32, t([9, 8]), 32, "adaptive") == 32
     assert _next_width(16, t([1]), 32, "adaptive") == 8 and _next_width(8, t([1]), 32, "adaptive") == 8  # floor 8
     assert _next_width(4, t([4]), 4, "adaptive") == 4 and _next_width(8, t([1]), 32, "block") == 32
+    assert _next_width(32, t([9]), 32, "wide", first=True) == 8 and _next_width(32, t([32]), 32, "wide", first=True) == 32
+    assert _next_width(32, t([8]), 32, "wide") == 16 and _next_width(32, t([9]), 32, "wide") == 32  # then adaptive
     with pytest.raises(ValueError, match="draft"):
         DecodeConfig(block_size=32, mode="speculative", draft="sometimes")
 
@@ -91,7 +93,7 @@ def test_the_adaptive_draft_widens_after_full_steps_and_narrows_when_drafts_fail
         # 90 tokens: adaptive 9 + 16 + 32 + 32 + 32 in five steps (the price of starting narrow when every draft
         # is accepted: two forwards more than the block-wide draft's 33 + 32 + 32)
         for draft, verify, drafted in (("adaptive", [8 + 16, 16 + 32, 32 + 32, 32 + 32, 32 + 32], [8, 16, 32, 32, 32]),
-                                       ("block", [64, 64, 64], [32, 32, 32])):
+                                       ("block", [64, 64, 64], [32, 32, 32]), ("wide", [64, 64, 64], [32, 32, 32])):
             widths.clear()
             cfg = DecodeConfig(block_size=32, mode="speculative", max_new_tokens=90, draft=draft)
             gens = speculative_generate(model, prompts, cfg, ids)
@@ -105,10 +107,25 @@ def test_the_adaptive_draft_widens_after_full_steps_and_narrows_when_drafts_fail
     # the two-model path (verified by a copy of the same weights): W drafts a step, all accepted, plus the bonus
     verifier = checkpoint.load(tiny_model_dir)[0]
     verifier.load_state_dict(model.state_dict())
-    for draft, accepted in (("adaptive", [8, 16, 32, 32]), ("block", [32, 32, 32])):
+    for draft, accepted in (("adaptive", [8, 16, 32, 32]), ("block", [32, 32, 32]), ("wide", [32, 32, 32])):
         cfg = DecodeConfig(block_size=32, mode="speculative", max_new_tokens=90, draft=draft)
         gens = speculative_generate(model, prompts, cfg, ids, verifier=verifier)
         assert [g.token_ids for g in gens] == ar and [g.accepted for g in gens] == [accepted] * 2
+    # "wide": its first step at B, then adaptive from 8 (a drafter whose drafts all fail stays at 8)
+    drafter = checkpoint.load(tiny_model_dir)[0]  # random weights: its drafts are rejected
+    for draft, first in (("wide", [32, 8, 8, 8]), ("adaptive", [8, 8, 8, 8]), ("block", [32, 32, 32, 32])):
+        widths.clear()
+        hook = drafter.model.register_forward_pre_hook(
+            lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+        try:
+            cfg = DecodeConfig(block_size=32, mode="speculative", max_new_tokens=12, draft=draft)
+            gens = speculative_generate(drafter, prompts[:1], cfg, ids, verifier=verifier)
+        finally:
+            hook.remove()
+        assert [g.token_ids for g in gens] == [ar[0][:12]]
+        # the drafter's forwards: [prompt ‖ W masks], then [accepted drafts and the bonus ‖ W masks]
+        drafted = [widths[0] - prompts[0].prompt_ids.numel()] + [w - 1 - a for w, a in zip(widths[1:], gens[0].accepted)]
+        assert drafted[:4] == first, (draft, widths, gens[0].accepted)
 
 
 def test_with_a_separate_verifier_the_output_is_the_verifiers_greedy_answer(tiny_model_dir):
@@ -247,3 +264,13 @@ def test_speculative_fuse_benchmark_runs_every_setting_side_by_side():
     assert "B16 adaptive after_full" in out.stdout  # the table
     bad = bench("--drafts", "narrow")
     assert bad.returncode == 2 and "narrow" in bad.stderr
+    # the two-model path (the base drafting for a copy of itself): the verifier's AR answers, item for item
+    two = bench("--blocks", "4", "--drafts", "block", "--verifier", str(shipped_base()), "--trace", "2")
+    assert two.returncode == 0, two.stderr[-2000:]
+    rows = json.loads(two.stdout.strip().splitlines()[-1])["rows"]
+    assert set(rows) == {"ar", "B4 block drafter"} and rows["B4 block drafter"]["same_as_ar"] == 1.0
+    assert rows["B4 block drafter"]["tpf"] >= 1.0  # the first draft is exact: one token and the bonus a step
+    trace = [line for line in two.stdout.splitlines() if line.startswith("B4 block drafter: drafts accepted")]
+    assert len(trace) == 1 and trace[0].count(" / ") == 1  # two prompts' steps
+    both = bench("--verifier", str(shipped_base()), "--rules", "off")
+    assert both.returncode == 2 and "--verifier" in both.stderr
