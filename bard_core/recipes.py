@@ -143,8 +143,8 @@ NOTES: dict[str, dict[str, str]] = {
                         f"/ 3.6 / 4.1 / 4.2 ({_LONG})",
         "train.long_share": f"half of each batch from the long answers, where parallel filling is learned ({_LONG})",
         "train.targets": f"the AR base's own answers: the stages learn to draft what the base will accept ({_LONG})",
-        "decode.draft": "the first step drafts the whole block, then adapts from 8: a B32 drafter's opening drafts "
-                        "run 26–31 tokens, the later ones about 8 (docs/decoding.md, An answer's opening)",
+        "decode.draft": "the first step drafts the whole block, then adapts from 8: B32 drafters' opening drafts "
+                        "run 18–31 tokens, the later ones about 8 (docs/decoding.md, An answer's opening)",
         "gate.drafter": f"the stages lose 6–9 points of mcq in their own answers at this rate; as the base's drafters "
                         f"they answer as the base does ({_LONG})",
         "gate.min_tpf": f"under each stage's drafter TPF on world 11 (1.98 / 3.57 / 4.10 / 4.24) ({_LONG})",
