@@ -15,7 +15,7 @@ from pathlib import Path
 
 from bard_core import files
 from bard_core.config import EOS_TOKEN, MASK_TOKEN, DecodeConfig
-from bard_core.decode import TokenIds
+from bard_core.engine import TokenIds
 
 META = "bard.json"
 TRAINING_STATE = "optimizer.pt"

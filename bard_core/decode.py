@@ -21,104 +21,30 @@
    (and the cache) while the others continue. With ``finish_at_eos`` a row stops denoising its block
    as soon as every position up to a visible ``<|im_end|>`` is visible (the rest is discarded).
 
-``ar_generate_cached`` is the AR baseline in the same engine: same prefill, cache, batching and
-stop rule, one token per forward. Tokens are counted up to and including the first EOS; NFE
-counts every forward a row took part in (the prefill included, for both engines).
-
-Over 300 lines on purpose: both decoders share the prefill, the cache, batching and the stop rule, and a
-speed comparison is honest only while they do.
+The prompt batch, the cache, the stop rule and the AR baseline (``ar_generate_cached``, re-exported here)
+are `bard_core/engine.py`'s, shared with the speculative mode (`bard_core/speculative.py`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import torch
 
 from bard_core.config import DecodeConfig
+from bard_core.engine import (  # noqa: F401  (TokenIds, Generation, ar_generate_cached: re-exported for readers)
+    Generation,
+    TokenIds,
+    _Context,
+    _finished,
+    _forward,
+    _prompt_rows_mask,
+    _Rows,
+    _text_positions,
+    _truncate,
+    ar_generate_cached,
+)
 from bard_core.inputs import EncodedSample
-from bard_core.layout import rope_positions
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    mask: int | None  # None only for AR decoding of a model with no mask token (bard_core.checkpoint.token_ids)
-    eos: int
-    pad: int
-
-
-@dataclass
-class Generation:
-    token_ids: list[int]  # up to and including the first EOS (or max_new_tokens)
-    tokens: int
-    nfe: int
-    seconds: float
-    edits: int = 0
-    steps_per_block: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)  # speculative mode: drafted tokens accepted per step
-
-    @property
-    def tpf(self) -> float:
-        return self.tokens / max(1, self.nfe)
-
-
-def _truncate(cache, length: int) -> None:
-    """Drop cached K/V beyond `length` (denoising forwards never keep what they wrote)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
-
-
-class _Rows:
-    """Left-padded prompt batch: ids, M-RoPE positions, which cache slots are real, next text position."""
-
-    def __init__(self, model, prompts: list[EncodedSample], pad_id: int):
-        lengths = [p.prompt_ids.numel() for p in prompts]
-        L = max(lengths)
-        n = len(prompts)
-        self.ids = torch.full((n, L), pad_id, dtype=torch.long)
-        self.types = torch.zeros(n, L, dtype=torch.long)
-        self.positions = torch.zeros(3, n, L, dtype=torch.long)
-        self.valid = torch.zeros(n, L, dtype=torch.bool)
-        self.next_pos = torch.zeros(n, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            pos = rope_positions(model, p.prompt_ids, p.prompt_mm_types, p.image_grid_thw)
-            s = L - lengths[i]
-            self.ids[i, s:], self.types[i, s:], self.positions[:, i, s:] = p.prompt_ids, p.prompt_mm_types, pos
-            self.valid[i, s:] = True
-            self.next_pos[i] = int(pos.max()) + 1
-        pixels = [p.pixel_values for p in prompts if p.pixel_values is not None]
-        grids = [p.image_grid_thw for p in prompts if p.image_grid_thw is not None]
-        self.pixel_values = torch.cat(pixels) if pixels else None
-        self.image_grid_thw = torch.cat(grids) if grids else None
-
-
-def _prompt_rows_mask(valid: torch.Tensor) -> torch.Tensor:
-    """[N, L, L] causal over real prompt tokens; a left-pad row sees only itself."""
-    L = valid.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool).tril()
-    mask = causal[None] & valid[:, None, :] & valid[:, :, None]
-    return mask | (torch.eye(L, dtype=torch.bool)[None] & ~valid[:, :, None])
-
-
-def _forward(model, cache, ids, positions, cache_valid, new_mask, device, pixel_values=None, image_grid_thw=None,
-             mm_types=None):
-    """One forward of `ids` [N, q] on top of `cache`; `new_mask` [N, q, q] is the mask among the new tokens."""
-    n, q = ids.shape
-    past = cache_valid[:, None, :].expand(n, q, cache_valid.shape[1])
-    mask = torch.cat([past, new_mask], dim=2)[:, None]
-    if pixel_values is not None:  # the prompts' images are CPU tensors
-        pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
-    out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                      cache=cache, use_cache=cache is not None, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                      mm_token_type_ids=(mm_types if mm_types is not None else torch.zeros_like(ids)).to(device))
-    return out.last_hidden_state
-
-
-def _text_positions(start: torch.Tensor, q: int) -> torch.Tensor:
-    pos = start[:, None] + torch.arange(q)[None, :]
-    return pos[None].expand(3, -1, -1).clone()
 
 
 def _pick(logits: torch.Tensor, cfg: DecodeConfig, mask_id: int, generator,
@@ -145,37 +71,6 @@ def _pick(logits: torch.Tensor, cfg: DecodeConfig, mask_id: int, generator,
     flat = probs.reshape(-1, probs.shape[-1])
     token = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
     return token, probs.gather(-1, token[..., None])[..., 0]
-
-
-@dataclass
-class _Context:
-    """Tokens that must precede the current block in the next forward but are not in the cache:
-    the prompt before the first forward, a finished block awaiting its (fused) commit, or — without
-    a cache — everything committed so far. ``mask`` [N, C, C] is their mask among themselves."""
-
-    ids: torch.Tensor
-    positions: torch.Tensor
-    types: torch.Tensor
-    valid: torch.Tensor
-    mask: torch.Tensor
-
-    def select(self, keep: torch.Tensor) -> _Context:
-        return _Context(self.ids[keep], self.positions[:, keep], self.types[keep], self.valid[keep], self.mask[keep])
-
-    def then(self, block: torch.Tensor, positions: torch.Tensor) -> _Context:
-        """This context followed by a committed block (block rows: all valid context + their own block)."""
-        m, c, B = self.ids.shape[0], self.ids.shape[1], block.shape[1]
-        top = torch.cat([self.mask, torch.zeros(m, c, B, dtype=torch.bool)], dim=2)
-        bottom = torch.cat([self.valid[:, None, :].expand(m, B, c), torch.ones(m, B, B, dtype=torch.bool)], dim=2)
-        return _Context(torch.cat([self.ids, block], 1), torch.cat([self.positions, positions], 2),
-                        torch.cat([self.types, torch.zeros_like(block)], 1),
-                        torch.cat([self.valid, torch.ones_like(block, dtype=torch.bool)], 1), torch.cat([top, bottom], 1))
-
-    @staticmethod
-    def block(block: torch.Tensor, positions: torch.Tensor) -> _Context:
-        m, B = block.shape
-        return _Context(block, positions, torch.zeros_like(block), torch.ones(m, B, dtype=torch.bool),
-                        torch.ones(m, B, B, dtype=torch.bool))
 
 
 def _accept(conf, masked, cfg: DecodeConfig, last_step: bool) -> torch.Tensor:
@@ -317,60 +212,3 @@ def _select_images(prompts: list[EncodedSample], rows: torch.Tensor):
     return (torch.cat(pixels) if pixels else None), (torch.cat(grids) if grids else None)
 
 
-def _finished(out: list[Generation], eos: int, limit: int, start: float) -> list[Generation]:
-    """Every answer cut after its first EOS (and at `limit`), its token count, and — for rows that never
-    finished — the time they ran."""
-    for g in out:
-        if eos in g.token_ids:
-            g.token_ids = g.token_ids[: g.token_ids.index(eos) + 1]
-        g.token_ids = g.token_ids[:limit]
-        g.tokens = len(g.token_ids)
-        if g.seconds == 0.0:
-            g.seconds = time.perf_counter() - start
-    return out
-
-
-@torch.no_grad()
-def ar_generate_cached(model, prompts: list[EncodedSample], max_new_tokens: int, ids: TokenIds) -> list[Generation]:
-    """The AR baseline: greedy next-token decoding with a KV cache, one token per forward."""
-    from transformers import DynamicCache
-
-    model.eval()
-    device = next(model.parameters()).device
-    rows = _Rows(model, prompts, ids.pad)
-    n = len(prompts)
-    out = [Generation([], 0, 0, 0.0) for _ in range(n)]
-    cache = DynamicCache(config=model.config.get_text_config())
-    start = time.perf_counter()
-    h = _forward(model, cache, rows.ids, rows.positions, torch.zeros(n, 0, dtype=torch.bool),
-                 _prompt_rows_mask(rows.valid), device, rows.pixel_values, rows.image_grid_thw, rows.types)
-    kept_valid = rows.valid.clone()
-    active, next_pos = torch.arange(n), rows.next_pos.clone()
-    last = h[:, -1]
-    while True:
-        logits = model.lm_head(last).float()
-        if ids.mask is not None:
-            logits[:, ids.mask] = float("-inf")
-        token = logits.argmax(dim=-1).cpu()
-        for i, t in enumerate(token.tolist()):
-            g = out[int(active[i])]
-            g.token_ids.append(t)
-            g.nfe += 1
-        done = torch.tensor([t == ids.eos or len(out[int(active[i])].token_ids) >= max_new_tokens
-                             for i, t in enumerate(token.tolist())])
-        now = time.perf_counter() - start
-        for i in torch.nonzero(done).flatten().tolist():
-            out[int(active[i])].seconds = now
-        keep = torch.nonzero(~done).flatten()
-        if keep.numel() == 0:
-            break
-        if keep.numel() < active.numel():
-            cache.batch_select_indices(keep.to(device))
-            kept_valid, token, next_pos, active = kept_valid[keep], token[keep], next_pos[keep], active[keep]
-        m = active.numel()
-        h = _forward(model, cache, token[:, None], _text_positions(next_pos, 1), kept_valid,
-                     torch.ones(m, 1, 1, dtype=torch.bool), device)
-        kept_valid = torch.cat([kept_valid, torch.ones(m, 1, dtype=torch.bool)], dim=1)
-        next_pos = next_pos + 1
-        last = h[:, -1]
-    return _finished(out, ids.eos, max_new_tokens, start)

@@ -11,7 +11,7 @@ missing item, a NaN score or a missing speed figure fails; it never passes.
 speculative mode): of the settings that pass, the one with the most tokens per forward (ties: the higher
 threshold) is promoted with its decode setting. ``setting(decode)`` names a setting for people and reports.
 
-Standard library only (flows and refs import it).
+Standard library only (flows import it).
 """
 
 from __future__ import annotations

@@ -8,7 +8,6 @@ directories written atomically (temp dir, then rename) with ``bard_model.json`` 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import random
@@ -19,7 +18,7 @@ import torch
 
 from bard_core.checkpoint import save_checkpoint, token_ids
 from bard_core.config import ModelConfig, TrainConfig
-from bard_core.decode import ar_generate_cached
+from bard_core.engine import ar_generate_cached
 from bard_core.inputs import encode_prompt, encode_sample
 from bard_core.layout import ar_batch
 from bard_core.shapes import metrics, world
@@ -27,11 +26,6 @@ from bard_core.shapes.data import FORMATS, conversations
 from bard_core.train import build_optimizer, train_step
 
 TARGETS = {"short": 0.95, "extract_f1": 0.90, "extract_em": 0.60}
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def eval_set(seed: int, per_family: int) -> list[tuple[str, dict, str]]:
@@ -85,7 +79,7 @@ def pretrain_tiny(out: str | Path, minutes: float | None = None, cfg: ModelConfi
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from bard_core.tiny import build_model, build_processor
+    from bard_core.tiny import build_model, build_processor, tokenizer_fingerprint
 
     if (minutes is None) == (steps is None):
         raise ValueError("pretrain_tiny: give exactly one budget, minutes or steps")

@@ -33,7 +33,7 @@ import time
 import torch
 
 from bard_core.config import DecodeConfig
-from bard_core.decode import (
+from bard_core.engine import (
     Generation,
     TokenIds,
     _Context,

@@ -6,6 +6,7 @@ offline after ``import bard_core``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -53,6 +54,11 @@ def build_tokenizer(vocab_size: int, with_mask: bool = True) -> PreTrainedTokeni
     if with_mask:
         fast.mask_token = MASK_TOKEN
     return fast
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
 
 
 def build_image_processor(cfg: ModelConfig) -> Qwen2VLImageProcessor:

@@ -19,7 +19,8 @@ import time
 import torch
 
 from bard_core.config import DecodeConfig
-from bard_core.decode import TokenIds, _forward, _truncate, ar_generate_cached, generate
+from bard_core.decode import generate
+from bard_core.engine import TokenIds, _forward, _truncate, ar_generate_cached
 from bard_core.inputs import EncodedSample
 from benchmarks.layout_memory import build_model
 

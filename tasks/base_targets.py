@@ -92,7 +92,7 @@ class BaseTargets:
         import pyarrow as pa
         import torch
 
-        from bard_core.decode import ar_generate_cached
+        from bard_core.engine import ar_generate_cached
 
         messages = table.column("messages").to_pylist()
         target = [KEPT[4]] * len(messages)

@@ -45,7 +45,7 @@ from bard_core.curation.policy import (
 )
 from tasks.locks import locked
 from tasks.ray_session import init_ray
-from tasks.refs import DatasetRef, code_version
+from tasks.refs import EVAL_SETTINGS, DatasetRef, code_version
 from tasks.sources import check_source, open_stream, retry_on_hub_io, source_units
 
 KINDS = tuple(REQUIRED)  # the source kinds: one per schema
@@ -171,7 +171,7 @@ def _beyond_content(uri: str) -> str:
 def _fingerprint(sources: dict[str, str], benchmarks_dir: str | None, cfg: DataConfig, processor_path: str) -> str:
     from tasks.sources import path_digest, sources_digest
 
-    inputs = {"cfg": cfg.__dict__, "code": code_version("tasks.curate"), "data": sources_digest(sources),
+    inputs = {"cfg": cfg.__dict__, "code": code_version("tasks.curate", skip=EVAL_SETTINGS), "data": sources_digest(sources),
               "sources": {kind: _beyond_content(uri) for kind, uri in sources.items()},
               "benchmarks": path_digest(Path(benchmarks_dir)) if benchmarks_dir else None,
               "tokenizer": path_digest(Path(processor_path) / "tokenizer.json")}
@@ -294,7 +294,7 @@ def _curate(sources: dict[str, str], out: Path, cfg: DataConfig, processor_path:
             raise AssertionError(f"rows lost: {n_in} in, {n_kept} kept + {n_rej} rejected")
         timings["total_s"] = time.monotonic() - t0
         manifest = {
-            "fingerprint": fingerprint, "code_version": code_version("tasks.curate"), "sources": sources,
+            "fingerprint": fingerprint, "code_version": code_version("tasks.curate", skip=EVAL_SETTINGS), "sources": sources,
             "benchmarks_dir": benchmarks_dir, "data_config": cfg.__dict__, "rows_in": n_in, "kept": n_kept,
             "rejected": n_rej, "rejected_by_reason": dict(sorted(reasons.items())), "duplicate_clusters": clusters,
             "per_source": {s: {"in": rows_in[s], "kept": kept_by_source.get(s, 0),

@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import bard_core.files as files  # a module path, as tests/test_layering.py reads imports
-from bard_core.gate import EvalReport, GateResult  # noqa: F401  (refs of the evaluate and gate tasks)
 
 _ROOT = Path(__file__).resolve().parents[1]
 _PACKAGES = ("bard_core", "tasks", "flows")  # the project's code, as importable package names
+# the decode and gate settings: no curated row or trained weight depends on them (their values are left out too)
+EVAL_SETTINGS = ("bard_core.config_eval",)
 
 
 def _without_prose(source: str) -> str:
@@ -59,9 +60,10 @@ def imported_modules(path: Path, name: str) -> set[str]:
     return found
 
 
-def code_modules(*entries: str, root: Path = _ROOT) -> list[str]:
+def code_modules(*entries: str, root: Path = _ROOT, skip: tuple[str, ...] = ()) -> list[str]:
     """The project modules that importing `entries` runs: their static imports, transitively, with every
-    package ``__init__`` on the way (the import statements of function bodies count: they run when called)."""
+    package ``__init__`` on the way (the import statements of function bodies count: they run when called).
+    `skip`: modules whose code cannot change the result; neither they nor what only they import are followed."""
     seen: dict[str, Path] = {}
     todo = list(entries)
     while todo:
@@ -69,7 +71,7 @@ def code_modules(*entries: str, root: Path = _ROOT) -> list[str]:
         parts = name.split(".")
         for i in range(1, len(parts) + 1):  # a module's packages are imported before it
             head = ".".join(parts[:i])
-            if head not in seen and (path := module_file(head, root)) is not None:
+            if head not in seen and head not in skip and (path := module_file(head, root)) is not None:
                 seen[head] = path
                 todo.extend(imported_modules(path, head))
     missing = [e for e in entries if e not in seen]
@@ -79,12 +81,12 @@ def code_modules(*entries: str, root: Path = _ROOT) -> list[str]:
 
 
 @functools.cache
-def code_version(*entries: str, root: Path = _ROOT) -> str:
-    """Hash of the code that `entries` run (`code_modules`): a change of that code changes the fingerprints
-    built on it (and so re-runs the cached curation or stages); a change of a comment or docstring does not,
-    nor a change of a module the entries never import (the report's code does not retrain a stage)."""
+def code_version(*entries: str, root: Path = _ROOT, skip: tuple[str, ...] = ()) -> str:
+    """Hash of the code that `entries` run (`code_modules`, less `skip`): a change of that code changes the
+    fingerprints built on it (and so re-runs the cached curation or stages); a change of a comment or docstring
+    does not, nor a change of a module the entries never import (the report's code does not retrain a stage)."""
     h = hashlib.sha256()
-    for name in code_modules(*entries, root=root):
+    for name in code_modules(*entries, root=root, skip=skip):
         h.update(name.encode())
         h.update(_without_prose(module_file(name, root).read_text()).encode())
     return h.hexdigest()[:12]

@@ -37,7 +37,7 @@ from bard_core.train_loop import as_dicts, plan
 from tasks.base_targets import BaseTargets
 from tasks.locks import locked
 from tasks.ray_session import init_ray
-from tasks.refs import CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
+from tasks.refs import EVAL_SETTINGS, CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
 from tasks.train_worker import train_loop_per_worker
 
 _DATASETS: dict = {}  # (driver's Ray worker id, data fingerprint) → materialized Dataset; one entry at most
@@ -101,9 +101,9 @@ def training_payload(recipe, block_size: int | None, objective: str = "diffusion
 
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
                       recipe_payload: str, objective: str, anchor: CheckpointRef | None = None) -> str:
+    code = code_version("tasks.train", skip=EVAL_SETTINGS)
     payload = json.dumps([data.fingerprint, init.fingerprint, block_size, teacher.fingerprint if teacher else None,
-                          recipe_payload, objective, code_version("tasks.train")] + ([anchor.fingerprint] if anchor else []),
-                         sort_keys=True)
+                          recipe_payload, objective, code] + ([anchor.fingerprint] if anchor else []), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 

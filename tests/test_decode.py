@@ -239,7 +239,7 @@ def test_label_shift_reads_block_token_zero_at_the_last_committed_position(real)
     cfg = DecodeConfig(block_size=4, mode="static", tokens_per_step=4, max_new_tokens=8, label_shift=True)
     (g,) = generate(model, prompts[:1], cfg, ids)
     # recompute with an uncached forward over [prompt ‖ block 0] and read the last position
-    from bard_core.decode import _Context, _forward, _prompt_rows_mask, _Rows, _text_positions
+    from bard_core.engine import _Context, _forward, _prompt_rows_mask, _Rows, _text_positions
     rows = _Rows(model, prompts[:1], ids.pad)
     ctx = _Context(rows.ids, rows.positions, rows.types, rows.valid, _prompt_rows_mask(rows.valid))
     block0 = torch.tensor([g.token_ids[:4]])

@@ -163,16 +163,23 @@ def test_the_code_version_covers_what_an_entry_imports_and_nothing_else(tmp_path
         before = version()
     with pytest.raises(ValueError, match="no project module tasks.gone"):
         code_modules("tasks.gone", root=tmp_path)
+    # a skipped module is not followed: what only it imports is left out, what others import too is kept
+    (tmp_path / "tasks/helper.py").write_text("from tasks import other\nfrom bard_core import reg\n")
+    assert code_modules("tasks.train", root=tmp_path, skip=("tasks.helper",)) == [
+        "bard_core", "bard_core.reg", "bard_core.sub", "bard_core.sub.deep", "tasks", "tasks.train"]
 
 
-def test_a_change_to_reports_or_ablation_code_keeps_the_cached_curation_and_stages():
-    from tasks.refs import code_modules
+def test_a_change_to_reports_decoders_gates_or_ablation_code_keeps_the_cached_curation_and_stages():
+    from tasks.refs import EVAL_SETTINGS, code_modules
 
-    stage, curation = code_modules("tasks.train"), code_modules("tasks.curate")
+    # the modules tasks/train.py and tasks/curate.py fingerprint
+    stage, curation = code_modules("tasks.train", skip=EVAL_SETTINGS), code_modules("tasks.curate", skip=EVAL_SETTINGS)
     for trains in ("tasks.train_worker", "bard_core.train", "bard_core.layout", "bard_core.noise", "bard_core.losses",
-                   "bard_core.masks", "tasks.base_targets", "bard_core.processor"):
+                   "bard_core.masks", "tasks.base_targets", "bard_core.processor", "bard_core.config",
+                   "bard_core.engine"):  # the AR decoding of the base's answers as targets
         assert trains in stage
     for builds in ("bard_core.curation.filters", "bard_core.curation.dedup", "tasks.sources"):
         assert builds in curation
-    for reads in ("tasks.report", "tasks.ablation_report", "bard_core.ablations", "flows.pipeline"):
+    for reads in ("tasks.report", "tasks.ablation_report", "bard_core.ablations", "flows.pipeline", "bard_core.decode",
+                  "bard_core.speculative", "bard_core.gate", "bard_core.config_eval", "bard_core.pretrain"):
         assert reads not in stage and reads not in curation

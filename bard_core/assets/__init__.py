@@ -22,9 +22,8 @@ def shipped_base() -> Path:
 def check_shipped_base(path: Path | None = None) -> dict:
     """The base's bard_model.json, after checking it belongs to this world and tokenizer (ValueError if not)."""
     from bard_core.config import ModelConfig
-    from bard_core.pretrain import tokenizer_fingerprint
     from bard_core.shapes import world
-    from bard_core.tiny import build_tokenizer
+    from bard_core.tiny import build_tokenizer, tokenizer_fingerprint
 
     path = path or shipped_base()
     info = json.loads((path / "bard_model.json").read_text())
