@@ -46,7 +46,8 @@ def main() -> None:
     drafts = args.drafts.split(",")
     rules = (args.rules or "off,after_full,always").split(",")
     bad = [d for d in drafts if d not in DRAFT_WIDTHS] + [r for r in rules if r not in ("off", "after_full", "always")]
-    rules = ["drafter"] if args.verifier else rules
+    if args.verifier:  # the two-model path has no look-ahead to choose: one row per draft width
+        rules = ["drafter"]
     if bad or args.items < 1 or args.repeats < 1 or args.batch < 1:
         parser.error(f"unknown draft/rule {bad}" if bad else "--items, --repeats and --batch must be positive")
     model, processor, meta = checkpoint.load(args.checkpoint)
@@ -89,9 +90,10 @@ def main() -> None:
           f"batch {args.batch}, {torch.get_num_threads()} threads)")
     for name, r in rows.items():
         print(f"{name:<26} {r['tpf']:>5.2f} {r['tok_s']:>7.0f} {r['x_ar']:>5.2f} {r['same_as_ar']:>5.2f}")
-    for name in [n for n in runs if n != "ar"] if args.trace else []:
-        print(f"{name}: drafts accepted per step, first {args.trace} prompts: "
-              + " / ".join(", ".join(map(str, a)) for a in steps[name][:args.trace]))
+    if args.trace:
+        for name in (n for n in runs if n != "ar"):
+            print(f"{name}: drafts accepted per step, first {args.trace} prompts: "
+                  + " / ".join(", ".join(map(str, a)) for a in steps[name][:args.trace]))
     print(json.dumps({"checkpoint": args.checkpoint, "verifier": args.verifier, "items": args.items,
                       "repeats": args.repeats,
                       "batch": args.batch, "rows": rows}))
