@@ -53,12 +53,16 @@ def _greedy(model, h: torch.Tensor, mask_id: int) -> torch.Tensor:
     return logits.argmax(dim=-1).cpu()
 
 
-def _draft(model, h: torch.Tensor, c: int, B: int, cfg: DecodeConfig, mask_id: int) -> torch.Tensor:
-    """B drafted tokens from a ``[ctx ‖ B masks]`` forward: the first read at ctx's last (causal) position, the
-    others at the masks (label shift as the checkpoint was trained: token j read at position j−1)."""
-    read = torch.cat([h[:, c - 1:c], h[:, c:c + B - 1]], 1) if cfg.label_shift else \
+def draft_states(h: torch.Tensor, c: int, B: int, label_shift: bool) -> torch.Tensor:
+    """The hidden states B drafted tokens are read from, after a ``[ctx ‖ B masks]`` forward: the first at ctx's
+    last (causal) position, the others at the masks (label shift as the checkpoint was trained: token j read at
+    position j−1)."""
+    return torch.cat([h[:, c - 1:c], h[:, c:c + B - 1]], 1) if label_shift else \
         torch.cat([h[:, c - 1:c], h[:, c + 1:c + B]], 1)
-    return _greedy(model, read, mask_id)
+
+
+def _draft(model, h: torch.Tensor, c: int, B: int, cfg: DecodeConfig, mask_id: int) -> torch.Tensor:
+    return _greedy(model, draft_states(h, c, B, cfg.label_shift), mask_id)
 
 
 def _next_width(width: int, gained: torch.Tensor, B: int, draft: str, first: bool = False) -> int:
