@@ -1,4 +1,4 @@
-"""Decoding engine: block-diffusion decoding and the AR baseline, batched, on one KV cache (METHOD.md §6).
+"""Block-diffusion decoding, batched, on one KV cache (METHOD.md §6); the AR baseline beside it (`engine.py`).
 
 ``generate(model, prompts, cfg, ids)`` decodes a batch of prompts block by block:
 

@@ -22,7 +22,7 @@ forward also carries B masks that see every drafted token; when every row accept
 next step's drafts (after the bonus) and its draft forward is skipped (``look_ahead="always"``: in every step,
 the rule before 2026-12-07). With another model as verifier (the AR base), see `_with_verifier`.
 
-With greedy decoding the output is the verifier's `decode.ar_generate_cached` answer token for token, up to
+With greedy decoding the output is the verifier's `engine.ar_generate_cached` answer token for token, up to
 ties that floating-point summation order can break (docs/decoding.md "Lossless mode").
 """
 
