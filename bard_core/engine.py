@@ -83,8 +83,9 @@ def _prompt_rows_mask(valid: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(model, cache, ids, positions, cache_valid, new_mask, device, pixel_values=None, image_grid_thw=None,
-             mm_types=None):
-    """One forward of `ids` [N, q] on top of `cache`; `new_mask` [N, q, q] is the mask among the new tokens."""
+             mm_types=None, encoded=None):
+    """One forward of `ids` [N, q] on top of `cache`; `new_mask` [N, q, q] is the mask among the new tokens.
+    `encoded`: the images already encoded (``get_image_features``), in place of `pixel_values`."""
     n, q = ids.shape
     past = cache_valid[:, None, :].expand(n, q, cache_valid.shape[1])
     mask = torch.cat([past, new_mask], dim=2)[:, None]
@@ -92,6 +93,7 @@ def _forward(model, cache, ids, positions, cache_valid, new_mask, device, pixel_
         pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
     out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                       cache=cache, use_cache=cache is not None, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                      mm_encoder_outputs=None if encoded is None else {"image": encoded},
                       mm_token_type_ids=(mm_types if mm_types is not None else torch.zeros_like(ids)).to(device))
     return out.last_hidden_state
 

@@ -176,12 +176,21 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
 
 
 @torch.no_grad()
+def _same_tower(a, b) -> bool:
+    """Whether two models' vision towers are the same weights (a stage trained with its tower frozen,
+    ``train.vision_lr_scale=0``, and its base)."""
+    sa, sb = a.model.visual.state_dict(), b.model.visual.state_dict()
+    return sa.keys() == sb.keys() and all(
+        sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device and torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeConfig,
                    ids: TokenIds) -> list[Generation]:
     """Two models, two caches: the drafter drafts B tokens (``[ctx_d ‖ B masks]``), the verifier checks all B
     in one causal forward (``[ctx_v ‖ drafts]``) and adds its bonus token; a accepted drafts give a + 1 tokens
     for 2 forwards. ``ctx_d`` is what the drafter has not seen yet (the accepted drafts and the bonus: ragged
-    per row, left-padded like a prompt batch), ``ctx_v`` the bonus."""
+    per row, left-padded like a prompt batch), ``ctx_v`` the bonus. Where both have one vision tower
+    (`_same_tower`), the prompts' images are encoded once, as AR decoding does."""
     from transformers import DynamicCache
 
     drafter.eval()
@@ -196,6 +205,10 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
     prompt_ctx = _Context(rows.ids, rows.positions, rows.types, rows.valid, _prompt_rows_mask(rows.valid))
     ctx_d = ctx_v = prompt_ctx
     pixels, grids = rows.pixel_values, rows.image_grid_thw
+    encoded = None  # with one tower, the images are encoded once for both prompt forwards
+    if pixels is not None and _same_tower(drafter, verifier):
+        encoded = verifier.model.get_image_features(pixels.to(device), grids.to(device), return_dict=True)
+        pixels = None
     next_pos = rows.next_pos.clone()
     W, first = (B if cfg.draft in ("block", "wide") else min(B, 8)), True  # this step's draft width
     start = time.perf_counter()
@@ -204,15 +217,17 @@ def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeC
         draft_pos = _text_positions(next_pos, W)
         c = ctx_d.ids.shape[1]
         new = ctx_d.then(torch.full((m, W), ids.mask, dtype=torch.long), draft_pos)
-        h = _forward(drafter, caches[0], new.ids, new.positions, valid[0], new.mask, device, pixels, grids, new.types)
+        h = _forward(drafter, caches[0], new.ids, new.positions, valid[0], new.mask, device, pixels, grids, new.types,
+                     encoded)
         valid[0] = torch.cat([valid[0], ctx_d.valid], dim=1)
         _truncate(caches[0], valid[0].shape[1])
         draft = _draft(drafter, h, c, W, cfg, ids.mask)
         cv = ctx_v.ids.shape[1]
         new = ctx_v.then(draft, draft_pos)
         causal = new.mask & torch.ones_like(new.mask).tril()  # the drafts causal too: an AR forward
-        hv = _forward(verifier, caches[1], new.ids, new.positions, valid[1], causal, device, pixels, grids, new.types)
-        pixels = grids = None
+        hv = _forward(verifier, caches[1], new.ids, new.positions, valid[1], causal, device, pixels, grids, new.types,
+                      encoded)
+        pixels = grids = encoded = None
         predicted = _greedy(verifier, hv[:, cv - 1:], ids.mask)  # [m, W+1]: the token at next_pos + j
         accepted = (draft == predicted[:, :W]).long().cumprod(dim=1).sum(dim=1)
         valid[1] = torch.cat([valid[1], ctx_v.valid, torch.arange(W)[None, :] < accepted[:, None]], dim=1)

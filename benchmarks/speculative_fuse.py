@@ -2,7 +2,7 @@
 default —, in every step) and the draft width (the block, or adaptive); long answers (shapes extract).
 
     python -m benchmarks.speculative_fuse --checkpoint STAGE_DIR [--items 24] [--repeats 2] [--blocks 4,8]
-        [--drafts block,adaptive] [--rules off,after_full,always] [--batch 1] [--verifier AR_DIR]
+        [--drafts block,adaptive] [--rules off,after_full,always] [--batch 1] [--verifier AR_DIR [--images-twice]]
 
 With ``--verifier`` the stage drafts and that AR model verifies (the two-model path, ``gate.drafter``): AR is the
 verifier's own decoding, and there is no look-ahead to set (one row per block and draft).
@@ -19,12 +19,22 @@ import time
 
 import torch
 
-from bard_core import checkpoint
+from bard_core import checkpoint, speculative
 from bard_core.config import DRAFT_WIDTHS, DecodeConfig
 from bard_core.decode import ar_generate_cached
 from bard_core.inputs import encode_sample
 from bard_core.shapes.data import conversations
 from bard_core.speculative import speculative_generate
+
+
+def _each_model_encodes(run, batch):
+    """`run(batch)` with the drafter and the verifier encoding the prompts' images each (`--images-twice`)."""
+    shared = speculative._same_tower
+    speculative._same_tower = lambda a, b: False
+    try:
+        return run(batch)
+    finally:
+        speculative._same_tower = shared
 
 
 def main() -> None:
@@ -40,9 +50,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="prompts decoded together")
     parser.add_argument("--max-new-tokens", type=int, default=96)
     parser.add_argument("--trace", type=int, default=0, help="print the drafts accepted per step for this many prompts")
+    parser.add_argument("--images-twice", action="store_true",
+                        help="with --verifier: each row again with each model encoding the images (no shared tower)")
     args = parser.parse_args()
     if args.verifier and args.rules:
         parser.error("--rules sets the look-ahead of a stage verifying itself; with --verifier there is none")
+    if args.images_twice and not args.verifier:
+        parser.error("--images-twice compares the two-model path's image encoding: it needs --verifier")
     drafts = args.drafts.split(",")
     rules = (args.rules or "off,after_full,always").split(",")
     bad = [d for d in drafts if d not in DRAFT_WIDTHS] + [r for r in rules if r not in ("off", "after_full", "always")]
@@ -67,6 +81,9 @@ def main() -> None:
                 runs[f"B{B} {draft} {rule}"] = (lambda c, f, r: lambda b: speculative_generate(
                     model, b, c, ids, verifier=verifier, fuse=f, look_ahead=r))(
                         cfg, rule != "off", "always" if rule == "always" else "after_full")
+    if args.images_twice:  # each drafter row again, as before the drafter and verifier shared one image encoding
+        for name in [n for n in runs if n != "ar"]:
+            runs[f"{name} images twice"] = (lambda run: lambda b: _each_model_encodes(run, b))(runs[name])
     batches = [prompts[i:i + args.batch] for i in range(0, len(prompts), args.batch)]
     totals = {name: [0, 0, 0.0] for name in runs}
     answers: dict[str, list] = {name: [] for name in runs}

@@ -151,6 +151,46 @@ def test_with_a_separate_verifier_the_output_is_the_verifiers_greedy_answer(tiny
     assert [g.token_ids for g in same] == ar and sum(a for g in same for a in g.accepted) > 0
 
 
+def test_a_drafter_with_the_verifiers_vision_tower_shares_its_image_encoding(tiny_model_dir):
+    """A stage trained with a frozen tower sees the images as its base does: the prompts' images are encoded
+    once for both models (as AR decoding encodes them once); another tower encodes its own. Either way the
+    answer is the verifier's."""
+    import copy
+    from collections import Counter
+
+    from bard_core import checkpoint
+    from bard_core.assets import shipped_base
+    from bard_core.speculative import _same_tower
+
+    verifier, processor, _ = checkpoint.load(shipped_base())
+    same_tower = copy.deepcopy(verifier)  # another language model on the base's tower
+    with torch.no_grad():
+        for w in same_tower.model.language_model.parameters():
+            w.mul_(0.9)
+    other_tower = checkpoint.load(tiny_model_dir)[0]
+    tok = processor.tokenizer
+    ids = TokenIds(mask=tok.convert_tokens_to_ids("<|mask|>"), eos=tok.eos_token_id, pad=tok.pad_token_id)
+    prompts = _shapes_and_random_prompts(processor, n_random=1)  # six with an image, one without
+    ar = [g.token_ids for g in ar_generate_cached(verifier, prompts, 24, ids)]
+    cfg = DecodeConfig(block_size=8, mode="speculative", max_new_tokens=24)
+    calls = Counter()  # vision tower forwards per model
+
+    def counting(name):
+        return lambda *_: calls.update([name])
+
+    for drafter, shared in ((same_tower, True), (other_tower, False)):
+        assert _same_tower(drafter, verifier) is shared
+        calls.clear()
+        hooks = [drafter.model.visual.register_forward_hook(counting("drafter")),
+                 verifier.model.visual.register_forward_hook(counting("verifier"))]
+        try:
+            assert [g.token_ids for g in generate(drafter, prompts, cfg, ids, verifier=verifier)] == ar
+        finally:
+            for h in hooks:
+                h.remove()
+        assert dict(calls) == ({"verifier": 1} if shared else {"drafter": 1, "verifier": 1})
+
+
 def test_speculative_refuses_sampling_and_a_model_without_mask():
     from bard_core.speculative import speculative_generate
 
@@ -265,15 +305,19 @@ def test_speculative_fuse_benchmark_runs_every_setting_side_by_side():
     bad = bench("--drafts", "narrow")
     assert bad.returncode == 2 and "narrow" in bad.stderr
     # the two-model path (the base drafting for a copy of itself): the verifier's AR answers, item for item
-    two = bench("--blocks", "4", "--drafts", "block", "--verifier", str(shipped_base()), "--trace", "2")
+    two = bench("--blocks", "4", "--drafts", "block", "--verifier", str(shipped_base()), "--trace", "2",
+                "--images-twice")
     assert two.returncode == 0, two.stderr[-2000:]
     rows = json.loads(two.stdout.strip().splitlines()[-1])["rows"]
-    assert set(rows) == {"ar", "B4 block drafter"} and rows["B4 block drafter"]["same_as_ar"] == 1.0
+    assert set(rows) == {"ar", "B4 block drafter", "B4 block drafter images twice"}
+    assert rows["B4 block drafter"]["same_as_ar"] == rows["B4 block drafter images twice"]["same_as_ar"] == 1.0
     assert rows["B4 block drafter"]["tpf"] >= 1.0  # the first draft is exact: one token and the bonus a step
     trace = [line for line in two.stdout.splitlines() if line.startswith("B4 block drafter: drafts accepted")]
     assert len(trace) == 1 and trace[0].count(" / ") == 1  # two prompts' steps
     both = bench("--verifier", str(shipped_base()), "--rules", "off")
     assert both.returncode == 2 and "--verifier" in both.stderr
+    alone = bench("--images-twice")
+    assert alone.returncode == 2 and "--verifier" in alone.stderr
 
 
 def test_draft_tree_simulation_follows_the_engine_and_its_branches():
