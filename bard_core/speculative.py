@@ -175,7 +175,6 @@ def speculative_generate(model, prompts: list[EncodedSample], cfg: DecodeConfig,
     return _finished(out, ids.eos, cfg.max_new_tokens, start)
 
 
-@torch.no_grad()
 def _same_tower(a, b) -> bool:
     """Whether two models' vision towers are the same weights (a stage trained with its tower frozen,
     ``train.vision_lr_scale=0``, and its base)."""
@@ -184,6 +183,7 @@ def _same_tower(a, b) -> bool:
         sa[k].dtype == sb[k].dtype and sa[k].device == sb[k].device and torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@torch.no_grad()
 def _with_verifier(drafter, verifier, prompts: list[EncodedSample], cfg: DecodeConfig,
                    ids: TokenIds) -> list[Generation]:
     """Two models, two caches: the drafter drafts B tokens (``[ctx_d ‖ B masks]``), the verifier checks all B
