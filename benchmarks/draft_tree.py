@@ -34,8 +34,8 @@ def drafter_top(drafter, prompt: EncodedSample, answer: list[int], B: int, ids, 
     rows = _Rows(drafter, [e], ids.pad)
     ctx = _Context(rows.ids, rows.positions, rows.types, rows.valid, _prompt_rows_mask(rows.valid))
     new = ctx.then(torch.full((1, B), ids.mask, dtype=torch.long), _text_positions(rows.next_pos, B))
-    h = _forward(drafter, None, new.ids, new.positions, torch.zeros(1, 0, dtype=torch.bool), new.mask, "cpu",
-                 rows.pixel_values, rows.image_grid_thw, new.types)
+    h = _forward(drafter, None, new.ids, new.positions, torch.zeros(1, 0, dtype=torch.bool), new.mask,
+                 next(drafter.parameters()).device, rows.pixel_values, rows.image_grid_thw, new.types)
     logits = drafter.lm_head(draft_states(h, ctx.ids.shape[1], B, label_shift)).float()[0]
     logits[:, ids.mask] = float("-inf")
     return logits.topk(k, dim=-1).indices, torch.softmax(logits, -1).max(-1).values
