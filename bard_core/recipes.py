@@ -49,7 +49,7 @@ def tiny_long() -> Recipe:
     return dataclasses.replace(
         base, name="tiny-long",
         noise=dataclasses.replace(base.noise, kind="mask", prefix_prob=0.0),
-        train=dataclasses.replace(base.train, long_share=0.5, targets="base",
+        train=dataclasses.replace(base.train, long_share=0.5,
                                   stages={4: {"merge_steps": 1500, "distill_steps": 0},
                                           8: {"merge_steps": 2500, "distill_steps": 0},
                                           16: {"merge_steps": 2000, "distill_steps": 0},
@@ -142,7 +142,6 @@ NOTES: dict[str, dict[str, str]] = {
         "train.stages": f"1,500 / 2,500 / 2,000 / 1,500 merge steps at 1e-3 (~35 min on 2 cores): as drafters TPF 2.0 "
                         f"/ 3.6 / 4.1 / 4.2 ({_LONG})",
         "train.long_share": f"half of each batch from the long answers, where parallel filling is learned ({_LONG})",
-        "train.targets": f"the AR base's own answers: the stages learn to draft what the base will accept ({_LONG})",
         "decode.draft": "the first step drafts the whole block, then adapts from 8: B32 drafters' opening drafts "
                         "run 18–31 tokens, the later ones about 8 (docs/decoding.md, An answer's opening)",
         "gate.drafter": f"the stages lose 6–9 points of mcq in their own answers at this rate; as the base's drafters "

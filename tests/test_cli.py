@@ -300,7 +300,7 @@ def test_the_benchmarks_chain_is_the_pipeline_flow_with_per_stage_steps_and_open
     long = chain_params(tmp_path, recipe="tiny-long", steps=[(6, 0)])  # the long profile, its noise kept
     assert long.recipe == "tiny-long" and long.block_sizes == [4]
     recipe = get_recipe("tiny-long", {**long.overrides, **long.stage_overrides[4]})
-    assert recipe.noise.kind == "mask" and recipe.train.targets == "base" and recipe.train.for_stage(4).merge_steps == 6
+    assert recipe.noise.kind == "mask" and recipe.train.targets == "data" and recipe.train.for_stage(4).merge_steps == 6
     assert recipe.gate.min_tpf == {} and recipe.gate.default_tolerance == 1 and recipe.gate.drafter
     assert get_recipe("tiny-long").train.for_stage(16).merge_steps == 2000  # the profile's own, without --steps
 

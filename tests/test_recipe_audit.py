@@ -61,7 +61,7 @@ def test_bard_recipe_prints_the_rows(capsys):
 def test_a_tiny_variant_keeps_the_tiny_recipes_reasons_only_where_it_keeps_its_values():
     rows = {r["setting"]: r for r in explain(get_recipe("tiny-long"))}
     assert rows["decode.fallback"]["why"] == "as the tiny recipe: " + NOTES["tiny"]["decode.fallback"]
-    assert rows["train.targets"]["why"] == NOTES["tiny-long"]["train.targets"]  # its own value, its own reason
+    assert rows["decode.draft"]["why"] == NOTES["tiny-long"]["decode.draft"]  # its own value, its own reason
     # a changed value never borrows the tiny recipe's reason, and a Qwen3-VL recipe never inherits one
     changed = {r["setting"]: r for r in explain(get_recipe("tiny-long", {"decode.fallback": "confident"}),
                                                 get_recipe("tiny-long"))}
