@@ -130,6 +130,7 @@ class Comparison:
     # the largest relative TPF difference of a pair; None: at the gate's thresholds
     thresholds: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     speed_gap: float = 0.0
+    measure: str = "score"  # "score": gain in points of mean score; "tpf": in percent of TPF (`compare_speed`)
 
     @property
     def equal_budget(self) -> bool:
@@ -147,6 +148,11 @@ class Comparison:
 
     def sentence(self) -> str:
         v = VARIANTS[self.variant]
+        if self.measure == "tpf":
+            return (f"**{self.verdict}** — at the promoted lossless setting, where every answer is the verifier's, "
+                    f"reference vs `{self.variant}`: TPF {self.tpf[0]:.2f} vs {self.tpf[1]:.2f}, {self.gain:+.1f} ± "
+                    f"{self.se:.1f}% for the reference ({self.n} paired items of the speed benchmark, {self.seeds} "
+                    f"seed{'s' if self.seeds != 1 else ''})")
         if self.thresholds is not None:
             taus = ["/".join(dict.fromkeys(f"{t:g}" for t in side)) for side in self.thresholds]
             return (f"**{self.verdict}** — at equal speed, reference vs `{self.variant}`: {self.gain:+.1f} ± "
@@ -181,14 +187,50 @@ def compare(variant: str, reference: list[dict[str, float]], other: list[dict[st
         gains.append(mean)
         item_se.append(math.sqrt(var / len(diffs)))
         n = len(keys)
-    gain = sum(gains) / len(gains)
-    se = math.sqrt(sum(s * s for s in item_se) / len(item_se) / len(item_se))  # the mean's item noise
-    if len(gains) > 1:
-        spread = math.sqrt(sum((g - gain) ** 2 for g in gains) / (len(gains) - 1) / len(gains))
-        se = max(se, spread)
+    gain, se = _pooled(gains, item_se)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return Comparison(VARIANTS[variant].claim, variant, gain, se, len(gains), n or 0, (mean(tpf[0]), mean(tpf[1])),
                       (tuple(steps[0]), tuple(steps[1])))
+
+
+def _pooled(gains: list[float], item_se: list[float]) -> tuple[float, float]:
+    """The mean of per-seed gains and its standard error: the items' noise, or the spread over seeds if larger."""
+    gain = sum(gains) / len(gains)
+    se = math.sqrt(sum(s * s for s in item_se) / len(item_se) / len(item_se))
+    if len(gains) > 1:
+        se = max(se, math.sqrt(sum((g - gain) ** 2 for g in gains) / (len(gains) - 1) / len(gains)))
+    return gain, se
+
+
+def compare_speed(variant: str, reference: list[dict[str, tuple[int, int]]], other: list[dict[str, tuple[int, int]]],
+                  steps: tuple[list[int], list[int]]) -> Comparison:
+    """The comparison when both sides' promoted setting is lossless (answers the verifier's, so no score differs):
+    by speed. `reference`/`other`: per seed, speed-benchmark item → (tokens, forwards). Gain: the reference's TPF
+    over the variant's, in percent (positive: the reference is faster); its error by the delta method over the
+    paired items (docs/ablation.md, "A lossless setting is judged on speed")."""
+    if len(reference) != len(other) or not reference:
+        raise ValueError(f"{variant}: {len(other)} seeds against the reference's {len(reference)}")
+    if not len(steps[0]) == len(steps[1]) == len(reference):
+        raise ValueError(f"{variant}: step counts for {len(steps[0])} and {len(steps[1])} seeds, "
+                         f"forwards for {len(reference)}")
+    gains, item_se, tpf = [], [], ([], [])
+    for ref, oth in zip(reference, other):
+        keys = [k for k in ref if k in oth]
+        if len(keys) != len(ref) or len(keys) < 2:
+            raise ValueError(f"{variant}: {len(ref) - len(keys)} of the reference's {len(ref)} speed items are missing")
+        (tr, nr), (tv, nv) = ([sum(side[k][i] for k in keys) for i in (0, 1)] for side in (ref, oth))
+        scale = tr / tv  # 1 when both answer alike, as lossless settings with one verifier do
+        ratio = scale * nv / nr  # reference's TPF / variant's
+        resid = [scale * oth[k][1] - ratio * ref[k][1] for k in keys]
+        se = math.sqrt(sum(d * d for d in resid) * len(keys) / (len(keys) - 1)) / nr
+        gains.append(100 * (ratio - 1))
+        item_se.append(100 * se)
+        tpf[0].append(tr / nr)
+        tpf[1].append(tv / nv)
+    gain, se = _pooled(gains, item_se)
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    return Comparison(VARIANTS[variant].claim, variant, gain, se, len(gains), len(keys), (mean(tpf[0]), mean(tpf[1])),
+                      (tuple(steps[0]), tuple(steps[1])), measure="tpf")
 
 
 def at_equal_speed(variant: str, reference: list[list[dict]], other: list[list[dict]],

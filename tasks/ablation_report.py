@@ -14,38 +14,56 @@ import json
 import math
 from pathlib import Path
 
-from bard_core.ablations import CLAIMS, VARIANTS, at_equal_speed, compare
+from bard_core.ablations import CLAIMS, VARIANTS, at_equal_speed, compare, compare_speed
+from bard_core.gate import setting
 from tasks.report import chosen_entry
 
 SCHEMA = 1
+LOSSLESS = ("spec", "draft")  # settings whose answers are the verifier's (bard_core.gate.setting)
 
 
 def _point(eval_json: Path) -> dict:
-    """One decoding threshold of a final stage: its TPF on the speed benchmark, scores and per-item results."""
+    """One decoding setting of a final stage: its TPF on the speed benchmark, scores and per-item results."""
     e = json.loads(eval_json.read_text())
-    return {"threshold": e["decode"]["threshold"], "tpf": e["speed"]["tpf"], "scores": e["scores"],
-            "mean_score": sum(e["scores"].values()) / len(e["scores"]),
+    return {"threshold": e["decode"]["threshold"], "setting": setting(e["decode"]), "tpf": e["speed"]["tpf"],
+            "scores": e["scores"], "mean_score": sum(e["scores"].values()) / len(e["scores"]),
             "items": {f"{b}/{k}": v for b, values in e["items"].items() for k, v in values.items()}}
+
+
+def _forwards(eval_json: Path) -> dict[str, tuple[int, int]]:
+    """Per item of the speed benchmark: (tokens, forwards) as decoded (the samples beside `eval_json`)."""
+    bench = json.loads(eval_json.read_text())["speed"]["benchmark"]
+    rows = [json.loads(line) for line in (eval_json.parent / "samples" / f"{bench}.jsonl").read_text().splitlines()]
+    return {str(r["doc_id"]): (r["decode"]["tokens"], r["decode"]["nfe"]) for r in rows}
 
 
 def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = ()) -> dict:
     """One pipeline run of a variant: its final stage's scores, items, drops and speed; its training cost; its
-    `curve`: the final stage at the gate's thresholds (the chosen one first) and at `speed_taus`
-    (``speed/tau-X``, `flows.ablation.speed_points`), fastest last."""
+    `curve`: the final stage's own answers at the gate's thresholds (the chosen one first) and at `speed_taus`
+    (``speed/tau-X``, `flows.ablation.speed_points`), fastest last. When the gate chose a lossless setting
+    (``spec``/``draft``), the curve starts at the gate's highest threshold and `forwards` holds that setting's
+    per-item speed."""
     report = json.loads((Path(run_dir) / "report.json").read_text())
     if not report["stages"]:
         raise ValueError(f"{run_dir}: the run evaluated no stage")
     final = report["stages"][-1]
     chosen = chosen_entry(final)
-    gate = [_point(Path(e["samples"]).parent / "eval.json") for e in [chosen] + final["sweep"]
-            if e is chosen or (e.get("threshold") is not None and e["samples"] != chosen["samples"])]
+    name = lambda e: e.get("setting", setting({"threshold": e.get("threshold")}))  # noqa: E731
+    lossless = name(chosen) in LOSSLESS
+    top = _point(Path(chosen["samples"]).parent / "eval.json")
+    own = [_point(Path(e["samples"]).parent / "eval.json") for e in final["sweep"]
+           if name(e) not in LOSSLESS and e.get("threshold") is not None and e["samples"] != chosen["samples"]]
     more = [Path(run_dir) / "speed" / f"tau-{t:g}" / "eval.json" for t in speed_taus
-            if t not in {q["threshold"] for q in gate}]
+            if t not in {q["threshold"] for q in own + ([] if lossless else [top])}]
     missing = [str(f.parent) for f in more if not f.exists()]
     if missing:
         raise ValueError(f"{run_dir}: the final stage is not evaluated at {', '.join(missing)}")
-    curve = gate[:1] + sorted(gate[1:] + [_point(f) for f in more], key=lambda q: q["tpf"])
-    items = curve[0]["items"]
+    own = sorted(own, key=lambda q: -q["threshold"])
+    first = own[:1] if lossless else [top]
+    rest = own[1:] if lossless else own
+    curve = first + sorted(rest + [_point(f) for f in more], key=lambda q: q["tpf"])
+    forwards = _forwards(Path(chosen["samples"]).parent / "eval.json") if lossless else None
+    items = top["items"]
     steps, seconds = 0, 0.0
     for stage in report["stages"]:  # what training the variant took, whether this run trained it or found it cached
         meta = json.loads((Path(stage["checkpoint"]) / "bard.json").read_text())
@@ -64,6 +82,7 @@ def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = ()) -> di
             "max_drop_any_stage": max(every), "tpf": final["tpf"], "tok_s_batch1": chosen.get("tok_s_batch1"),
             "tok_s": chosen.get("tok_s"), "speedup_batch1": speedup.get("1"),
             "train_seconds": seconds, "steps": steps, "edits": edits, "curve": curve,
+            "setting": name(chosen), "forwards": forwards,
             "baseline": report["baseline"]["scores"]}
 
 
@@ -87,6 +106,7 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
         row["scores"] = {b: _mean_sd([r["scores"][b] for r in per_seed])[0] for b in per_seed[0]["scores"]}
         row["curve"] = _curve(per_seed)
         row["runs"] = [r["run"] for r in per_seed]
+        row["setting"] = per_seed[0]["setting"]
         rows.append(row)
     reference = runs["reference"]
     comparisons = []
@@ -100,7 +120,13 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
                             "tpf_reference": c.tpf[0], "tpf_variant": c.tpf[1], "equal_budget": c.equal_budget,
                             "verdict": c.verdict,
                             "sentence": c.sentence()})
-        if settings.get("speed_taus"):
+        lossless = all(r["forwards"] is not None for r in reference + per_seed)
+        if lossless:  # the scores at the promoted setting are the verifier's on both sides: judge the speed
+            v = compare_speed(name, [r["forwards"] for r in reference], [r["forwards"] for r in per_seed],
+                              ([r["steps"] for r in reference], [r["steps"] for r in per_seed]))
+            comparisons[-1]["speed"] = {"gain_percent": v.gain, "se": v.se, "n": v.n, "tpf_reference": v.tpf[0],
+                                        "tpf_variant": v.tpf[1], "verdict": v.verdict, "sentence": v.sentence()}
+        if (settings.get("speed_taus") or lossless) and all(r["curve"] for r in reference + per_seed):
             m = at_equal_speed(name, [r["curve"] for r in reference], [r["curve"] for r in per_seed],
                                ([r["steps"] for r in reference], [r["steps"] for r in per_seed]))
             comparisons[-1]["at_speed"] = {"gain": m.gain, "se": m.se, "tpf_reference": m.tpf[0],
@@ -160,10 +186,17 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
                         "also differs from the reference by one training seed's luck, which one seed cannot measure "
                         "(`--seeds 3`); a decoding-only variant decodes the reference's own weights, so for it the "
                         "items' error is the whole noise.", ""]
+    draft = sorted({r["setting"] for r in result["variants"] if r["setting"] in LOSSLESS})
+    if draft:  # docs/ablation.md, "A lossless setting is judged on speed"
+        lines[-2:-2] = [f"The gate promoted `{'`/`'.join(draft)}`: answers verified by the AR model, so the scores at "
+                        "the gate are the verifier's and no claim can differ in them; such a claim is judged on speed "
+                        "(the second line) and on the stages' own answers at equal speed (the third).", ""]
     for c in result["claims"]:
         lines.append(f"- *{c['statement']}*")
         for t in c["tests"]:
             lines.append(f"  - {t['sentence']}")
+            if "speed" in t:
+                lines.append(f"    - {t['speed']['sentence']}")
             if "at_speed" in t:
                 lines.append(f"    - {t['at_speed']['sentence']}")
     lines += ["", "## Variants", "",
@@ -182,9 +215,11 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
     lines += ["", "`edits`: tokens the correction step replaced in the final stage's answers to the whole suite "
               "(mean over seeds).", "",
               "Variants: " + "; ".join(f"`{r['variant']}`: {r['what']}" for r in result["variants"])]
-    if s.get("speed_taus"):  # docs/ablation.md, "At equal speed"
+    if s.get("speed_taus") or any("speed" in t for c in result["claims"] for t in c["tests"]):
+        # docs/ablation.md, "At equal speed"; with a lossless promoted setting the curve is the stages' own answers
         lines += ["", "## Speed and accuracy per decoding threshold", "",
-                  "Each variant's final stage at the gate's τ (first) and at the ablation's `speed_taus`; a claim's "
+                  "Each variant's final stage at the gate's τ (first; the highest τ when the gate promoted a lossless "
+                  "setting) and at the ablation's `speed_taus`; a claim's "
                   "comparison at equal speed keeps the faster side at its gate's τ and takes the slower side at "
                   "the τ of the nearest TPF.", "",
                   "| variant | τ | TPF | " + " | ".join(short) + " | mean |", "|---|---|---|" + "---|" * len(names) + "---|"]

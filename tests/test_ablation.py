@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from bard_core.ablations import VARIANTS, at_equal_speed, compare, plan, stage_steps
+from bard_core.ablations import VARIANTS, at_equal_speed, compare, compare_speed, plan, stage_steps
+from bard_core.gate import setting
 from bard_core.recipes import get_recipe
 
 
@@ -84,6 +85,94 @@ def test_verdicts_follow_the_paired_difference_and_its_noise():
     assert short.gain == held.gain and not short.equal_budget and short.verdict == "no verdict: unequal budget"
     assert "trained 1210, 420, 1210 steps against the reference's 1210, 1210, 1210" in short.sentence()
     assert compare("direct", ref, much_worse, tpf, steps).verdict == "held"
+
+
+def _forwards(nfe: list[int], tokens: int = 40) -> dict[str, tuple[int, int]]:
+    return {str(i): (tokens, n) for i, n in enumerate(nfe)}
+
+
+def test_a_lossless_setting_is_judged_by_its_paired_forwards():
+    rng = random.Random(2)
+    ref = [[rng.randint(6, 10) for _ in range(300)] for _ in range(2)]
+    steps = ([7500] * 2, [7500] * 2)
+    # the variant needs one more forward per item: the reference is faster by that share, well outside the noise
+    slower = compare_speed("direct", [_forwards(r) for r in ref], [_forwards([n + 1 for n in r]) for r in ref], steps)
+    expected = [100 * (sum(r) + len(r)) / sum(r) - 100 for r in ref]
+    assert slower.gain == pytest.approx(sum(expected) / 2) and slower.verdict == "held" and slower.measure == "tpf"
+    assert slower.tpf[0] == pytest.approx(sum(40 * 300 / sum(r) for r in ref) / 2) and slower.n == 300
+    assert "TPF" in slower.sentence() and "% for the reference (300 paired items of the speed benchmark, 2 seeds)" \
+        in slower.sentence()
+    # exactly twice the forwards on every item: +100%, no noise; the mirror image loses by half
+    double = compare_speed("direct", [_forwards(ref[0])], [_forwards([2 * n for n in ref[0]])], ([1], [1]))
+    assert double.gain == pytest.approx(100.0) and double.se == pytest.approx(0.0, abs=1e-9)
+    half = compare_speed("direct", [_forwards([2 * n for n in ref[0]])], [_forwards(ref[0])], ([1], [1]))
+    assert half.gain == pytest.approx(-50.0) and half.verdict == "did not hold"
+    # noise only: the variant's forwards shuffled among the items, the same total, inside the noise
+    shuffled = [rng.sample(r, len(r)) for r in ref]
+    same = compare_speed("direct", [_forwards(r) for r in ref], [_forwards(r) for r in shuffled], steps)
+    assert same.gain == pytest.approx(0.0, abs=1e-9) and same.se > 0 and same.verdict == "inside the noise"
+    # a few items a forward apart: a gain smaller than twice its error is no verdict either way
+    few = compare_speed("direct", [_forwards(ref[0][:20])], [_forwards([n + (i == 0) for i, n in
+                                                                         enumerate(ref[0][:20])])], ([1], [1]))
+    assert 0 < few.gain < 2 * few.se and few.verdict == "inside the noise"
+    with pytest.raises(ValueError, match="1 of the reference's 300 speed items are missing"):
+        compare_speed("direct", [_forwards(ref[0])], [_forwards(ref[0][:299])], ([1], [1]))
+    short = compare_speed("direct", [_forwards(r) for r in ref], [_forwards(r) for r in ref], ([7500] * 2, [7500, 1]))
+    assert short.verdict == "no verdict: unequal budget"
+
+
+def _eval(where, decode: dict, scores: dict, items: dict, nfe: list[int], tpf: float) -> dict:
+    """An evaluation as `tasks.evaluate` writes it: eval.json and the speed benchmark's samples."""
+    (where / "samples").mkdir(parents=True)
+    (where / "samples" / "shapes_extract.jsonl").write_text("".join(
+        json.dumps({"doc_id": i, "decode": {"tokens": 40, "nfe": n, "edits": 0}}) + "\n" for i, n in enumerate(nfe)))
+    (where / "eval.json").write_text(json.dumps({"decode": decode, "scores": scores, "items": items,
+                                                 "speed": {"benchmark": "shapes_extract", "tpf": tpf}}))
+    return {"setting": setting(decode), "threshold": decode["threshold"], "samples": str(where / "samples"),
+            "scores": scores, "tpf": tpf}
+
+
+def _lossless_run(root, name: str, nfe: list[int], own: list[float]) -> str:
+    """A finished run whose B32 gate promoted `draft` (answers: the AR base's, `nfe` forwards per extract item)
+    over its own answers at τ 0.9 (per-item scores `own`)."""
+    run = root / name
+    ckpt = run / "B32"
+    ckpt.mkdir(parents=True)
+    (ckpt / "bard.json").write_text(json.dumps({"phases": [{"steps": 7500}], "history": [{"step_s": 2.0}]}))
+    ar = {"shapes_extract": {str(i): 1.0 for i in range(len(nfe))}}
+    draft = {"engine": "speculative", "verifier": "base", "threshold": 0.9}
+    chosen = _eval(run / "eval" / "drafter", draft, {"shapes_extract": 1.0}, ar, nfe, 40 * len(nfe) / sum(nfe))
+    mine = {"shapes_extract": {str(i): v for i, v in enumerate(own)}}
+    tau = _eval(run / "eval" / "tau-0.9", {"threshold": 0.9}, {"shapes_extract": sum(own) / len(own)}, mine,
+                [4] * len(own), 10.0)
+    check = {"benchmark": "shapes_extract", "drop": 0.0, "se": 0.0}
+    (run / "report.json").write_text(json.dumps({"baseline": {"scores": {"shapes_extract": 1.0}}, "stages": [
+        {"block_size": 32, "checkpoint": str(ckpt), "decode": draft, "sweep": [tau, chosen], "checks": [check],
+         "tpf": chosen["tpf"]}]}))
+    return str(run)
+
+
+def test_a_run_that_promoted_a_lossless_setting_is_compared_on_speed_and_on_its_own_answers(tmp_path):
+    from tasks.ablation_report import ablation_json, ablation_markdown, run_summary
+
+    rng = random.Random(3)
+    nfe = [rng.randint(6, 10) for _ in range(200)]
+    reference = run_summary(_lossless_run(tmp_path, "reference-seed0", nfe, [1.0] * 200))
+    direct = run_summary(_lossless_run(tmp_path, "direct-seed0", [n + 2 for n in nfe], [float(i % 4 > 0) for i in
+                                                                                         range(200)]))
+    assert reference["setting"] == "draft" and reference["forwards"]["7"] == (40, nfe[7])
+    assert reference["tpf"] == pytest.approx(8000 / sum(nfe)) and reference["mean_score"] == 1.0  # the verifier's
+    assert [(q["setting"], q["tpf"]) for q in direct["curve"]] == [("τ=0.9", 10.0)]  # its own answers, not the draft
+    result = ablation_json({"reference": [reference], "direct": [direct]}, {"speed_taus": []})
+    (test,) = result["claims"][0]["tests"]
+    assert test["gain"] == 0.0 and test["verdict"] == "inside the noise"  # the same answers: no score can differ
+    assert test["speed"]["verdict"] == "held" and test["speed"]["gain_percent"] == pytest.approx(
+        100 * (sum(nfe) + 400) / sum(nfe) - 100)
+    assert test["at_speed"]["gain"] == pytest.approx(25.0) and test["at_speed"]["verdict"] == "held"  # own answers
+    text = ablation_markdown({**result, "settings": {"recipe": "tiny-long", "seeds": 1, "schedule": [32],
+                                                     "total_steps": 7500, "speed_taus": []}})
+    assert "The gate promoted `draft`" in text and test["speed"]["sentence"] in text
+    assert "| `direct` | 0.9 | 10.00 |" in text  # the curve of its own answers is shown
 
 
 def test_at_equal_speed_the_faster_side_stays_at_its_gate_point_and_the_slower_goes_as_fast():
