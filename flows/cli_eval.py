@@ -259,7 +259,9 @@ def cmd_gate(args) -> int:
               [f"GATE FAILED: {exc}", f"report: {exc.report}"])
         return 1
     where = result["promoted"]["uri"] if result["promoted"] else "not promoted (--no-promote)"
-    _emit(result, args.json, [f"gate {result['stage']} PASSED at threshold {result['decode'].get('threshold')}",
+    from bard_core.gate import setting
+
+    _emit(result, args.json, [f"gate {result['stage']} PASSED at {setting(result['decode'])}",
                               f"promoted: {where}", f"report: {result['report']}"])
     return 0
 
