@@ -45,6 +45,7 @@ from bard_core.engine import (  # noqa: F401  (TokenIds, Generation, ar_generate
     ar_generate_cached,
 )
 from bard_core.inputs import EncodedSample
+from bard_core.static_kv import new_cache
 
 
 def _pick(logits: torch.Tensor, cfg: DecodeConfig, mask_id: int, generator,
@@ -102,11 +103,11 @@ def _finish_at_eos(block: torch.Tensor, visible: torch.Tensor, eos: int) -> tupl
 
 @torch.no_grad()
 def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenIds, *, use_cache: bool = True,
-             fuse: bool = True, generator: torch.Generator | None = None, verifier=None) -> list[Generation]:
+             fuse: bool = True, generator: torch.Generator | None = None, verifier=None,
+             static: bool | None = None) -> list[Generation]:
     """Block-diffusion decoding of a batch of prompts (see module docstring); ``cfg.mode == "speculative"``:
-    the lossless mode, whose output is the greedy answer of `verifier` (default: these weights)."""
-    from transformers import DynamicCache
-
+    the lossless mode, whose output is the greedy answer of `verifier` (default: these weights). `static`: the
+    static cache and CUDA graphs (default: on CUDA; `bard_core/static_kv.py`)."""
     if ids.mask is None:
         raise ValueError("block-diffusion decoding needs a mask token id (bard.json token_ids or the recipe's "
                          "model.mask_token_id)")
@@ -122,7 +123,8 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
     n = len(prompts)
     out = [Generation([], 0, 0, 0.0) for _ in range(n)]
     active = torch.arange(n)  # original index of each live row
-    cache = DynamicCache(config=model.config.get_text_config()) if use_cache else None
+    blocks = -(-cfg.max_new_tokens // B)  # the cache holds the prompt and the committed blocks; a forward, 2B more
+    cache = new_cache(model, n, rows.ids.shape[1] + (blocks + 2) * B, static) if use_cache else None
     kept_valid = torch.zeros(n, 0, dtype=torch.bool)  # which cache slots are real tokens (not left padding)
     ctx: _Context | None = _Context(rows.ids, rows.positions, rows.types, rows.valid, _prompt_rows_mask(rows.valid))
     pixels, grids = rows.pixel_values, rows.image_grid_thw  # ride along while the prompt is in `ctx`
@@ -130,7 +132,7 @@ def generate(model, prompts: list[EncodedSample], cfg: DecodeConfig, ids: TokenI
     last_ctx = None  # hidden state of the last committed position (label-shift decoding reads it)
     start = time.perf_counter()
 
-    for _ in range(-(-cfg.max_new_tokens // B)):
+    for _ in range(blocks):
         m = active.numel()
         block = torch.full((m, B), ids.mask, dtype=torch.long)
         visible = torch.zeros(m, B, dtype=torch.bool)

@@ -19,6 +19,7 @@ import torch
 
 from bard_core.inputs import EncodedSample
 from bard_core.layout import rope_positions
+from bard_core.static_kv import StaticKV, new_cache
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,17 @@ class Generation:
     @property
     def tpf(self) -> float:
         return self.tokens / max(1, self.nfe)
+
+
+def decode_device(requested: str | None = None) -> torch.device:
+    """Where to decode: ``cuda`` when there is a GPU (``auto``/None), else the CPU; an asked-for device that is
+    not here is refused."""
+    if requested in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {requested}: no CUDA device on this machine")
+    return device
 
 
 def _truncate(cache, length: int) -> None:
@@ -89,6 +101,11 @@ def _forward(model, cache, ids, positions, cache_valid, new_mask, device, pixel_
     n, q = ids.shape
     past = cache_valid[:, None, :].expand(n, q, cache_valid.shape[1])
     mask = torch.cat([past, new_mask], dim=2)[:, None]
+    if isinstance(cache, StaticKV):  # a GPU's cache: fixed slots, graphed forwards (bard_core/static_kv.py)
+        return cache.forward(model, ids, positions, mask, device, pixel_values=pixel_values,
+                             image_grid_thw=image_grid_thw, mm_encoder_outputs=None if encoded is None else
+                             {"image": encoded}, mm_token_type_ids=mm_types if mm_types is not None else
+                             torch.zeros_like(ids))
     if pixel_values is not None:  # the prompts' images are CPU tensors
         pixel_values, image_grid_thw = pixel_values.to(device), image_grid_thw.to(device)
     out = model.model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
@@ -148,16 +165,16 @@ def _finished(out: list[Generation], eos: int, limit: int, start: float) -> list
 
 
 @torch.no_grad()
-def ar_generate_cached(model, prompts: list[EncodedSample], max_new_tokens: int, ids: TokenIds) -> list[Generation]:
-    """The AR baseline: greedy next-token decoding with a KV cache, one token per forward."""
-    from transformers import DynamicCache
-
+def ar_generate_cached(model, prompts: list[EncodedSample], max_new_tokens: int, ids: TokenIds,
+                       static: bool | None = None) -> list[Generation]:
+    """The AR baseline: greedy next-token decoding with a KV cache, one token per forward (`static`: the
+    static cache and CUDA graphs, by default on CUDA: `static_kv.new_cache`)."""
     model.eval()
     device = next(model.parameters()).device
     rows = _Rows(model, prompts, ids.pad)
     n = len(prompts)
     out = [Generation([], 0, 0, 0.0) for _ in range(n)]
-    cache = DynamicCache(config=model.config.get_text_config())
+    cache = new_cache(model, n, rows.ids.shape[1] + max_new_tokens, static)
     start = time.perf_counter()
     h = _forward(model, cache, rows.ids, rows.positions, torch.zeros(n, 0, dtype=torch.bool),
                  _prompt_rows_mask(rows.valid), device, rows.pixel_values, rows.image_grid_thw, rows.types)

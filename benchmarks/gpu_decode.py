@@ -3,8 +3,9 @@
 Part 1: one forward over q = 1…64 new tokens on a cached context of 1k–4k tokens, the way the
 engine runs denoising passes (read the cache, keep nothing): median ms and the ratio to q = 1.
 Part 2: end to end, the AR engine vs block decoding at fixed steps per block (static mode), same
-prompt, same number of new tokens, batch 1 and 8: tokens/s and speed-up. Random weights never
-stop, so both decode exactly `--new-tokens` tokens.
+prompt, same number of new tokens, batch 1 and 8, each with the dynamic cache's eager forwards and with
+the static cache's CUDA graphs: tokens/s and speed-up. Random weights never stop, so both decode
+exactly `--new-tokens` tokens.
 
     python -m benchmarks.gpu_decode            # needs CUDA; last line is one JSON object
 """
@@ -63,35 +64,41 @@ def forward_costs(model, contexts, queries, reps) -> list[dict]:
     return rows
 
 
+def _timed(run) -> tuple[list, float]:
+    run(8)  # warm-up (kernels; the static cache's graphs are captured per call)
+    sync()
+    t0 = time.perf_counter()
+    gens = run(None)
+    sync()
+    return gens, time.perf_counter() - t0
+
+
 def end_to_end(model, prompt_len, new_tokens, batch, block_size, steps_list) -> list[dict]:
+    """AR and block decoding (fixed steps per block), each with the dynamic cache's eager forwards and with the
+    static cache's CUDA graphs (bard_core/static_kv.py), side by side; speed-ups against AR of the same cache."""
     ids = TokenIds(mask=MASK_ID, eos=-1, pad=0)
     prompts = [EncodedSample(torch.randint(100, 150000, (prompt_len,)), torch.zeros(prompt_len, dtype=torch.long),
                              torch.zeros(0, dtype=torch.long), None, None) for _ in range(batch)]
     rows = []
-    ar_generate_cached(model, prompts, 8, ids)  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    gens = ar_generate_cached(model, prompts, new_tokens, ids)
-    sync()
-    ar_s = time.perf_counter() - t0
-    ar_tok_s = sum(g.tokens for g in gens) / ar_s
-    rows.append({"decoder": "ar", "batch": batch, "tokens": sum(g.tokens for g in gens),
-                 "nfe": sum(g.nfe for g in gens), "seconds": ar_s, "tok_s": ar_tok_s, "speedup": 1.0})
-    for steps in steps_list:
-        cfg = DecodeConfig(block_size=block_size, mode="static", tokens_per_step=block_size // steps,
-                           max_new_tokens=new_tokens, batch_size=batch)
-        generate(model, prompts, DecodeConfig(block_size=block_size, mode="static",
-                                              tokens_per_step=block_size // steps, max_new_tokens=block_size), ids)
-        sync()
-        t0 = time.perf_counter()
-        gens = generate(model, prompts, cfg, ids)
-        sync()
-        s = time.perf_counter() - t0
-        tok_s = sum(g.tokens for g in gens) / s
-        rows.append({"decoder": f"block B={block_size} steps={steps}", "batch": batch,
-                     "tokens": sum(g.tokens for g in gens), "nfe": sum(g.nfe for g in gens), "seconds": s,
-                     "tok_s": tok_s, "tpf": sum(g.tokens for g in gens) / sum(g.nfe for g in gens),
-                     "speedup": tok_s / ar_tok_s})
+    for static in (False, True):
+        cache = "static+graphs" if static else "dynamic, eager"
+        gens, ar_s = _timed(lambda k, static=static: ar_generate_cached(model, prompts, k or new_tokens, ids,
+                                                                        static=static))
+        ar_tok_s = sum(g.tokens for g in gens) / ar_s
+        rows.append({"decoder": "ar", "cache": cache, "batch": batch, "tokens": sum(g.tokens for g in gens),
+                     "nfe": sum(g.nfe for g in gens), "seconds": ar_s, "tok_s": ar_tok_s, "tpf": 1.0, "speedup": 1.0})
+        for steps in steps_list:
+            def run(k, steps=steps, static=static):
+                cfg = DecodeConfig(block_size=block_size, mode="static", tokens_per_step=block_size // steps,
+                                   max_new_tokens=block_size if k else new_tokens, batch_size=batch)
+                return generate(model, prompts, cfg, ids, static=static)
+
+            gens, s = _timed(run)
+            tok_s = sum(g.tokens for g in gens) / s
+            rows.append({"decoder": f"block B={block_size} steps={steps}", "cache": cache, "batch": batch,
+                         "tokens": sum(g.tokens for g in gens), "nfe": sum(g.nfe for g in gens), "seconds": s,
+                         "tok_s": tok_s, "tpf": sum(g.tokens for g in gens) / sum(g.nfe for g in gens),
+                         "speedup": tok_s / ar_tok_s})
     return rows
 
 
@@ -122,10 +129,11 @@ def main() -> None:
         e2e += end_to_end(model, args.prompt_len, args.new_tokens, batch, args.block_size,
                           [int(s) for s in args.steps.split(",")])
     print(f"end to end: prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print(f"{'decoder':<24} {'batch':>5} {'tokens':>7} {'NFE':>6} {'s':>7} {'tok/s':>8} {'speed-up':>8}")
+    print(f"{'decoder':<24} {'cache':<15} {'batch':>5} {'tokens':>7} {'NFE':>6} {'TPF':>5} {'s':>7} {'tok/s':>8} "
+          f"{'x AR':>6}")
     for r in e2e:
-        print(f"{r['decoder']:<24} {r['batch']:>5} {r['tokens']:>7} {r['nfe']:>6} {r['seconds']:>7.2f} "
-              f"{r['tok_s']:>8.1f} {r['speedup']:>8.2f}")
+        print(f"{r['decoder']:<24} {r['cache']:<15} {r['batch']:>5} {r['tokens']:>7} {r['nfe']:>6} {r['tpf']:>5.2f} "
+              f"{r['seconds']:>7.2f} {r['tok_s']:>8.1f} {r['speedup']:>6.2f}")
     print(json.dumps({"device": torch.cuda.get_device_name(), "forward_costs": costs, "end_to_end": e2e}))
 
 

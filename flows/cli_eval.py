@@ -50,6 +50,7 @@ def cmd_generate(args) -> int:
 
     from bard_core import checkpoint
     from bard_core.decode import ar_generate_cached, generate
+    from bard_core.engine import decode_device
     from bard_core.inputs import context_messages, encode_prompt
 
     model_dir = _existing_dir(args.model, "generate", "--model")
@@ -66,7 +67,12 @@ def cmd_generate(args) -> int:
         raise UsageError(f"bard generate: {model_dir} is {checkpoint.untagged_stage(meta)}")
     if args.verifier and args.mode != "speculative":
         raise UsageError("bard generate: --verifier is for --mode speculative")
+    try:
+        device = decode_device(args.device)
+    except (ValueError, RuntimeError) as exc:  # RuntimeError: a device string torch cannot parse
+        raise UsageError(f"bard generate: --device: {exc}") from None
     model, processor, meta = checkpoint.load(model_dir)
+    model.to(device)
     try:  # the checkpoint's promoted decode setting, then the flags that were given
         cfg = checkpoint.decode_config(meta, None, **decode_flags(args))
         ids = checkpoint.token_ids(processor.tokenizer, meta, require_mask=not ar)
@@ -81,7 +87,7 @@ def cmd_generate(args) -> int:
             path = args.verifier or checkpoint.promoted_verifier(meta, model_dir)
         except ValueError as exc:
             raise UsageError(f"bard generate: {exc}") from None
-        verifier = checkpoint.load(_existing_dir(path, "generate", "--verifier"))[0] if path else None
+        verifier = checkpoint.load(_existing_dir(path, "generate", "--verifier"))[0].to(device) if path else None
         (g,) = generate(model, [enc], cfg, ids, verifier=verifier)
         decoder = f"speculative B={cfg.block_size} (lossless: the greedy answer of {path or 'these weights'})"
     else:
@@ -291,6 +297,7 @@ def add_commands(sub) -> None:
     p.add_argument("--ar", action="store_true", help="decode autoregressively (one token per forward)")
     p.add_argument("--verifier", default=None, help="--mode speculative: the model whose greedy answer comes out, e.g. "
                                                     "the AR base (default: the model's own weights)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 

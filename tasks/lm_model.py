@@ -32,6 +32,7 @@ from lm_eval.api.registry import register_model  # noqa: E402
 from bard_core import checkpoint  # noqa: E402
 from bard_core.config import DecodeConfig  # noqa: E402
 from bard_core.decode import ar_generate_cached, generate  # noqa: E402
+from bard_core.engine import decode_device  # noqa: E402
 from bard_core.inputs import context_messages, encode_prompt  # noqa: E402
 from bard_core.overrides import coerce  # noqa: E402
 from bard_core.recipes import get_recipe  # noqa: E402
@@ -56,7 +57,7 @@ class BardLM(LM):
         settings = get_recipe(recipe, self.recipe_overrides) if recipe else None
         self.model, self.processor, self.meta = _loaded or checkpoint.load(
             pretrained, settings.model.attn_implementation if settings else "sdpa")
-        self._device = torch.device(device or "cpu")
+        self._device = decode_device(device)  # a GPU when there is one
         self.model.to(self._device).eval()
         self.ids = checkpoint.token_ids(self.processor.tokenizer, self.meta,
                                         mask_token_id or (settings.model.mask_token_id if settings else None),

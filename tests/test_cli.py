@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BARD = [sys.executable, "-m", "flows.cli"]
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +133,7 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         ("eval", "--model", model, "--mode", "diffusion", "--out", "o"): "is an AR checkpoint",
         ("eval", "--model", str(untagged), "--out", "o"): "does not record the token ids",
         ("generate", "--model", str(untagged), "--prompt", "hi"): "does not record the token ids",
+        ("generate", "--model", model, "--prompt", "hi", "--device", "tpu9"): "--device",
         ("gate", "--candidate", str(untagged), "--baseline", model, "--out", "o"): "does not record the token ids",
         ("gate", "--candidate", model, "--baseline", model, "--out", "o"): "not a block-diffusion checkpoint",
         ("gate", "--candidate", model, "--baseline", model, "--set", "gate.z=-1", "--out", "o"): "z",
@@ -139,6 +141,9 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         code, err = in_process(capsys, *args)
         assert code == 2 and message in err, (args, err)
         assert len(err.strip().splitlines()) == 1, (args, err)
+    if not torch.cuda.is_available():  # a GPU asked for where there is none: refused before loading anything
+        code, err = in_process(capsys, "generate", "--model", model, "--prompt", "hi", "--device", "cuda")
+        assert code == 2 and "--device: device cuda: no CUDA device on this machine" in err, err
 
 
 def test_registry_lists_nothing_before_a_promotion(tmp_path):

@@ -161,3 +161,43 @@ def test_generate_on_cuda_equals_cpu(fallback):
     assert [(g.nfe, g.edits) for g in gpu] == [(g.nfe, g.edits) for g in cpu]
     assert [g.token_ids for g in gpu_ar] == [g.token_ids for g in cpu_ar]
     assert any(len(g.token_ids) > 8 for g in cpu)  # more than one block was decoded
+
+
+def test_cuda_graphs_replay_the_decoders_forwards(monkeypatch):
+    """On CUDA the decoders use the static cache and replay captured graphs (bard_core/static_kv.py): AR and block
+    decoding give the tokens of the dynamic cache's eager forwards, and shapes that recur are captured once."""
+    from bard_core import checkpoint, static_kv
+    from bard_core.assets import shipped_base
+    from bard_core.config import DecodeConfig
+    from bard_core.decode import ar_generate_cached, generate
+    from bard_core.inputs import encode_sample
+    from bard_core.shapes.data import conversations
+
+    captured = []
+
+    class Counted(static_kv._Graph):
+        def __init__(self, lm, cache, n, q, *rest):
+            captured.append((n, q))
+            super().__init__(lm, cache, n, q, *rest)
+
+    monkeypatch.setattr(static_kv, "_Graph", Counted)
+    model, processor, meta = checkpoint.load(shipped_base())
+    model.cuda()
+    ids = checkpoint.token_ids(processor.tokenizer, meta)
+    prompts = []
+    for s in conversations(4, seed=7, families=["extract", "count"]):
+        enc = encode_sample(s, processor, 512)
+        enc.response_ids = enc.response_ids[:0]
+        prompts.append(enc)
+    for batch in (prompts[:1], prompts):
+        eager = ar_generate_cached(model, batch, 48, ids, static=False)
+        captured.clear()
+        graphed = ar_generate_cached(model, batch, 48, ids)
+        assert [g.token_ids for g in graphed] == [g.token_ids for g in eager]
+        assert (1, 1) in captured and len(captured) == len(set(captured))  # one graph per shape and batch
+        cfg = DecodeConfig(block_size=8, threshold=0.9, max_new_tokens=48, batch_size=4, label_shift=True)
+        eager = generate(model, batch, cfg, ids, static=False)
+        captured.clear()
+        graphed = generate(model, batch, cfg, ids)
+        assert [(g.token_ids, g.nfe) for g in graphed] == [(g.token_ids, g.nfe) for g in eager]
+        assert captured and all(q in (8, 16) for _, q in captured)
