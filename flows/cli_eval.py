@@ -67,9 +67,9 @@ def cmd_generate(args) -> int:
         raise UsageError(f"bard generate: {model_dir} is {checkpoint.untagged_stage(meta)}")
     if args.verifier and args.mode != "speculative":
         raise UsageError("bard generate: --verifier is for --mode speculative")
-    try:
+    try:  # RuntimeError: a device string torch cannot parse
         device = decode_device(args.device)
-    except (ValueError, RuntimeError) as exc:  # RuntimeError: a device string torch cannot parse
+    except (ValueError, RuntimeError) as exc:
         raise UsageError(f"bard generate: --device: {exc}") from None
     model, processor, meta = checkpoint.load(model_dir)
     model.to(device)
@@ -245,6 +245,7 @@ def cmd_gate(args) -> int:
     recipe = _recipe(args.recipe, overrides, "gate")
     include = _include_paths(args.include_path, "gate")
     from bard_core.checkpoint import read_meta, untagged_stage
+    from bard_core.gate import setting
     from tasks.refs import checkpoint_ref
 
     if untagged_stage(read_meta(candidate)):
@@ -265,8 +266,6 @@ def cmd_gate(args) -> int:
               [f"GATE FAILED: {exc}", f"report: {exc.report}"])
         return 1
     where = result["promoted"]["uri"] if result["promoted"] else "not promoted (--no-promote)"
-    from bard_core.gate import setting
-
     _emit(result, args.json, [f"gate {result['stage']} PASSED at {setting(result['decode'])}",
                               f"promoted: {where}", f"report: {result['report']}"])
     return 0
