@@ -12,6 +12,8 @@ there). docs/decoding.md, "A static cache and CUDA graphs".
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 CAPTURE_AFTER = 2  # a shape is captured the second time it is seen: a prompt-sized forward happens once
@@ -108,9 +110,7 @@ class StaticKV:
         if text_only and self.graphs:
             out = self._replay(model, ids, positions, full, device)
         elif text_only:
-            out = model.model.language_model(input_ids=ids.to(device), position_ids=positions.to(device),
-                                             attention_mask=full.to(device), cache=self.cache,
-                                             use_cache=True).last_hidden_state
+            out = self.forward_eager(model, ids, positions, full, device)
         else:
             out = model.model(input_ids=ids.to(device), attention_mask=full.to(device),
                               position_ids=positions.to(device), cache=self.cache, use_cache=True,
@@ -125,10 +125,21 @@ class StaticKV:
         if graph is None:
             self._seen[key] = self._seen.get(key, 0) + 1
             if self._seen[key] < CAPTURE_AFTER:
-                return model.model.language_model(input_ids=ids.to(device), position_ids=positions.to(device),
-                                                  attention_mask=mask.to(device), cache=self.cache,
-                                                  use_cache=True).last_hidden_state
-            self._pool = self._pool or torch.cuda.graph_pool_handle()
-            graph = self._captured[key] = _Graph(model.model.language_model, self.cache, key[0], key[1],
-                                                 self.max_len, device, self._pool)
+                return self.forward_eager(model, ids, positions, mask, device)
+            try:
+                self._pool = self._pool or torch.cuda.graph_pool_handle()
+                graph = self._captured[key] = _Graph(model.model.language_model, self.cache, key[0], key[1],
+                                                     self.max_len, device, self._pool)
+            except RuntimeError as exc:  # a forward a graph cannot record: decode on, eagerly, and say so once
+                warnings.warn(f"CUDA graph capture failed, decoding without graphs: {exc}", stacklevel=2)
+                self.graphs = False
+                for layer in self.cache.layers:  # the warm-up may have moved the write position
+                    if layer.is_initialized:
+                        layer.cumulative_length.fill_(self.length)
+                return self.forward_eager(model, ids, positions, mask, device)
         return graph(ids.to(device), positions.to(device), mask.to(device))
+
+    def forward_eager(self, model, ids, positions, mask, device) -> torch.Tensor:
+        return model.model.language_model(input_ids=ids.to(device), position_ids=positions.to(device),
+                                          attention_mask=mask.to(device), cache=self.cache,
+                                          use_cache=True).last_hidden_state

@@ -89,3 +89,22 @@ def test_the_text_forward_on_the_static_cache_is_one_graph(base):
         outs.append(run(torch.tensor([[16, 17]]), _text_positions(torch.tensor([5]), 2), mask))
         assert int(cache.cache.get_seq_length()) == 7  # the forward wrote its K/V in place
     torch.testing.assert_close(outs[1], outs[0])
+
+
+def test_a_forward_no_graph_can_record_is_decoded_eagerly_with_one_warning(base, monkeypatch):
+    """Where capturing fails (here: no CUDA at all), the cache says so once and decodes on without graphs."""
+    from bard_core import engine, static_kv
+
+    model, ids, prompts = base
+    made = []
+
+    def graphed(model, n, max_len, static=None):
+        made.append(static_kv.StaticKV(model, max_len, graphs=True))
+        return made[-1]
+
+    expected = ar_generate_cached(model, prompts[:2], 24, ids, static=False)
+    monkeypatch.setattr(engine, "new_cache", graphed)
+    with pytest.warns(UserWarning, match="CUDA graph capture failed, decoding without graphs") as caught:
+        got = ar_generate_cached(model, prompts[:2], 24, ids)
+    assert len(caught) == 1 and not made[0].graphs
+    assert [(g.token_ids, g.nfe) for g in got] == [(g.token_ids, g.nfe) for g in expected]
