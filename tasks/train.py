@@ -99,9 +99,14 @@ def training_payload(recipe, block_size: int | None, objective: str = "diffusion
                        "train": settings}, sort_keys=True, default=str)
 
 
+# not followed by the stage key: the decode and gate settings, and the GPU's static cache (the same tokens as the
+# dynamic one, tests/test_static_kv.py), so a change to either retrains nothing
+STAGE_CODE_SKIP = EVAL_SETTINGS + ("bard_core.static_kv",)
+
+
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
                       recipe_payload: str, objective: str, anchor: CheckpointRef | None = None) -> str:
-    code = code_version("tasks.train", skip=EVAL_SETTINGS)
+    code = code_version("tasks.train", skip=STAGE_CODE_SKIP)
     payload = json.dumps([data.fingerprint, init.fingerprint, block_size, teacher.fingerprint if teacher else None,
                           recipe_payload, objective, code] + ([anchor.fingerprint] if anchor else []), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

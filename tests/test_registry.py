@@ -171,9 +171,10 @@ def test_the_code_version_covers_what_an_entry_imports_and_nothing_else(tmp_path
 
 def test_a_change_to_reports_decoders_gates_or_ablation_code_keeps_the_cached_curation_and_stages():
     from tasks.refs import EVAL_SETTINGS, code_modules
+    from tasks.train import STAGE_CODE_SKIP
 
     # the modules tasks/train.py and tasks/curate.py fingerprint
-    stage, curation = code_modules("tasks.train", skip=EVAL_SETTINGS), code_modules("tasks.curate", skip=EVAL_SETTINGS)
+    stage, curation = code_modules("tasks.train", skip=STAGE_CODE_SKIP), code_modules("tasks.curate", skip=EVAL_SETTINGS)
     for trains in ("tasks.train_worker", "bard_core.train", "bard_core.layout", "bard_core.noise", "bard_core.losses",
                    "bard_core.masks", "tasks.base_targets", "bard_core.processor", "bard_core.config",
                    "bard_core.engine"):  # the AR decoding of the base's answers as targets
@@ -181,5 +182,6 @@ def test_a_change_to_reports_decoders_gates_or_ablation_code_keeps_the_cached_cu
     for builds in ("bard_core.curation.filters", "bard_core.curation.dedup", "tasks.sources"):
         assert builds in curation
     for reads in ("tasks.report", "tasks.ablation_report", "bard_core.ablations", "flows.pipeline", "bard_core.decode",
-                  "bard_core.speculative", "bard_core.gate", "bard_core.config_eval", "bard_core.pretrain"):
+                  "bard_core.speculative", "bard_core.gate", "bard_core.config_eval", "bard_core.pretrain",
+                  "bard_core.static_kv"):
         assert reads not in stage and reads not in curation
