@@ -88,27 +88,6 @@ def annotate(report: dict) -> dict:
     return report
 
 
-def rejudge(report: dict, policy) -> dict:
-    """`report` with each stage's setting the one `policy` (a recipe's own `GateConfig`, not the opened gates the
-    chain ran under) promotes from the stage's sweep, its checks and TPF; ``gate_passed`` says whether any setting
-    passed (one that none did keeps the opened gates' pick: the fastest)."""
-    import dataclasses
-
-    from bard_core.gate import EvalReport, select
-
-    def evaluation(samples: str) -> EvalReport:
-        return EvalReport(**json.loads((Path(samples).parent / "eval.json").read_text()))
-
-    baseline = evaluation(report["baseline"]["samples"])
-    for stage in report["stages"]:
-        result = select([evaluation(e["samples"]) for e in stage["sweep"]], baseline, policy, stage["stage"],
-                        stage["block_size"])
-        stage["gate_passed"] = result.passed
-        if result.passed:
-            stage.update(decode=result.decode, tpf=result.tpf, checks=[dataclasses.asdict(c) for c in result.checks])
-    return report
-
-
 def curated(report: dict):
     """The DatasetRef of the data a chain's stages trained on (recorded in each stage's bard.json)."""
     from tasks.refs import DatasetRef

@@ -13,7 +13,7 @@ cache: stages whose inputs did not change are reused) and adds a row with its wo
 
 Defaults: the recipe's own schedule and rates (`--recipe tiny-long`: issue 21's long profile). The chain is
 the pipeline's (`benchmarks/chain.py`, gates opened so every stage is measured); each stage's row is the decode
-setting the recipe's own gate promotes from its sweep (`chain.rejudge`; `*`: none passes, the row is the fastest).
+setting the recipe's own gate promotes from its sweep (`tasks.report.rejudge`; `*`: none passes, the row is the fastest).
 What the schedule depends on, measured, is in docs/stage_budget.md. `--seed` builds another shapes world to
 check that a split is not tuned to one.
 The last line printed is one JSON object (`train_seconds`: this run's; `step_seconds`: the stages' own training
@@ -31,9 +31,9 @@ from pathlib import Path
 
 from bard_core.gate import paired, setting
 from bard_core.recipes import get_recipe
-from benchmarks.chain import chain_params, curated, parse_steps, rejudge, run_chain
+from benchmarks.chain import chain_params, curated, parse_steps, run_chain
 from flows.pipeline import world_dir
-from tasks.report import chosen_entry
+from tasks.report import chosen_entry, rejudge
 
 
 def ar_control(work: Path, report: dict, steps: int, lr: float, overrides: dict, limit: int, tolerance: float,

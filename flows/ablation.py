@@ -99,9 +99,10 @@ def write_report(params: AblationParams, runs: list, seconds: float | None = Non
     """The ablation report of `runs` (`variant_runs(params)`, every one finished) under ``ROOT/report``."""
     recipe = get_recipe(params.recipe, {**params.overrides, **OPEN_GATES})
     schedule = list(params.block_sizes) or list(recipe.train.block_sizes)
+    policy = get_recipe(params.recipe, params.overrides).gate  # what the recipe's own gates would promote
     summaries: dict[str, list[dict]] = {}
     for name, _, run in runs:
-        summaries.setdefault(name, []).append(run_summary(run_dir(run), params.speed_taus))
+        summaries.setdefault(name, []).append(run_summary(run_dir(run), params.speed_taus, policy))
     settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule,
                 "total_steps": sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule))),
                 "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),

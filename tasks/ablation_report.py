@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bard_core.ablations import CLAIMS, VARIANTS, at_equal_speed, compare, compare_speed
 from bard_core.gate import setting
-from tasks.report import chosen_entry
+from tasks.report import chosen_entry, rejudge
 
 SCHEMA = 1
 LOSSLESS = ("spec", "draft")  # settings whose answers are the verifier's (bard_core.gate.setting)
@@ -37,15 +37,19 @@ def _forwards(eval_json: Path) -> dict[str, tuple[int, int]]:
     return {str(r["doc_id"]): (r["decode"]["tokens"], r["decode"]["nfe"]) for r in rows}
 
 
-def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = ()) -> dict:
+def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = (), policy=None) -> dict:
     """One pipeline run of a variant: its final stage's scores, items, drops and speed; its training cost; its
     `curve`: the final stage's own answers at the gate's thresholds (the chosen one first) and at `speed_taus`
     (``speed/tau-X``, `flows.ablation.speed_points`), fastest last. When the gate chose a lossless setting
     (``spec``/``draft``), the curve starts at the gate's highest threshold and `forwards` holds that setting's
-    per-item speed."""
+    per-item speed. `policy`: the recipe's own `GateConfig` — the runs' gates were opened, so that every stage is
+    trained, and promoted each stage's fastest setting; the summary takes the setting the recipe's gate promotes
+    (`tasks.report.rejudge`; where none passes, still the fastest: ``gate_passed`` False)."""
     report = json.loads((Path(run_dir) / "report.json").read_text())
     if not report["stages"]:
         raise ValueError(f"{run_dir}: the run evaluated no stage")
+    if policy is not None:
+        report = rejudge(report, policy)
     final = report["stages"][-1]
     chosen = chosen_entry(final)
     name = lambda e: e.get("setting", setting({"threshold": e.get("threshold")}))  # noqa: E731
@@ -82,7 +86,7 @@ def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = ()) -> di
             "max_drop_any_stage": max(every), "tpf": final["tpf"], "tok_s_batch1": chosen.get("tok_s_batch1"),
             "tok_s": chosen.get("tok_s"), "speedup_batch1": speedup.get("1"),
             "train_seconds": seconds, "steps": steps, "edits": edits, "curve": curve,
-            "setting": name(chosen), "forwards": forwards,
+            "setting": name(chosen), "forwards": forwards, "gate_passed": final.get("gate_passed"),
             "baseline": report["baseline"]["scores"]}
 
 
@@ -107,6 +111,7 @@ def ablation_json(runs: dict[str, list[dict]], settings: dict) -> dict:
         row["curve"] = _curve(per_seed)
         row["runs"] = [r["run"] for r in per_seed]
         row["setting"] = per_seed[0]["setting"]
+        row["gate_failed"] = any(r.get("gate_passed") is False for r in per_seed)
         rows.append(row)
     reference = runs["reference"]
     comparisons = []
@@ -210,9 +215,13 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
 
         lines.append(f"| `{r['variant']}` | {'→'.join(map(str, r['schedule']))} | {r['steps'][0]} | "
                      f"{_x(r['train_seconds'], '.0f')} | " + " | ".join(_x(r["scores"][n], ".3f") for n in names)
-                     + f" | {pm('mean_score', '.3f')} | {pm('max_drop', '.3f')} | {pm('tpf', '.2f')} | "
+                     + f" | {pm('mean_score', '.3f')} | {pm('max_drop', '.3f')} | {pm('tpf', '.2f')} `{r['setting']}` | "
                      f"{_x(r['tok_s_batch1'], '.0f')} | {_x(r['speedup_batch1'], '.2f')} | {_x(r['edits'], '.0f')} |")
-    lines += ["", "`edits`: tokens the correction step replaced in the final stage's answers to the whole suite "
+    failed = [r["variant"] for r in result["variants"] if r.get("gate_failed")]
+    lines += ["", "Each final stage at the setting the recipe's own gate promotes (the runs' gates were opened so that "
+              "every stage trains)" + (f"; where it promotes none ({', '.join(f'`{v}`' for v in failed)}), its "
+                                       "fastest setting" if failed else "") + ".",
+              "", "`edits`: tokens the correction step replaced in the final stage's answers to the whole suite "
               "(mean over seeds).", "",
               "Variants: " + "; ".join(f"`{r['variant']}`: {r['what']}" for r in result["variants"])]
     if s.get("speed_taus") or any("speed" in t for c in result["claims"] for t in c["tests"]):

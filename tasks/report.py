@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bard_core.gate import EvalReport, GateResult, setting
+from bard_core.gate import EvalReport, GateResult, select, setting
 
 SCHEMA = 1
 
@@ -67,6 +67,23 @@ def chosen_entry(stage: dict) -> dict:
     name = setting(stage.get("decode") or {})
     return next((e for e in stage["sweep"] if e.get("setting", setting({"threshold": e["threshold"]})) == name),
                 stage["sweep"][0] if stage["sweep"] else {})
+
+
+def rejudge(report: dict, policy) -> dict:
+    """`report` with each stage's setting the one `policy` (a recipe's own `GateConfig`, not the opened gates the
+    chain ran under) promotes from the stage's sweep, its checks and TPF; ``gate_passed`` says whether any setting
+    passed (one that none did keeps the opened gates' pick: the fastest)."""
+    def evaluation(samples: str) -> EvalReport:
+        return EvalReport(**json.loads((Path(samples).parent / "eval.json").read_text()))
+
+    baseline = evaluation(report["baseline"]["samples"])
+    for stage in report["stages"]:
+        result = select([evaluation(e["samples"]) for e in stage["sweep"]], baseline, policy, stage["stage"],
+                        stage["block_size"])
+        stage["gate_passed"] = result.passed
+        if result.passed:
+            stage.update(decode=result.decode, tpf=result.tpf, checks=[dataclasses.asdict(c) for c in result.checks])
+    return report
 
 
 def report_json(recipe: str, baseline: EvalReport, outcomes: list[StageOutcome], extra: dict | None = None) -> dict:

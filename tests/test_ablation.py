@@ -121,58 +121,76 @@ def test_a_lossless_setting_is_judged_by_its_paired_forwards():
     assert short.verdict == "no verdict: unequal budget"
 
 
-def _eval(where, decode: dict, scores: dict, items: dict, nfe: list[int], tpf: float) -> dict:
+def _eval(where, mode: str, decode: dict, items: dict, nfe: list[int], tpf: float) -> dict:
     """An evaluation as `tasks.evaluate` writes it: eval.json and the speed benchmark's samples."""
     (where / "samples").mkdir(parents=True)
     (where / "samples" / "shapes_extract.jsonl").write_text("".join(
         json.dumps({"doc_id": i, "decode": {"tokens": 40, "nfe": n, "edits": 0}}) + "\n" for i, n in enumerate(nfe)))
-    (where / "eval.json").write_text(json.dumps({"decode": decode, "scores": scores, "items": items,
+    scores = {b: sum(v.values()) / len(v) for b, v in items.items()}
+    (where / "eval.json").write_text(json.dumps({"checkpoint": str(where), "mode": mode, "decode": decode,
+                                                 "scores": scores, "items": items,
                                                  "speed": {"benchmark": "shapes_extract", "tpf": tpf}}))
     return {"setting": setting(decode), "threshold": decode["threshold"], "samples": str(where / "samples"),
             "scores": scores, "tpf": tpf}
 
 
-def _lossless_run(root, name: str, nfe: list[int], own: list[float]) -> str:
-    """A finished run whose B32 gate promoted `draft` (answers: the AR base's, `nfe` forwards per extract item)
-    over its own answers at τ 0.9 (per-item scores `own`)."""
+def _opened_gate_run(root, name: str, nfe: list[int], own: list[float]) -> str:
+    """A finished run's B32 as its opened gate left it: promoted at τ 0.9 (its own answers, per-item scores `own`,
+    TPF 10), the faster of its two settings, over `draft` (the AR base's answers, `nfe` forwards per extract item)."""
     run = root / name
     ckpt = run / "B32"
     ckpt.mkdir(parents=True)
     (ckpt / "bard.json").write_text(json.dumps({"phases": [{"steps": 7500}], "history": [{"step_s": 2.0}]}))
     ar = {"shapes_extract": {str(i): 1.0 for i in range(len(nfe))}}
-    draft = {"engine": "speculative", "verifier": "base", "threshold": 0.9}
-    chosen = _eval(run / "eval" / "drafter", draft, {"shapes_extract": 1.0}, ar, nfe, 40 * len(nfe) / sum(nfe))
+    base = _eval(run / "eval" / "AR", "ar", {"threshold": None}, ar, [40] * len(nfe), 1.0)
+    draft = _eval(run / "eval" / "drafter", "speculative", {"engine": "speculative", "verifier": "base",
+                                                             "threshold": 0.9}, ar, nfe, 40 * len(nfe) / sum(nfe))
     mine = {"shapes_extract": {str(i): v for i, v in enumerate(own)}}
-    tau = _eval(run / "eval" / "tau-0.9", {"threshold": 0.9}, {"shapes_extract": sum(own) / len(own)}, mine,
-                [4] * len(own), 10.0)
-    check = {"benchmark": "shapes_extract", "drop": 0.0, "se": 0.0}
-    (run / "report.json").write_text(json.dumps({"baseline": {"scores": {"shapes_extract": 1.0}}, "stages": [
-        {"block_size": 32, "checkpoint": str(ckpt), "decode": draft, "sweep": [tau, chosen], "checks": [check],
-         "tpf": chosen["tpf"]}]}))
+    tau = _eval(run / "eval" / "tau-0.9", "diffusion", {"threshold": 0.9}, mine, [4] * len(own), 10.0)
+    check = {"benchmark": "shapes_extract", "drop": 1.0 - tau["scores"]["shapes_extract"], "se": 0.0}
+    (run / "report.json").write_text(json.dumps({"baseline": base, "stages": [
+        {"stage": "B32", "block_size": 32, "checkpoint": str(ckpt), "decode": {"threshold": 0.9},
+         "sweep": [tau, draft], "checks": [check], "tpf": 10.0}]}))
     return str(run)
 
 
 def test_a_run_that_promoted_a_lossless_setting_is_compared_on_speed_and_on_its_own_answers(tmp_path):
+    from bard_core.config import GateConfig
     from tasks.ablation_report import ablation_json, ablation_markdown, run_summary
 
     rng = random.Random(3)
     nfe = [rng.randint(6, 10) for _ in range(200)]
-    reference = run_summary(_lossless_run(tmp_path, "reference-seed0", nfe, [1.0] * 200))
-    direct = run_summary(_lossless_run(tmp_path, "direct-seed0", [n + 2 for n in nfe], [float(i % 4 > 0) for i in
-                                                                                         range(200)]))
-    assert reference["setting"] == "draft" and reference["forwards"]["7"] == (40, nfe[7])
-    assert reference["tpf"] == pytest.approx(8000 / sum(nfe)) and reference["mean_score"] == 1.0  # the verifier's
+    policy = GateConfig(benchmarks=("shapes_extract",), min_tpf={32: 3.0})  # 3 points (the default), TPF 3
+    runs = {"reference": _opened_gate_run(tmp_path, "reference-seed0", nfe, [1.0] * 200),
+            "direct": _opened_gate_run(tmp_path, "direct-seed0", [n + 2 for n in nfe],
+                                       [float(i % 4 > 0) for i in range(200)])}
+    opened = run_summary(runs["direct"])  # as the run's opened gate chose: its own answers, 25 points down
+    assert opened["setting"] == "τ=0.9" and opened["forwards"] is None and opened["max_drop"] == pytest.approx(0.25)
+    reference, direct = (run_summary(runs[k], policy=policy) for k in ("reference", "direct"))
+    # the reference's own answers pass the recipe's gate at τ 0.9 (TPF 10); the variant's lose 25 points: `draft`
+    assert reference["setting"] == "τ=0.9" and reference["gate_passed"]
+    assert direct["setting"] == "draft" and direct["forwards"]["7"] == (40, nfe[7] + 2) and direct["max_drop"] == 0
+    assert direct["tpf"] == pytest.approx(8000 / (sum(nfe) + 400)) and direct["mean_score"] == 1.0  # the verifier's
     assert [(q["setting"], q["tpf"]) for q in direct["curve"]] == [("τ=0.9", 10.0)]  # its own answers, not the draft
-    result = ablation_json({"reference": [reference], "direct": [direct]}, {"speed_taus": []})
+    # with every setting failing the recipe's gate, the opened gate's pick stays, and the report says so
+    strict = run_summary(runs["direct"], policy=GateConfig(benchmarks=("shapes_extract",), min_tpf={32: 99.0}))
+    assert strict["setting"] == "τ=0.9" and strict["gate_passed"] is False
+    reference = run_summary(_opened_gate_run(tmp_path, "reference-2", nfe, [1.0] * 199 + [0.0]), policy=policy)
+    assert reference["setting"] == "τ=0.9"  # 0.5 points down: its own answers still pass, and are faster
+    lossless = run_summary(_opened_gate_run(tmp_path, "reference-3", nfe, [float(i % 10 > 0) for i in range(200)]),
+                           policy=policy)
+    assert lossless["setting"] == "draft"
+    result = ablation_json({"reference": [lossless], "direct": [direct]}, {"speed_taus": []})
     (test,) = result["claims"][0]["tests"]
     assert test["gain"] == 0.0 and test["verdict"] == "inside the noise"  # the same answers: no score can differ
     assert test["speed"]["verdict"] == "held" and test["speed"]["gain_percent"] == pytest.approx(
         100 * (sum(nfe) + 400) / sum(nfe) - 100)
-    assert test["at_speed"]["gain"] == pytest.approx(25.0) and test["at_speed"]["verdict"] == "held"  # own answers
+    assert test["at_speed"]["gain"] == pytest.approx(15.0) and test["at_speed"]["verdict"] == "held"  # own answers
     text = ablation_markdown({**result, "settings": {"recipe": "tiny-long", "seeds": 1, "schedule": [32],
                                                      "total_steps": 7500, "speed_taus": []}})
     assert "The gate promoted `draft`" in text and test["speed"]["sentence"] in text
     assert "| `direct` | 0.9 | 10.00 |" in text  # the curve of its own answers is shown
+    assert "`draft` |" in text and "where it promotes none" not in text
 
 
 def test_at_equal_speed_the_faster_side_stays_at_its_gate_point_and_the_slower_goes_as_fast():

@@ -100,7 +100,7 @@ def test_the_stage_budget_summary_reads_the_chain_report(first_run, capsys):
 
     from bard_core.config import GateConfig
     from bard_core.gate import setting
-    from benchmarks.chain import rejudge
+    from tasks.report import rejudge
 
     lenient = rejudge(copy.deepcopy(report), GateConfig(default_tolerance=1.0, min_tpf={}))
     assert [s["decode"] for s in lenient["stages"]] == [s["decode"] for s in report["stages"]]
