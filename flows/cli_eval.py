@@ -175,8 +175,6 @@ def _known_tasks(include: list[str], names: tuple[str, ...], command: str) -> No
 
 def _check_decode(decode: dict, model: Path, mode: str | None) -> None:
     """Decode settings are DecodeConfig fields (its ``mode`` as ``decode_mode``); block decoding needs a block size."""
-    import dataclasses
-
     from bard_core.checkpoint import read_meta, untagged_stage
     from bard_core.config import DecodeConfig
 
