@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bard_core.ablations import CLAIMS, VARIANTS, at_equal_speed, compare, compare_speed
 from bard_core.gate import setting
-from tasks.report import chosen_entry, rejudge
+from tasks.report import chosen_entry, entry_setting, rejudge
 
 SCHEMA = 1
 LOSSLESS = ("spec", "draft")  # settings whose answers are the verifier's (bard_core.gate.setting)
@@ -52,11 +52,10 @@ def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = (), polic
         report = rejudge(report, policy)
     final = report["stages"][-1]
     chosen = chosen_entry(final)
-    name = lambda e: e.get("setting", setting({"threshold": e.get("threshold")}))  # noqa: E731
-    lossless = name(chosen) in LOSSLESS
+    lossless = entry_setting(chosen) in LOSSLESS
     top = _point(Path(chosen["samples"]).parent / "eval.json")
     own = [_point(Path(e["samples"]).parent / "eval.json") for e in final["sweep"]
-           if name(e) not in LOSSLESS and e.get("threshold") is not None and e["samples"] != chosen["samples"]]
+           if entry_setting(e) not in LOSSLESS and e.get("threshold") is not None and e["samples"] != chosen["samples"]]
     more = [Path(run_dir) / "speed" / f"tau-{t:g}" / "eval.json" for t in speed_taus
             if t not in {q["threshold"] for q in own + ([] if lossless else [top])}]
     missing = [str(f.parent) for f in more if not f.exists()]
@@ -86,7 +85,7 @@ def run_summary(run_dir: str | Path, speed_taus: list[float] | tuple = (), polic
             "max_drop_any_stage": max(every), "tpf": final["tpf"], "tok_s_batch1": chosen.get("tok_s_batch1"),
             "tok_s": chosen.get("tok_s"), "speedup_batch1": speedup.get("1"),
             "train_seconds": seconds, "steps": steps, "edits": edits, "curve": curve,
-            "setting": name(chosen), "forwards": forwards, "gate_passed": final.get("gate_passed"),
+            "setting": entry_setting(chosen), "forwards": forwards, "gate_passed": final.get("gate_passed"),
             "baseline": report["baseline"]["scores"]}
 
 

@@ -62,11 +62,15 @@ def _fmt(x, spec=".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def entry_setting(entry: dict) -> str:
+    """A `report_json` sweep entry's setting name (reports written before it was recorded: from its threshold)."""
+    return entry.get("setting", setting({"threshold": entry.get("threshold")}))
+
+
 def chosen_entry(stage: dict) -> dict:
     """The entry of a `report_json` stage's sweep with the decode setting its gate decided on."""
     name = setting(stage.get("decode") or {})
-    return next((e for e in stage["sweep"] if e.get("setting", setting({"threshold": e["threshold"]})) == name),
-                stage["sweep"][0] if stage["sweep"] else {})
+    return next((e for e in stage["sweep"] if entry_setting(e) == name), stage["sweep"][0] if stage["sweep"] else {})
 
 
 def rejudge(report: dict, policy) -> dict:
