@@ -103,7 +103,9 @@ def write_report(params: AblationParams, runs: list, seconds: float | None = Non
     summaries: dict[str, list[dict]] = {}
     for name, _, run in runs:
         summaries.setdefault(name, []).append(run_summary(run_dir(run), params.speed_taus, policy))
-    settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule,
+    # `--report-only` after an upgrade: runs trained by other code or settings are reported, and named as such
+    older = [run.run_name for _, _, run in runs if not finished(run)]
+    settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule, "older_runs": older,
                 "total_steps": sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule))),
                 "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),
                 "speed_taus": params.speed_taus, "seconds": seconds}
@@ -152,7 +154,8 @@ def summarize(paths: dict) -> dict:
     """What `ablation_flow` returns, and `bard ablate` prints, of a written report (`write_report`)."""
     result = paths["result"]
     return {"report": paths["ablation_md"], "json": paths["ablation_json"], "seconds": result["settings"]["seconds"],
-            "verdicts": {t["variant"]: t["verdict"] for c in result["claims"] for t in c["tests"]}}
+            "verdicts": {t["variant"]: t["verdict"] for c in result["claims"] for t in c["tests"]},
+            "older_runs": result["settings"].get("older_runs", [])}
 
 
 @flow(name="ablation", log_prints=True)

@@ -8,6 +8,7 @@ Prints the claims' verdicts and the variants' table; the last line is one JSON o
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def cmd_ablate(args) -> int:
             ensure_flow_server()
             speed_curves(params, runs)
         summary = summarize(write_report(params, runs))
+        if summary["older_runs"]:
+            print(f"bard ablate --report-only: {', '.join(summary['older_runs'])} trained by other code or settings than "
+                  "today's; reported as they are, and named so in the report", file=sys.stderr)
     else:
         ensure_flow_server()
         summary = ablation_flow(params)
@@ -90,7 +94,7 @@ def cmd_ablate(args) -> int:
         print(Path(summary["report"]).read_text())
         print(f"report: {summary['report']}")
     print(json.dumps({"seconds": round(time.monotonic() - started, 1), "report": summary["report"],
-                      "verdicts": summary["verdicts"],
+                      "verdicts": summary["verdicts"], "older_runs": summary["older_runs"],
                       "variants": {r["variant"]: {k: r[k] for k in ("mean_score", "mean_score_sd", "max_drop", "tpf",
                                                                     "train_seconds")} for r in result["variants"]}}))
     return 0

@@ -185,6 +185,9 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
              "Every variant: the same curated data, the same total steps, the same evaluation (paired items against "
              "the same AR base, the gate's τ). Scores are the final stage's; ± is the spread (sd) over seeds.", "",
              "## Claims", ""]
+    if s.get("older_runs"):
+        lines[-2:-2] = [f"Trained by other code or settings than this report's (`--report-only` reports them as they are; "
+                        f"`bard ablate` without it trains them again): {', '.join(s['older_runs'])}.", ""]
     if s["seeds"] == 1:  # docs/ablation.md, "Our departures": what one seed can and cannot say
         lines[-2:-2] = ["One seed: each claim's ± is the paired items' standard error. A variant that trains differently "
                         "also differs from the reference by one training seed's luck, which one seed cannot measure "

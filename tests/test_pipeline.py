@@ -235,8 +235,10 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
             any_=[state.state_details.flow_run_id])))
     assert {"ablation-report", "ablation-variants"} <= {a.key for a in artifacts}
 
+    from flows.ablation import FINISHED, finished, variant_runs, write_report
     from flows.cli import main  # the same report again from the finished runs, through the command line
 
+    assert result["settings"]["older_runs"] == [] and "Trained by other code" not in text
     (report_dir / "ablation.json").unlink()
     argv = ["ablate", "--report-only", "--json", "--speed-taus", "0.5", "--source", f"llava_ov={world_dir / 'sources/llava_ov'}", "--source",
             f"finevision={world_dir / 'sources/finevision'}", "--include-path", str(world_dir / "benchmarks"),
@@ -244,11 +246,19 @@ def test_the_ablation_flow_runs_each_variant_as_a_pipeline_run_at_one_budget(fir
     assert main(argv + [f"--set={k}={v}" for k, v in MINIMAL.items()]) == 0
     again = json.loads((report_dir / "ablation.json").read_text())
     assert again["claims"] == result["claims"] and again["variants"] == result["variants"]
+    # the command's quick settings (its checkpoint interval, its world) are not those the flow ran with: the
+    # report is the same, and names every run as trained with other settings
+    assert again["settings"]["older_runs"] == [f"{name}-seed0" for name in runs]
+    marker = root / "direct-seed0" / FINISHED  # as if trained by the code before an upgrade
+    kept = marker.read_text()
+    marker.write_text(json.dumps({**json.loads(kept), "fingerprint": "0" * 16}))
+    assert write_report(params, variant_runs(params))["result"]["settings"]["older_runs"] == ["direct-seed0"]
+    assert "than this report's (`--report-only` reports them as they are; `bard ablate` without it trains them " \
+           "again): direct-seed0." in (report_dir / "ablation.md").read_text()
+    marker.write_text(kept)
 
     # given one more variant, the ablation runs only that one: the finished runs (same settings, same code) are
     # reused as they are; a finished run's marker no longer matches once a setting changes
-    from flows.ablation import FINISHED, finished, variant_runs
-
     done = {p: p.stat().st_mtime_ns for name in runs for p in (root / f"{name}-seed0").rglob("*") if p.is_file()}
     more = AblationParams(**{**params.model_dump(), "variants": ["direct", "no_correction", "confident_fallback"]})
     state = ablation_flow(more, return_state=True)
