@@ -38,6 +38,7 @@ from tasks.base_targets import BaseTargets
 from tasks.locks import locked
 from tasks.ray_session import init_ray
 from tasks.refs import EVAL_SETTINGS, CheckpointRef, DatasetRef, checkpoint_ref, code_version, resolve_anchor
+from tasks.train_progress import ProgressBoard, ProgressLog, watching
 from tasks.train_worker import train_loop_per_worker
 
 _DATASETS: dict = {}  # (driver's Ray worker id, data fingerprint) → materialized Dataset; one entry at most
@@ -101,7 +102,7 @@ def training_payload(recipe, block_size: int | None, objective: str = "diffusion
 
 # not followed by the stage key: the decode and gate settings, and the GPU's static cache (the same tokens as the
 # dynamic one, tests/test_static_kv.py), so a change to either retrains nothing
-STAGE_CODE_SKIP = EVAL_SETTINGS + ("bard_core.static_kv",)
+STAGE_CODE_SKIP = EVAL_SETTINGS + ("bard_core.static_kv", "tasks.train_progress")
 
 
 def stage_fingerprint(data: DatasetRef, init: CheckpointRef, block_size: int | None, teacher: CheckpointRef | None,
@@ -201,7 +202,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
     meta["target_counts"] = BaseTargets.counts(dataset) if train.targets == "base" else None
     storage = out.with_name(out.name + ".ray")
     _discard_unusable_resume(storage / f"stage-{fingerprint}")
-    board = ray.remote(num_cpus=0)(_ProgressBoard).remote() if on_progress else None
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote() if on_progress else None
     config["progress"] = board
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, datasets={"train": dataset},
@@ -212,7 +213,7 @@ def _fit(out: Path, fingerprint: str, data: DatasetRef, init: CheckpointRef, tea
                                        failure_config=ray.train.FailureConfig(max_failures=2),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
-    with _watching(board, on_progress), _interruptible():
+    with watching(board, on_progress), _interruptible():
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"stage produced no checkpoint: {result.error}")
@@ -263,66 +264,21 @@ def _interruptible():
             signal.signal(signal.SIGINT, previous)
 
 
-class _ProgressBoard:
-    """Where rank 0 posts its last step (an actor, so it works when the workers are on other nodes)."""
-
-    def __init__(self):
-        self.value = None
-
-    def set(self, value: dict) -> None:
-        self.value = value
-
-    def get(self) -> dict | None:
-        return self.value
-
-
-@contextlib.contextmanager
-def _watching(board, on_progress, every: float = 2.0):
-    """Poll `board` from a thread while the body (a blocking `fit()`) runs; hand new values to `on_progress`."""
-    import ray
-
-    if board is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def poll():
-        last, stopped = None, False
-        while not stopped:  # one more look after the body ends, for the last steps
-            stopped = stop.wait(every)
-            try:
-                value = ray.get(board.get.remote(), timeout=10)
-                if value is not None and value != last:
-                    last = value
-                    on_progress(value)
-            except Exception:  # noqa: BLE001 - progress is best effort; it never disturbs training
-                continue
-
-    thread = threading.Thread(target=poll, name="stage-progress", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(every + 10)
-
-
 @task(name="train-stage", task_run_name="train {objective} B={block_size}")
 def train_stage(data: DatasetRef, init: CheckpointRef, out: str, recipe_name: str = "tiny",
                 overrides: dict | None = None, block_size: int | None = None, teacher: CheckpointRef | None = None,
                 objective: str = "diffusion", anchor: CheckpointRef | None = None) -> CheckpointRef:
     """Prefect task: one Ray Train stage (merge → distill, or the AR objective), with a progress artifact
     fed by its training steps."""
+    from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
     name = f"B{block_size}" if objective == "diffusion" else objective
     artifact = create_progress_artifact(0.0, key=f"train-{name.lower()}",
                                         description=f"stage {name}: training steps done (merge, then distill)")
-
-    def on_progress(value: dict) -> None:
-        update_progress_artifact(artifact, round(100.0 * value["step"] / value["total"], 1))
-
+    progress = ProgressLog(name, get_run_logger().info, lambda percent: update_progress_artifact(artifact, percent))
     ref = run_stage(data, init, out, recipe_name, overrides, block_size=block_size, teacher=teacher,
-                    objective=objective, anchor=anchor, on_progress=on_progress)
+                    objective=objective, anchor=anchor, on_progress=progress)
     update_progress_artifact(artifact, 100.0)
+    progress.done()
     return ref

@@ -183,5 +183,5 @@ def test_a_change_to_reports_decoders_gates_or_ablation_code_keeps_the_cached_cu
         assert builds in curation
     for reads in ("tasks.report", "tasks.ablation_report", "bard_core.ablations", "flows.pipeline", "bard_core.decode",
                   "bard_core.speculative", "bard_core.gate", "bard_core.config_eval", "bard_core.pretrain",
-                  "bard_core.static_kv"):
+                  "bard_core.static_kv", "tasks.train_progress"):
         assert reads not in stage and reads not in curation

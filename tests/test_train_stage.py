@@ -298,3 +298,21 @@ def test_a_small_dataset_is_read_once_and_shared_and_a_large_one_streams(data_re
 
     counts = BaseTargets.counts(both)
     assert sum(counts.values()) == data_ref.num_rows and BaseTargets.counts(anchored) is None
+
+
+def test_a_stages_progress_is_a_log_line_a_minute_with_its_rate_and_the_time_left():
+    from tasks.train_progress import ProgressLog
+
+    now, lines, percents = [100.0], [], []
+    log = ProgressLog("B8", lines.append, percents.append, interval=60, clock=lambda: now[0])
+    assert log.done() == "B8: nothing trained here (its checkpoint was finished: cached, or another run's)"
+    lines.clear()
+    for t, step in ((100, 201), (130, 260), (161, 323), (190, 380)):  # a stage resumed at step 200 of 1000
+        now[0] = t
+        log({"step": step, "total": 1000, "phase": "merge", "loss": 1.23456})
+    assert percents == [20.1, 26.0, 32.3, 38.0]  # every value moves the artifact
+    # the first value, then one 61 s later: (323 − 201) / 61 = 2.0 steps/s, (1000 − 323) / 2 s ≈ 6 min left
+    assert lines == ["B8: step 201/1000 (merge), loss 1.235",
+                     "B8: step 323/1000 (merge), loss 1.235, 2.00 steps/s, about 6 min left"]
+    now[0] = 400.0
+    assert log.done() == "B8: trained steps 201–380 of 1000 in 5 min"
