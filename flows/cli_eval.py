@@ -50,7 +50,6 @@ def cmd_generate(args) -> int:
 
     from bard_core import checkpoint
     from bard_core.decode import ar_generate_cached, generate
-    from bard_core.engine import decode_device
     from bard_core.inputs import context_messages, encode_prompt
 
     model_dir = _existing_dir(args.model, "generate", "--model")
@@ -67,10 +66,7 @@ def cmd_generate(args) -> int:
         raise UsageError(f"bard generate: {model_dir} is {checkpoint.untagged_stage(meta)}")
     if args.verifier and args.mode != "speculative":
         raise UsageError("bard generate: --verifier is for --mode speculative")
-    try:  # RuntimeError: a device string torch cannot parse
-        device = decode_device(args.device)
-    except (ValueError, RuntimeError) as exc:
-        raise UsageError(f"bard generate: --device: {exc}") from None
+    device = _device(args, "generate")
     model, processor, meta = checkpoint.load(model_dir)
     model.to(device)
     try:  # the checkpoint's promoted decode setting, then the flags that were given
@@ -106,6 +102,16 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _device(args, command: str):
+    """Where `command` decodes (`bard_core.engine.decode_device`); one that is not here is refused before loading."""
+    from bard_core.engine import decode_device
+
+    try:  # RuntimeError: a device string torch cannot parse
+        return decode_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise UsageError(f"bard {command}: --device: {exc}") from None
+
+
 def cmd_bench_decode(args) -> int:
     from bard_core import checkpoint
     from bard_core.shapes import suite
@@ -113,6 +119,7 @@ def cmd_bench_decode(args) -> int:
     model_dir = _existing_dir(args.model, "bench-decode", "--model")
     ar_dir = _existing_dir(args.ar_model, "bench-decode", "--ar-model")
     thresholds = _thresholds(args.threshold, "bench-decode")
+    device = _device(args, "bench-decode")
     try:
         items = suite.load_items(args.benchmarks_dir, args.benchmark, args.limit)
     except ValueError as exc:
@@ -120,7 +127,9 @@ def cmd_bench_decode(args) -> int:
     model, processor, meta = checkpoint.load(model_dir)
     if not (args.block_size or meta.get("block_size")):
         raise UsageError("bard bench-decode: --model has no bard.json block size; pass --block-size")
+    model.to(device)
     ar_model, _, ar_meta = checkpoint.load(ar_dir)
+    ar_model.to(device)
     prompts = suite.prompts_for(items, processor)
     try:
         base = checkpoint.decode_config(meta, None, **decode_flags(args, skip=("threshold",)))
@@ -285,6 +294,9 @@ def cmd_registry(args) -> int:
     return 0
 
 
+DEVICE_HELP = "auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N"
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="answer one prompt (with images) and print decoding stats")
     p.add_argument("--model", required=True, help="checkpoint directory (block size from its bard.json)")
@@ -294,7 +306,7 @@ def add_commands(sub) -> None:
     p.add_argument("--ar", action="store_true", help="decode autoregressively (one token per forward)")
     p.add_argument("--verifier", default=None, help="--mode speculative: the model whose greedy answer comes out, e.g. "
                                                     "the AR base (default: the model's own weights)")
-    p.add_argument("--device", default="auto", help="auto (a GPU when there is one, else the CPU), cpu, cuda, cuda:N")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_generate)
 
@@ -306,6 +318,7 @@ def add_commands(sub) -> None:
     p.add_argument("--threshold", default="0.5,0.7,0.9", help="comma-separated thresholds (a sweep)")
     p.add_argument("--limit", type=int, default=None)
     add_decode_flags(p, skip=("threshold", "label_shift"))
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench_decode)
 

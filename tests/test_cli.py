@@ -134,6 +134,8 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         ("eval", "--model", str(untagged), "--out", "o"): "does not record the token ids",
         ("generate", "--model", str(untagged), "--prompt", "hi"): "does not record the token ids",
         ("generate", "--model", model, "--prompt", "hi", "--device", "tpu9"): "--device",
+        ("bench-decode", "--model", model, "--ar-model", model, "--benchmark", "shapes_ocr", "--benchmarks-dir",
+         str(tmp_path), "--device", "tpu9"): "bard bench-decode: --device",
         ("gate", "--candidate", str(untagged), "--baseline", model, "--out", "o"): "does not record the token ids",
         ("gate", "--candidate", model, "--baseline", model, "--out", "o"): "not a block-diffusion checkpoint",
         ("gate", "--candidate", model, "--baseline", model, "--set", "gate.z=-1", "--out", "o"): "z",
@@ -142,8 +144,10 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         assert code == 2 and message in err, (args, err)
         assert len(err.strip().splitlines()) == 1, (args, err)
     if not torch.cuda.is_available():  # a GPU asked for where there is none: refused before loading anything
-        code, err = in_process(capsys, "generate", "--model", model, "--prompt", "hi", "--device", "cuda")
-        assert code == 2 and "--device: device cuda: no CUDA device on this machine" in err, err
+        for args in (("generate", "--model", model, "--prompt", "hi"), ("bench-decode", "--model", model, "--ar-model",
+                     model, "--benchmark", "shapes_ocr", "--benchmarks-dir", str(tmp_path))):
+            code, err = in_process(capsys, *args, "--device", "cuda")
+            assert code == 2 and f"bard {args[0]}: --device: device cuda: no CUDA device on this machine" in err, err
 
 
 def test_registry_lists_nothing_before_a_promotion(tmp_path):
@@ -233,7 +237,7 @@ def test_decode_flags_are_the_decode_settings_and_default_to_the_checkpoints_rec
 def test_bench_decode_runs_ar_and_each_threshold_side_by_side(tiny_model_dir, world_dir, capsys):
     code, out, err = call(capsys, "bench-decode", "--model", str(tiny_model_dir), "--ar-model", str(tiny_model_dir), "--benchmark",
               "shapes_ocr", "--benchmarks-dir", str(world_dir / "benchmarks"), "--block-size", "4", "--limit", "3",
-              "--threshold", "0.5,0.9", "--max-new-tokens", "6", "--batch-size", "2", "--json")
+              "--threshold", "0.5,0.9", "--max-new-tokens", "6", "--batch-size", "2", "--device", "cpu", "--json")
     assert code == 0, err
     result = json.loads(out)
     assert result["items"] == 3 and [r["threshold"] for r in result["rows"]] == [None, 0.5, 0.9]
