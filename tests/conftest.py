@@ -108,3 +108,21 @@ def kit():
     model = build_model(cfg, processor.tokenizer)
     spec = noise_spec_for(processor.tokenizer, "mixed", 0.05)
     return processor, model, spec
+
+
+def flow_run_logs(state) -> list[str]:
+    """The messages of a finished flow run's logs, once they have all reached the server."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    def read() -> list[str]:
+        with get_client(sync_client=True) as client:
+            return [entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
+                any_=[state.state_details.flow_run_id])))]
+
+    deadline = time.monotonic() + 60  # logs reach the server in batches, after the run has ended
+    while not any(m.startswith("Finished in state") for m in read()) and time.monotonic() < deadline:
+        time.sleep(0.5)  # the run's last line: every line before it was sent in an earlier or the same batch
+    return read()

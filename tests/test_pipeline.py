@@ -5,33 +5,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import SHORT
+from tests.conftest import SHORT, flow_run_logs
 
 pytestmark = pytest.mark.slow
 
 MINIMAL = {**SHORT, "gate.limit": "4", "gate.thresholds": "[0.9]", "gate.speed_items": "2",
            "gate.default_tolerance": "1", "gate.min_tpf": '{"4": 0.5, "8": 0.5}'}
-
-
-def _logs(state) -> list[str]:
-    """The messages of a finished flow run's logs, once they have all reached the server."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
-
-    def read() -> list[str]:
-        with get_client(sync_client=True) as client:
-            return [entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-                any_=[state.state_details.flow_run_id])))]
-
-    deadline = time.monotonic() + 60  # logs reach the server in batches, after the run has ended
-    while not any(m.startswith("Finished in state") for m in read()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return read()
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -81,7 +64,7 @@ def test_the_pipeline_chains_curation_stages_gates_and_promotions(first_run):
             any_=[state.state_details.flow_run_id])))
     progress = {a.key: a.data for a in artifacts if a.type == "progress"}
     assert progress == {"train-b4": 100.0, "train-b8": 100.0}
-    logs = "\n".join(_logs(state))  # and in the run's logs, a line a minute and a closing one per stage
+    logs = "\n".join(flow_run_logs(state))  # and in the run's logs, a line a minute and a closing one per stage
     for stage, ckpt in ((s["stage"], s["checkpoint"]) for s in report["stages"]):
         steps = json.loads((Path(ckpt) / "bard.json").read_text())["total_steps"]
         assert re.search(rf"^{stage}: step \d+/{steps} \((merge|distill)\), loss \d+\.\d+", logs, re.M), logs
@@ -144,7 +127,7 @@ def test_a_rerun_with_the_same_inputs_trains_nothing(first_run, world_dir):
     before = {p: p.stat().st_mtime_ns for p in stages.rglob("*.safetensors")}
     again = pipeline_flow(_params(world_dir, root, "second"), return_state=True)
     assert again.is_completed(), again.message
-    logs = _logs(again)
+    logs = flow_run_logs(again)
     assert [m for m in logs if "nothing trained here" in m] == [
         f"{b}: nothing trained here (its checkpoint was finished: cached, or another run's)" for b in ("B4", "B8")]
     assert {p: p.stat().st_mtime_ns for p in stages.rglob("*.safetensors")} == before

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from bard_core.curation.dedup import phash64
 from bard_core.shapes import world
 from bard_core.shapes.metrics import BENCHMARKS
 from bard_core.shapes.synth import RATING_COLUMNS, hamming, synth
+from tests.conftest import flow_run_logs
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -244,8 +244,6 @@ def test_the_world_task_keeps_its_logs_readable(prefect_server, tmp_path):
     """`datasets` fingerprints with dill, which reads `dis.dis` output from a captured stdout; under a flow's print
     capture that bytecode listing went to the run's logs (60 lines in every `make demo`)."""
     from prefect import flow
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
     from tasks.world import world_task
 
@@ -257,14 +255,6 @@ def test_the_world_task_keeps_its_logs_readable(prefect_server, tmp_path):
     state = make_world(return_state=True)
     assert state.is_completed() and Path(state.result()["benchmarks"]).is_dir()
 
-    def logs() -> list[str]:
-        with get_client(sync_client=True) as client:
-            return [entry.message for entry in client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(
-                any_=[state.state_details.flow_run_id])))]
-
-    deadline = time.monotonic() + 60  # logs reach the server in batches, after the run has ended
-    while not any(m.startswith("Finished in state") for m in logs()) and time.monotonic() < deadline:
-        time.sleep(0.5)  # the run's last line: every line before it was sent in an earlier or the same batch
-    messages = logs()
+    messages = flow_run_logs(state)
     assert "world starts" in messages
     assert not [m for m in messages if "LOAD_" in m or "RESUME" in m], messages[:5]
