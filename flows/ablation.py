@@ -26,7 +26,8 @@ from pydantic import Field, field_validator
 from bard_core.ablations import VARIANTS, plan, stage_steps
 from bard_core.recipes import get_recipe
 from flows.pipeline import OPEN_GATES, LineParams, PipelineParams, pipeline_flow, world_dir
-from tasks.ablation_report import publish_ablation, run_summary, write_ablation
+from tasks.ablation_render import publish_ablation, write_ablation
+from tasks.ablation_report import run_summary
 from tasks.evaluate import Suite, evaluate_task
 from tasks.refs import code_version
 

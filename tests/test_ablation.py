@@ -156,7 +156,8 @@ def _opened_gate_run(root, name: str, nfe: list[int], own: list[float]) -> str:
 
 def test_a_run_that_promoted_a_lossless_setting_is_compared_on_speed_and_on_its_own_answers(tmp_path):
     from bard_core.config import GateConfig
-    from tasks.ablation_report import ablation_json, ablation_markdown, run_summary
+    from tasks.ablation_render import ablation_markdown
+    from tasks.ablation_report import ablation_json, run_summary
 
     rng = random.Random(3)
     nfe = [rng.randint(6, 10) for _ in range(200)]
@@ -190,7 +191,15 @@ def test_a_run_that_promoted_a_lossless_setting_is_compared_on_speed_and_on_its_
                                                      "total_steps": 7500, "speed_taus": []}})
     assert "The gate promoted `draft`" in text and test["speed"]["sentence"] in text
     assert "| `direct` | 0.9 | 10.00 |" in text  # the curve of its own answers is shown
-    assert "`draft` |" in text and "where it promotes none" not in text
+    assert "`draft` |" in text and "where it promotes none" not in text and "## Per seed" not in text
+    two = ablation_json({"reference": [lossless, reference], "direct": [direct, direct]}, {"speed_taus": []})
+    text = ablation_markdown({**two, "settings": {"recipe": "tiny-long", "seeds": 2, "schedule": [32],
+                                                  "total_steps": 7500, "speed_taus": []}})
+    per_seed = text[text.index("## Per seed"):].splitlines()  # every seed's own row, as the means above are made of
+    assert f"| `reference` | 0 | `draft` | {lossless['tpf']:.2f} | 1.000 | 0.000 |" in per_seed[6]
+    assert per_seed[7].startswith(f"| `reference` | 1 | `τ=0.9` | 10.00 | {reference['mean_score']:.3f} | 0.005 |")
+    assert per_seed[7].endswith("| - | 0.9: 0.995 @ 10.00 |")  # its own answers at τ 0.9: 199 of 200
+    assert [line.split(" | ")[1] for line in per_seed[8:10]] == ["0", "1"]
 
 
 def test_at_equal_speed_the_faster_side_stays_at_its_gate_point_and_the_slower_goes_as_fast():
