@@ -116,6 +116,33 @@ def plan(variant: Variant, recipe: Recipe, schedule: tuple[int, ...]) -> tuple[l
                              "train.lr": str(s["lr"])} for B, s in out.items()}
 
 
+def as_reference(variant: Variant, recipe_name: str, overrides: dict[str, str], schedule: tuple[int, ...]) -> str | None:
+    """Why `variant` would train and decode exactly as the reference does on this recipe (its run would be the
+    reference's, and its claim untested: e.g. `mask_noise` on a recipe with mask noise, a teacher where no stage
+    distils), or None when it changes something. `overrides`: every run's; `schedule`: the reference's."""
+    from bard_core.recipes import get_recipe
+
+    if variant.schedule != "reference" or not variant.overrides:
+        return None  # a schedule variant changes the stages; the reference is itself
+
+    def stages(extra: dict[str, str], v: Variant) -> list:
+        sizes, per_stage = plan(v, get_recipe(recipe_name, {**overrides, **extra}), schedule)
+        out = []
+        for B in sizes:
+            r = get_recipe(recipe_name, {**overrides, **extra, **per_stage[B]})
+            t = r.train.for_stage(B)
+            out.append((B, replace(r, train=t if t.distill_steps else replace(t, teacher="none"))))
+        return out  # a stage with no distill steps never reads its teacher
+
+    if stages(variant.overrides, variant) != stages({}, VARIANTS["reference"]):
+        return None
+    own = [f"{k}={v}" for k, v in variant.overrides.items()
+           if get_recipe(recipe_name, {**overrides, k: v}) == get_recipe(recipe_name, overrides)]
+    unused = [f"{k}={v}" for k, v in variant.overrides.items() if f"{k}={v}" not in own]
+    return "; ".join(([f"{recipe_name} already has {', '.join(own)}"] if own else [])
+                     + ([f"no stage reads {', '.join(unused)} (no stage distils)"] if unused else []))
+
+
 @dataclass(frozen=True)
 class Comparison:
     claim: str

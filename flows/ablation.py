@@ -23,7 +23,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import Field, field_validator
 
-from bard_core.ablations import VARIANTS, plan, stage_steps
+from bard_core.ablations import VARIANTS, as_reference, plan, stage_steps
 from bard_core.recipes import get_recipe
 from flows.pipeline import OPEN_GATES, LineParams, PipelineParams, pipeline_flow, world_dir
 from tasks.ablation_render import publish_ablation, write_ablation
@@ -63,21 +63,35 @@ class AblationParams(LineParams):
         return ["reference"] + [n for n in dict.fromkeys(names) if n != "reference"]
 
 
-def variant_runs(params: AblationParams) -> list[tuple[str, int, PipelineParams]]:
-    """(variant, seed, the pipeline run's parameters) for every run of the ablation; bad settings raise
-    ValueError here, before any work."""
+def _reference(params: AblationParams) -> tuple[dict[str, str], tuple[int, ...]]:
+    """Every run's overrides, and the reference's schedule."""
     # the claims are about block decoding (noise, correction): the gate judges its thresholds only, not the
     # stage's own speculative mode, whose answers no decoding setting changes
     base = {**params.overrides, **OPEN_GATES, "gate.limit": str(params.limit), "gate.speculative": "false"}
     if params.ray_address:
         base["ray_address"] = params.ray_address
+    return base, tuple(params.block_sizes) or get_recipe(params.recipe, base).train.block_sizes
+
+
+def not_run(params: AblationParams) -> dict[str, str]:
+    """The asked-for variants that would train and decode as the reference does on this recipe, and why: they
+    are not run, and the report says their claims went untested (`bard_core.ablations.as_reference`)."""
+    base, schedule = _reference(params)
+    return {name: why for name in params.variants if name != "reference"
+            and (why := as_reference(VARIANTS[name], params.recipe, base, schedule))}
+
+
+def variant_runs(params: AblationParams) -> list[tuple[str, int, PipelineParams]]:
+    """(variant, seed, the pipeline run's parameters) for every run of the ablation, less `not_run`'s; bad
+    settings raise ValueError here, before any work."""
+    base, schedule = _reference(params)
     recipe = get_recipe(params.recipe, base)
-    schedule = tuple(params.block_sizes) or recipe.train.block_sizes
+    skipped = not_run(params)
     world = params.world.model_copy(update={"bench_size": params.limit})
     root = Path(params.root).resolve()
     runs = []
     for seed in range(params.seeds):
-        for name in params.variants:
+        for name in (n for n in params.variants if n not in skipped):
             variant = VARIANTS[name]
             sizes, per_stage = plan(variant, recipe, schedule)
             overrides = {**base, **variant.overrides, "train.seed": str(seed)}
@@ -107,6 +121,7 @@ def write_report(params: AblationParams, runs: list, seconds: float | None = Non
     # `--report-only` after an upgrade: runs trained by other code or settings are reported, and named as such
     older = [run.run_name for _, _, run in runs if not finished(run)]
     settings = {"recipe": params.recipe, "seeds": params.seeds, "schedule": schedule, "older_runs": older,
+                "not_run": not_run(params),
                 "total_steps": sum(s["merge"] + s["distill"] for s in stage_steps(recipe, tuple(schedule))),
                 "limit": params.limit, "overrides": params.overrides, "world": params.world.model_dump(),
                 "speed_taus": params.speed_taus, "seconds": seconds}
@@ -163,8 +178,10 @@ def summarize(paths: dict) -> dict:
 def ablation_flow(params: AblationParams) -> dict:
     started = time.monotonic()
     runs = variant_runs(params)
-    print(f"ablation: {len(runs)} pipeline runs ({len(params.variants)} variants × {params.seeds} seeds) under "
-          f"{Path(params.root).resolve()}")
+    for name, why in not_run(params).items():
+        print(f"variant {name}: not run, it would train and decode as the reference: {why}")
+    print(f"ablation: {len(runs)} pipeline runs ({len({n for n, _, _ in runs})} variants × {params.seeds} seeds) "
+          f"under {Path(params.root).resolve()}")
     for name, seed, run in runs:
         marker = run_dir(run) / FINISHED
         if finished(run):

@@ -62,14 +62,29 @@ def ablation_params(args):
 
 
 def cmd_ablate(args) -> int:
-    from flows.ablation import ablation_flow, run_dir, speed_curves, summarize, variant_runs, write_report
+    from flows.ablation import (
+        ablation_flow,
+        not_run,
+        run_dir,
+        speed_curves,
+        summarize,
+        variant_runs,
+        write_report,
+    )
 
     params = ablation_params(args)
     try:
         runs = variant_runs(params)  # bad settings fail here, before minutes of work
+        idle = not_run(params)
     except ValueError as exc:
         raise UsageError(f"bard ablate: {exc}") from None
+    asked = [n for n in params.variants if n != "reference"]
+    if asked and all(n in idle for n in asked):
+        raise UsageError(f"bard ablate: on {params.recipe} every variant asked for would train and decode as the "
+                         f"reference: " + "; ".join(f"{n}: {why}" for n, why in idle.items()))
     if args.dry_run:
+        for name, why in idle.items():
+            print(json.dumps({"variant": name, "not_run": why}))
         for name, seed, run in runs:
             print(json.dumps({"variant": name, "seed": seed, "block_sizes": run.block_sizes,
                               "overrides": run.overrides, "stage_overrides": run.stage_overrides}))

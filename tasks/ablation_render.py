@@ -38,6 +38,9 @@ def ablation_markdown(result: dict, plot: str | None = None) -> str:
         lines[-2:-2] = [f"The gate promoted `{'`/`'.join(draft)}`: answers verified by the AR model, so the scores at "
                         "the gate are the verifier's and no claim can differ in them; such a claim is judged on speed "
                         "(the second line) and on the stages' own answers at equal speed (the third).", ""]
+    if s.get("not_run"):
+        lines[-2:-2] = [f"Not run, so their claims are untested here — each would train and decode as the reference on "
+                        f"`{s['recipe']}`: " + "; ".join(f"`{n}` ({why})" for n, why in s["not_run"].items()) + ".", ""]
     for c in result["claims"]:
         lines.append(f"- *{c['statement']}*")
         for t in c["tests"]:

@@ -282,3 +282,34 @@ def test_a_finished_run_is_known_by_its_settings_and_a_bad_marker_means_run_agai
     assert finished(run)
     (run_dir / "report.json").unlink()
     assert not finished(run)  # a marker without its report is not a finished run
+
+
+def test_a_variant_that_would_be_the_reference_on_a_recipe_is_not_run_and_its_claim_is_said_untested(capsys):
+    from bard_core.ablations import VARIANTS, as_reference
+    from flows.cli import main
+    from tasks.ablation_render import ablation_markdown
+
+    long = (4, 8, 16, 32)
+    found = {n: as_reference(v, "tiny-long", {}, long) for n, v in VARIANTS.items()}
+    # tiny-long trains with mask noise, no prefix noise and no distill steps
+    assert {n: why for n, why in found.items() if why} == {
+        "teacher_ar": "no stage reads train.teacher=ar (no stage distils)",
+        "teacher_none": "no stage reads train.teacher=none (no stage distils)",
+        "mask_noise": "tiny-long already has noise.kind=mask", "no_prefix_noise": "tiny-long already has noise.prefix_prob=0"}
+    assert not any(as_reference(v, "tiny", {}, long) for v in VARIANTS.values())  # every one changes the tiny recipe
+    with_distill = {"train.stages": '{"8": {"distill_steps": 40}}'}  # one stage that distils: the teacher matters
+    assert as_reference(VARIANTS["teacher_ar"], "tiny-long", with_distill, long) is None
+    assert as_reference(VARIANTS["mask_noise"], "tiny-long", {"noise.kind": "mixed"}, long) is None
+
+    assert main(["ablate", "--recipe", "tiny-long", "--full", "--dry-run", "--variants", "mask_noise,direct"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"variant": "mask_noise", "not_run": "tiny-long already has noise.kind=mask"}
+    assert [(r["variant"], r["seed"]) for r in lines[1:]] == [(n, s) for s in range(3) for n in ("reference", "direct")]
+    assert main(["ablate", "--recipe", "tiny-long", "--full", "--dry-run", "--variants", "mask_noise,teacher_ar"]) == 2
+    err = capsys.readouterr().err
+    assert "every variant asked for would train and decode as the reference" in err and len(err.splitlines()) == 1
+    result = {"settings": {"recipe": "tiny-long", "seeds": 1, "schedule": [32], "total_steps": 7500, "speed_taus": [],
+                           "not_run": {"mask_noise": found["mask_noise"]}}, "baseline": {"shapes_mcq": 0.9},
+              "variants": [], "claims": []}
+    assert ("Not run, so their claims are untested here — each would train and decode as the reference on `tiny-long`: "
+            "`mask_noise` (tiny-long already has noise.kind=mask).") in ablation_markdown(result)
