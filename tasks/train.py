@@ -100,8 +100,8 @@ def training_payload(recipe, block_size: int | None, objective: str = "diffusion
                        "train": settings}, sort_keys=True, default=str)
 
 
-# not followed by the stage key: the decode and gate settings, and the GPU's static cache (the same tokens as the
-# dynamic one, tests/test_static_kv.py), so a change to either retrains nothing
+# not followed by the stage key: the decode and gate settings, the GPU's static cache (the same tokens as the
+# dynamic one, tests/test_static_kv.py) and the progress reporting, so a change to any of them retrains nothing
 STAGE_CODE_SKIP = EVAL_SETTINGS + ("bard_core.static_kv", "tasks.train_progress")
 
 
@@ -269,7 +269,7 @@ def train_stage(data: DatasetRef, init: CheckpointRef, out: str, recipe_name: st
                 overrides: dict | None = None, block_size: int | None = None, teacher: CheckpointRef | None = None,
                 objective: str = "diffusion", anchor: CheckpointRef | None = None) -> CheckpointRef:
     """Prefect task: one Ray Train stage (merge → distill, or the AR objective), with a progress artifact
-    fed by its training steps."""
+    fed by its training steps and a log line a minute (`tasks.train_progress.ProgressLog`)."""
     from prefect import get_run_logger
     from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
