@@ -13,7 +13,7 @@ DRAFT_WIDTHS = ("adaptive", "block", "wide")
 
 
 def _opt(default, help: str, **kwargs):
-    """A field with its one-line meaning (the CLI's flag help, `flows/cli_eval.add_decode_flags`)."""
+    """A field with its one-line meaning (the CLI's flag help, `flows/cli_decode.add_decode_flags`)."""
     return field(default=default, metadata={"help": help, **kwargs})
 
 

@@ -304,11 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_pretrain_tiny)
 
-    from flows import cli_ablate, cli_eval, cli_pipeline, cli_ui
+    from flows import cli_ablate, cli_decode, cli_eval, cli_pipeline, cli_ui
 
     cli_pipeline.add_commands(sub)
     cli_ablate.add_commands(sub)
     cli_ui.add_commands(sub)
+    cli_decode.add_commands(sub)
     cli_eval.add_commands(sub)
     return parser
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from flows.cli import UsageError, _pairs
-from flows.cli_eval import _thresholds
+from flows.cli_decode import _thresholds
 from flows.local_server import ensure_flow_server
 
 # the CI-sized default: B4 → B8 at 60 merge + 12 distill steps a stage, 400 conversations per source, 60 items
