@@ -128,6 +128,7 @@ def test_eval_and_gate_reject_bad_arguments_in_one_line(tmp_path, tiny_model_dir
         ("eval", "--model", model, "--limit", "0", "--out", "o"): "--limit must be positive",
         ("eval", "--model", model, "--include-path", str(tmp_path / "nope"), "--out", "o"): "not a directory",
         ("eval", "--model", model, "--threshold", "high", "--out", "o"): "--threshold",
+        ("eval", "--model", model, "--threshold", "0.9,1.5", "--out", "o"): "bard eval: thresholds must lie in [0, 1]",
         ("eval", "--model", model, "--recipe", "huge", "--out", "o"): "unknown recipe",
         ("eval", "--model", model, "--set", "thresh=0.5", "--out", "o"): "not a decode setting",
         ("eval", "--model", model, "--mode", "diffusion", "--out", "o"): "is an AR checkpoint",
